@@ -1,0 +1,141 @@
+"""Typed configuration of the input pipeline (the `data:` section of a jaxmoe config).
+
+Defaults live only here. YAML gives lists where these dataclasses hold tuples, and mappings
+where they hold `SourceConfig`s; `__post_init__` normalises both, so
+`DataConfig(**yaml_dict["data"])` works as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SOURCE_KINDS = ("synthetic", "jsonl", "parquet", "arrayrecord")
+
+
+def _fail(field: str, value: Any, expected: str) -> None:
+    raise ValueError(f"data.{field}={value!r}: expected {expected}")
+
+
+def _as_str_tuple(field: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        _fail(field, value, "a list of paths or glob patterns")
+    return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One weighted source of a mixture (`data.source: mixture`, `data.sources: [...]`).
+
+    `paths`/`eval_paths` are files or glob patterns. Without `eval_paths` the held-out split
+    is the last `eval_fraction` of the source's records (by record index).
+    """
+
+    source: str = "synthetic"
+    paths: tuple[str, ...] = ()
+    eval_paths: tuple[str, ...] = ()
+    text_field: str = "text"
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "paths", _as_str_tuple("sources.paths", self.paths))
+        object.__setattr__(
+            self, "eval_paths", _as_str_tuple("sources.eval_paths", self.eval_paths))
+        if self.source not in SOURCE_KINDS:
+            _fail("sources.source", self.source, f"one of {', '.join(SOURCE_KINDS)}")
+        if self.source != "synthetic" and not self.paths:
+            _fail("sources.paths", self.paths, f"at least one path for source {self.source!r}")
+        if not self.weight > 0:
+            _fail("sources.weight", self.weight, "a positive number")
+        if not self.text_field:
+            _fail("sources.text_field", self.text_field, "a non-empty field name")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from and how they are packed into `[batch, seq_len]` rows.
+
+    `source="synthetic"` is the embedded default corpus (no files, no downloads).
+    `source` in {jsonl, parquet, arrayrecord} reads `paths` (and `eval_paths`);
+    `source="mixture"` mixes `sources` with their weights.
+    `tokenizer` is "byte" (259 ids, no files) or a path to a Hugging Face `tokenizer.json`
+    or a SentencePiece `.model`; its special tokens are looked up by `*_token`.
+    """
+
+    source: str = "synthetic"
+    paths: tuple[str, ...] = ()
+    eval_paths: tuple[str, ...] = ()
+    text_field: str = "text"  # JSONL / Parquet field (column) holding the document text
+    sources: tuple[SourceConfig, ...] = ()  # only with source="mixture"
+    tokenizer: str = "byte"
+    pad_token: str = "<pad>"
+    bos_token: str = "<bos>"
+    eos_token: str = "<eos>"
+    add_bos: bool = True
+    add_eos: bool = True
+    seq_len: int = 256
+    num_documents: int = 20000  # size of the synthetic corpus (train + held-out)
+    eval_fraction: float = 0.05
+    seed: int = 0
+    packing: bool = True  # False: one document (piece) per row, padded
+    shuffle: bool = True  # train split only; eval is read in order
+    strict: bool = False  # bad records raise (with their location) instead of being skipped
+    num_workers: int = 0  # grain worker processes (0: everything in the calling process)
+    worker_buffer_size: int = 2  # batches buffered per worker process
+    num_threads: int = 2  # grain ReadOptions threads for reading + tokenizing
+    prefetch_buffer_size: int = 128  # grain ReadOptions buffer (documents)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "paths", _as_str_tuple("paths", self.paths))
+        object.__setattr__(self, "eval_paths", _as_str_tuple("eval_paths", self.eval_paths))
+        if not isinstance(self.sources, (list, tuple)):
+            _fail("sources", self.sources, "a list of {source, paths, weight, ...} mappings")
+        sources = []
+        for s in self.sources:
+            if isinstance(s, dict):
+                unknown = set(s) - {f.name for f in dataclasses.fields(SourceConfig)}
+                if unknown:
+                    _fail("sources", s, f"mappings without unknown keys {sorted(unknown)}")
+                s = SourceConfig(**s)
+            if not isinstance(s, SourceConfig):
+                _fail("sources", s, "a mapping of SourceConfig fields")
+            sources.append(s)
+        object.__setattr__(self, "sources", tuple(sources))
+
+        if self.source == "mixture":
+            if not self.sources:
+                _fail("sources", self.sources, "a non-empty list when data.source='mixture'")
+        elif self.source in SOURCE_KINDS:
+            if self.sources:
+                _fail("sources", "[...]", "an empty list unless data.source='mixture'")
+            if self.source != "synthetic" and not self.paths:
+                _fail("paths", self.paths, f"at least one path for data.source={self.source!r}")
+        else:
+            _fail("source", self.source, f"one of {', '.join(SOURCE_KINDS)}, mixture")
+        if not self.text_field:
+            _fail("text_field", self.text_field, "a non-empty field name")
+        if not self.tokenizer:
+            _fail("tokenizer", self.tokenizer, "'byte' or a path to a tokenizer file")
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len={self.seq_len}: expected an integer >= 2")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(
+                f"data.eval_fraction={self.eval_fraction}: expected a fraction in (0, 1)"
+            )
+        if self.num_documents < 2:
+            raise ValueError(f"data.num_documents={self.num_documents}: expected >= 2")
+        for name in ("num_workers", "num_threads"):
+            if getattr(self, name) < 0:
+                _fail(name, getattr(self, name), "an integer >= 0")
+        for name in ("worker_buffer_size", "prefetch_buffer_size"):
+            if getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "an integer >= 1")
+
+    def source_configs(self) -> tuple[SourceConfig, ...]:
+        """The sources to read: `sources` for a mixture, else the single top-level source."""
+        if self.source == "mixture":
+            return self.sources
+        return (SourceConfig(source=self.source, paths=self.paths, eval_paths=self.eval_paths,
+                             text_field=self.text_field),)

@@ -1,0 +1,239 @@
+"""`make_dataset`: sources -> shard per host -> shuffle -> mix -> tokenize -> pack -> batch.
+
+Each stage is a grain dataset, so the whole pipeline is deterministic given `seed`, and the
+iterator's state (`get_state`/`set_state`) is a small JSON-serialisable dict. Order of stages:
+
+    per source:  MapDataset.source(records)[process_index::process_count]
+                 .shuffle(seed_i).repeat(num_epochs)            (train; eval reads in order)
+                 .map(ParseAndTokenize)
+    MapDataset.mix(sources, weights)  (train)  |  MapDataset.concatenate(sources)  (eval)
+    .to_iter_dataset(ReadOptions(num_threads))       reader threads
+    DocumentIterDataset                              skip/count bad records; split long docs
+    ConcatThenSplitIterDataset | pad one per row     `[seq_len]` rows
+    .batch(batch_size)                               `[batch, seq_len]`
+    .mp_prefetch(num_workers)                        worker processes (each packs its slice)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import grain
+import numpy as np
+
+from input_pipeline.config import DataConfig
+from input_pipeline.documents import DocumentIterDataset, ParseAndTokenize, collect_counts
+from input_pipeline.sources import open_source
+from input_pipeline.tokenizer import make_tokenizer
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+
+def _finalize_packed(row: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """ConcatThenSplit output -> the four `[seq_len]` int32 arrays of the batch contract."""
+    segment_ids = row["inputs_segment_ids"].astype(np.int32)
+    pad = segment_ids == 0
+    out = {
+        "inputs": np.where(pad, pad_id, row["inputs"]).astype(np.int32),
+        "targets": np.where(pad, pad_id, row["targets"]).astype(np.int32),
+        "segment_ids": segment_ids,
+        "positions": np.where(pad, 0, row["inputs_positions"]).astype(np.int32),
+    }
+    return out
+
+
+def _pad_row(doc: dict[str, np.ndarray], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One document piece (`n <= seq_len` pairs) -> a padded `[seq_len]` row, segment 1."""
+    n = len(doc["inputs"])
+    out = {k: np.full((seq_len,), pad_id, np.int32) for k in ("inputs", "targets")}
+    out["inputs"][:n], out["targets"][:n] = doc["inputs"], doc["targets"]
+    out["segment_ids"] = np.zeros((seq_len,), np.int32)
+    out["segment_ids"][:n] = 1
+    out["positions"] = np.zeros((seq_len,), np.int32)
+    out["positions"][:n] = np.arange(n, dtype=np.int32)
+    return out
+
+
+def _stack_rows(rows: list[dict[str, np.ndarray]], batch_size: int,
+                pad_id: int) -> dict[str, np.ndarray]:
+    """Stacks rows into `[batch_size, seq_len]`; a short final batch gets all-padding rows."""
+    out = {}
+    for k in BATCH_KEYS:
+        x = np.stack([r[k] for r in rows])  # [n, seq_len]
+        if len(rows) < batch_size:
+            fill = pad_id if k in ("inputs", "targets") else 0
+            x = np.concatenate([x, np.full((batch_size - len(rows), x.shape[1]), fill, x.dtype)])
+        out[k] = x
+    return out
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; a non-absl program never parsed them."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def document_dataset(cfg: DataConfig, *, split: str, seed: int, process_index: int = 0,
+                     process_count: int = 1, num_epochs: int | None = None,
+                     chunk_len: int | None = None) -> grain.IterDataset:
+    """Tokenized documents `{"inputs", "targets"}` of this host's shard (before packing)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}: expected 'train' or 'eval'")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index}: expected in [0, {process_count})")
+    train = split == "train"
+    if num_epochs is None and not train:
+        num_epochs = 1
+    tokenizer = make_tokenizer(cfg)
+    per_source = []
+    for i, src in enumerate(cfg.source_configs()):
+        records = open_source(src, cfg, split)
+        if len(records) < process_count:
+            raise ValueError(f"data.source={src.source!r} ({split}): {len(records)} records "
+                             f"cannot be sharded over {process_count} processes")
+        ds = grain.MapDataset.source(records)[process_index::process_count]
+        if train and cfg.shuffle:
+            ds = ds.shuffle(seed=(seed * 1_000_003 + i) % 2**32)
+        if num_epochs != 1:
+            ds = ds.repeat(num_epochs)
+        per_source.append(ds.map(ParseAndTokenize(
+            src.source, src.text_field, tokenizer, cfg.add_bos, cfg.add_eos)))
+    if len(per_source) == 1:
+        ds = per_source[0]
+    elif train:
+        ds = grain.MapDataset.mix(per_source, [s.weight for s in cfg.source_configs()])
+    else:
+        ds = grain.MapDataset.concatenate(per_source)
+    read = grain.ReadOptions(num_threads=cfg.num_threads,
+                             prefetch_buffer_size=cfg.prefetch_buffer_size)
+    return DocumentIterDataset(ds.to_iter_dataset(read), chunk_len=chunk_len, strict=cfg.strict)
+
+
+def make_grain_dataset(cfg: DataConfig, *, split: str, batch_size: int, seed: int,
+                       process_index: int = 0, process_count: int = 1,
+                       num_epochs: int | None = None) -> grain.IterDataset:
+    """The batched grain `IterDataset` behind `make_dataset`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected >= 1")
+    pad_id = make_tokenizer(cfg).pad_id
+    L = cfg.seq_len
+    docs = document_dataset(cfg, split=split, seed=seed, process_index=process_index,
+                            process_count=process_count, num_epochs=num_epochs,
+                            chunk_len=None if cfg.packing else L)
+    if cfg.packing:
+        rows = grain.experimental.ConcatThenSplitIterDataset(
+            docs, length_struct={"inputs": L, "targets": L})
+        rows = rows.map(functools.partial(_finalize_packed, pad_id=pad_id))
+    else:
+        rows = docs.map(functools.partial(_pad_row, seq_len=L, pad_id=pad_id))
+    batches = rows.batch(batch_size, batch_fn=functools.partial(
+        _stack_rows, batch_size=batch_size, pad_id=pad_id))
+    if cfg.num_workers > 0:
+        _mark_absl_flags_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
+    return batches
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineStats:
+    """Counters of the batches consumed so far (restored with the iterator state)."""
+
+    batches: int
+    real_tokens: int  # slots holding a document token (segment_ids > 0)
+    slots: int  # batch * seq_len per batch
+    documents: int  # documents fully emitted by the document stage
+    bad_records: dict[str, int]  # reason -> count
+
+    @property
+    def packing_efficiency(self) -> float:
+        return self.real_tokens / max(self.slots, 1)
+
+
+class DataIterator:
+    """A grain iterator of batches plus counters; `get_state()` is JSON-serialisable."""
+
+    def __init__(self, iterator: grain.DatasetIterator):
+        self._it = iterator
+        self._batches = self._real = self._slots = 0
+
+    def __iter__(self) -> DataIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        # Plain arrays: with worker processes grain hands over shared-memory arrays, which
+        # would otherwise stay mapped (and leak at exit) as long as the caller holds them.
+        batch = {k: np.array(v, copy=True) for k, v in next(self._it).items()}
+        self._batches += 1
+        self._real += int(np.count_nonzero(batch["segment_ids"]))
+        self._slots += int(batch["segment_ids"].size)
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"grain": self._it.get_state(), "batches": self._batches,
+                "real_tokens": self._real, "slots": self._slots}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._it.set_state(state["grain"])
+        self._batches, self._real, self._slots = (
+            state["batches"], state["real_tokens"], state["slots"])
+
+    def stats(self) -> PipelineStats:
+        docs, bad = collect_counts(self._it.get_state())
+        return PipelineStats(self._batches, self._real, self._slots, docs, bad)
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+def make_dataset(cfg: DataConfig, *, split: str, batch_size: int, seed: int,
+                 process_index: int = 0, process_count: int = 1,
+                 num_epochs: int | None = None) -> DataIterator:
+    """An iterator of `[batch_size, seq_len]` int32 batches of this process's data shard.
+
+    Keys: `inputs`, `targets` (next tokens), `segment_ids` (1, 2, ... per packed document
+    piece; 0 on padding) and `positions` (0-based within the segment; 0 on padding).
+    `batch_size` is per process; the global batch is the union over processes, which read
+    disjoint records. Train repeats forever when `num_epochs` is None; eval reads one epoch in
+    order, and its last batch is filled with padding rows.
+    """
+    ds = make_grain_dataset(cfg, split=split, batch_size=batch_size, seed=seed,
+                            process_index=process_index, process_count=process_count,
+                            num_epochs=num_epochs)
+    return DataIterator(ds.__iter__())
+
+
+def packing_efficiency(batches: Any) -> float:
+    """Real tokens / slots over one batch (a dict) or an iterable of batches."""
+    if isinstance(batches, dict):
+        batches = [batches]
+    real = slots = 0
+    for b in batches:
+        real += int(np.count_nonzero(b["segment_ids"]))
+        slots += int(b["segment_ids"].size)
+    return real / max(slots, 1)
+
+
+def corpus_unigram_entropy(cfg: DataConfig, max_documents: int | None = 20000) -> float:
+    """Entropy (nats/token) of the unigram distribution of the train split's target tokens.
+
+    Targets are `doc[1:]` of every `[BOS] + tokens + [EOS]` document (EOS counted, BOS not),
+    the same tokens the loss is taken over. Uses the first `max_documents` documents of the
+    (unshuffled, for mixtures: mixed) train stream; None reads the whole split.
+    """
+    tokenizer = make_tokenizer(cfg)
+    unshuffled = dataclasses.replace(cfg, shuffle=False, strict=False)
+    docs = document_dataset(unshuffled, split="train", seed=0, num_epochs=1).__iter__()
+    counts = np.zeros((tokenizer.vocab_size,), np.int64)
+    for i, doc in enumerate(docs):
+        if max_documents is not None and i >= max_documents:
+            break
+        counts += np.bincount(doc["targets"], minlength=tokenizer.vocab_size)[:len(counts)]
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

@@ -1,0 +1,234 @@
+"""Random-access record sources (grain `RandomAccessDataSource`s) and record parsing.
+
+Every source yields `(location, payload)`: `location` is `"<file>:<line/record>"` (for the log
+and for strict-mode errors), `payload` is the raw record. Parsing happens later, in grain's
+reader threads / worker processes (`parse_text`), so a bad record costs one skipped example.
+
+| kind        | one record                  | location            |
+|-------------|-----------------------------|---------------------|
+| jsonl       | one line (bytes)            | `file:line` (1-based) |
+| parquet     | one row's `text_field` value | `file:row` (0-based)  |
+| arrayrecord | UTF-8 text bytes            | `file:record` (0-based) |
+| synthetic   | a generated str             | `synthetic:index`   |
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import json
+import os
+from typing import Any, Protocol
+
+import numpy as np
+
+from input_pipeline import corpus
+from input_pipeline.config import DataConfig, SourceConfig
+
+Record = tuple[str, Any]  # (location, payload)
+
+
+class BadRecord(Exception):
+    """A record that cannot become a document; `reason` is one of `BAD_REASONS`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}{': ' + detail if detail else ''}")
+        self.reason = reason
+
+
+BAD_REASONS = ("invalid_json", "missing_field", "not_utf8", "empty_text", "bad_shape")
+
+
+class RecordSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Record: ...
+
+
+def expand_paths(patterns: tuple[str, ...]) -> list[str]:
+    """Files matching the glob patterns, sorted per pattern; a pattern matching nothing fails."""
+    files: list[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matched:
+            raise ValueError(f"data.paths={pattern!r}: expected files matching the pattern")
+        files.extend(matched)
+    return files
+
+
+class JsonlFile:
+    """One JSONL file; the line offsets are indexed once, lines are read on demand."""
+
+    def __init__(self, path: str):
+        self.path = path
+        offsets = [0]
+        with open(path, "rb") as f:
+            for line in f:
+                offsets.append(offsets[-1] + len(line))
+        self._offsets = np.asarray(offsets, dtype=np.int64)  # [num_lines + 1]
+        self._file = None
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> Record:
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115 — one handle per process
+        start, stop = self._offsets[i], self._offsets[i + 1]
+        self._file.seek(int(start))
+        return f"{self.path}:{i + 1}", self._file.read(int(stop - start))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None}
+
+
+class ParquetFile:
+    """One Parquet file; reads the `field` column one row group at a time (cached)."""
+
+    def __init__(self, path: str, field: str):
+        import pyarrow.parquet as pq  # optional dependency: pip install pyarrow
+
+        self.path, self.field = path, field
+        meta = pq.ParquetFile(path).metadata
+        rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        self._starts = np.cumsum([0] + rows).tolist()  # [num_row_groups + 1]
+        self._has_field = field in pq.ParquetFile(path).schema_arrow.names
+        self._cache: tuple[int, list] | None = None
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, i: int) -> Record:
+        location = f"{self.path}:{i}"
+        if not self._has_field:
+            return location, _MISSING
+        group = bisect.bisect_right(self._starts, i) - 1
+        if self._cache is None or self._cache[0] != group:
+            import pyarrow.parquet as pq
+
+            table = pq.ParquetFile(self.path).read_row_group(group, columns=[self.field])
+            self._cache = (group, table.column(0).to_pylist())
+        return location, self._cache[1][i - self._starts[group]]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None}
+
+
+class ArrayRecordFile:
+    """One ArrayRecord shard of UTF-8 documents (written by tools/build_arrayrecord.py)."""
+
+    def __init__(self, path: str):
+        import grain
+
+        self.path = path
+        self._source = grain.sources.ArrayRecordDataSource([path])
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i: int) -> Record:
+        return f"{self.path}:{i}", self._source[i]
+
+
+class _Missing:
+    """Payload of a Parquet row whose file lacks the text column."""
+
+    def __reduce__(self):
+        return (_missing, ())
+
+
+def _missing() -> _Missing:
+    return _MISSING
+
+
+_MISSING = _Missing()
+
+
+class ConcatSource:
+    """Concatenation of per-file sources, restricted to records `[start, stop)`."""
+
+    def __init__(self, files: list[RecordSource], start: int = 0, stop: int | None = None):
+        self._files = files
+        self._starts = np.cumsum([0] + [len(f) for f in files]).tolist()
+        self._start = start
+        self._stop = self._starts[-1] if stop is None else stop
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    def __getitem__(self, i: int) -> Record:
+        g = self._start + int(i)
+        f = bisect.bisect_right(self._starts, g) - 1
+        return self._files[f][g - self._starts[f]]
+
+    def __repr__(self) -> str:
+        names = ", ".join(getattr(f, "path", "?") for f in self._files[:3])
+        return f"ConcatSource([{names}{', ...' if len(self._files) > 3 else ''}])"
+
+
+def _open_file(kind: str, path: str, field: str) -> RecordSource:
+    if kind == "jsonl":
+        return JsonlFile(path)
+    if kind == "parquet":
+        return ParquetFile(path, field)
+    if kind == "arrayrecord":
+        return ArrayRecordFile(path)
+    raise ValueError(f"data.source={kind!r}: expected one of jsonl, parquet, arrayrecord")
+
+
+def open_source(src: SourceConfig, cfg: DataConfig, split: str) -> RecordSource:
+    """The records of one source's split (without host sharding).
+
+    Held-out records are `eval_paths` when given, else the last `eval_fraction` of the records.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}: expected 'train' or 'eval'")
+    if src.source == "synthetic":
+        return corpus.SyntheticSource(
+            cfg.seed, *corpus.split_bounds(cfg.num_documents, cfg.eval_fraction, split))
+    if src.eval_paths:
+        paths = src.paths if split == "train" else src.eval_paths
+        return ConcatSource([_open_file(src.source, p, src.text_field) for p in expand_paths(paths)])
+    whole = ConcatSource([_open_file(src.source, p, src.text_field)
+                          for p in expand_paths(src.paths)])
+    n = len(whole)
+    if n < 2:
+        raise ValueError(f"data.paths={src.paths!r}: expected at least 2 records to hold out "
+                         "an eval split (or give data.eval_paths)")
+    start, stop = corpus.split_bounds(n, cfg.eval_fraction, split)
+    return ConcatSource(whole._files, start, stop)  # pylint: disable=protected-access
+
+
+def parse_text(kind: str, field: str, payload: Any) -> str:
+    """The document text of a raw record; raises `BadRecord` for every kind of bad record."""
+    if kind == "synthetic":
+        text = payload
+    elif kind == "jsonl":
+        try:
+            line = payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRecord("not_utf8", str(e)) from None
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadRecord("invalid_json", str(e)) from None
+        if not isinstance(obj, dict) or field not in obj:
+            raise BadRecord("missing_field", f"no field {field!r}")
+        text = obj[field]
+    elif kind == "parquet":
+        if payload is _MISSING or payload is None or isinstance(payload, _Missing):
+            raise BadRecord("missing_field", f"no value in column {field!r}")
+        text = payload
+        if isinstance(text, bytes):
+            kind = "arrayrecord"  # a binary column: decode below
+            payload = text
+    if kind == "arrayrecord":
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRecord("not_utf8", str(e)) from None
+    if not isinstance(text, str):
+        raise BadRecord("missing_field", f"field {field!r} is a {type(text).__name__}, not text")
+    if not text.strip():
+        raise BadRecord("empty_text")
+    return text

@@ -1,0 +1,176 @@
+"""Tokenizers: byte-level (the default, no files) and trained ones loaded from a local file.
+
+All tokenizers share one small interface (`Tokenizer`): `encode(str) -> list[int]` (no special
+tokens), `decode(list[int]) -> str` (special tokens dropped), `vocab_size`, `pad_id`, `bos_id`,
+`eos_id`. `encode_document` adds BOS/EOS as the config asks and returns int32 NumPy ids.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Protocol
+
+import numpy as np
+
+from input_pipeline.config import DataConfig
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes: pad=0, bos=1, eos=2, byte b -> b + 3; vocab_size 259."""
+
+    OFFSET = 3
+    vocab_size = 256 + OFFSET
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def encode_np(self, text: str) -> np.ndarray:
+        """Ids of `text` as int32, shape `[num_bytes]`."""
+        data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        return data.astype(np.int32) + self.OFFSET
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_np(text).tolist()
+
+    def decode(self, ids: list[int]) -> str:
+        data = bytes(int(i) - self.OFFSET for i in ids if self.OFFSET <= int(i) < self.vocab_size)
+        return data.decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+def _special_id(lookup, name: str, token: str, path: str) -> int:
+    token_id = lookup(token)
+    if token_id is None:
+        raise ValueError(f"data.{name}={token!r}: expected a token in the vocabulary of {path}")
+    return int(token_id)
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` JSON file (e.g. written by tools/train_tokenizer.py)."""
+
+    def __init__(self, path: str, pad_token: str, bos_token: str, eos_token: str):
+        import tokenizers  # optional dependency: pip install tokenizers
+
+        self.path = path
+        self._tok = tokenizers.Tokenizer.from_file(path)
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        look = self._tok.token_to_id
+        self.pad_id = _special_id(look, "pad_token", pad_token, path)
+        self.bos_id = _special_id(look, "bos_token", bos_token, path)
+        self.eos_id = _special_id(look, "eos_token", eos_token, path)
+
+    def encode_np(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int32)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def __getstate__(self) -> dict:  # picklable for grain worker processes
+        return {**self.__dict__, "_tok": self._tok.to_str()}
+
+    def __setstate__(self, state: dict) -> None:
+        import tokenizers
+
+        state = dict(state)
+        state["_tok"] = tokenizers.Tokenizer.from_str(state["_tok"])
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece `.model` file (needs `pip install sentencepiece`)."""
+
+    def __init__(self, path: str, pad_token: str, bos_token: str, eos_token: str):
+        self.path = path
+        self._load()
+        look = self._piece_id
+        self.pad_id = _special_id(look, "pad_token", pad_token, path)
+        self.bos_id = _special_id(look, "bos_token", bos_token, path)
+        self.eos_id = _special_id(look, "eos_token", eos_token, path)
+
+    def _load(self) -> None:
+        try:
+            import sentencepiece
+        except ImportError as e:
+            raise ValueError(f"data.tokenizer={self.path!r}: expected the sentencepiece "
+                             "package to be installed (pip install sentencepiece)") from e
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+        self.vocab_size = int(self._sp.get_piece_size())
+
+    def _piece_id(self, token: str) -> int | None:
+        i = self._sp.piece_to_id(token)
+        return None if i == self._sp.unk_id() and token != self._sp.id_to_piece(i) else i
+
+    def encode_np(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int32)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        special = {self.pad_id, self.bos_id, self.eos_id}
+        return self._sp.decode([int(i) for i in ids if int(i) not in special])
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_sp"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._load()
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str, pad: str, bos: str, eos: str) -> Tokenizer:
+    if path == "byte":
+        return ByteTokenizer()
+    if not os.path.isfile(path):
+        raise ValueError(f"data.tokenizer={path!r}: expected 'byte' or an existing tokenizer file")
+    if path.endswith(".model"):
+        return SentencePieceTokenizer(path, pad, bos, eos)
+    if path.endswith(".json"):
+        return HFTokenizer(path, pad, bos, eos)
+    raise ValueError(f"data.tokenizer={path!r}: expected 'byte', a tokenizer.json (Hugging Face "
+                     "tokenizers) or a .model (SentencePiece) file")
+
+
+def make_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The tokenizer `cfg.tokenizer` names, with its special ids from `cfg.*_token`."""
+    return _load(cfg.tokenizer, cfg.pad_token, cfg.bos_token, cfg.eos_token)
+
+
+def check_vocab_fits(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """Raises ValueError if the tokenizer emits ids >= the model's embedding size."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(
+            f"data.tokenizer={getattr(tokenizer, 'path', 'byte')!r}: its vocab_size "
+            f"{tokenizer.vocab_size} does not fit the model's vocab_size {model_vocab_size}")
+
+
+def encode_document(tokenizer: Tokenizer, text: str, add_bos: bool, add_eos: bool) -> np.ndarray:
+    """`[BOS] + encode(text) + [EOS]` as int32, shape `[num_tokens]`."""
+    ids = tokenizer.encode_np(text) if hasattr(tokenizer, "encode_np") else np.asarray(
+        tokenizer.encode(text), dtype=np.int32)
+    parts = ([np.array([tokenizer.bos_id], np.int32)] if add_bos else []) + [ids.astype(np.int32)]
+    if add_eos:
+        parts.append(np.array([tokenizer.eos_id], np.int32))
+    return np.concatenate(parts)
