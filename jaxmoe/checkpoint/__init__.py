@@ -1,0 +1,1 @@
+"""Checkpointing on orbax-checkpoint + tensorstore."""

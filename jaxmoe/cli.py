@@ -1,0 +1,75 @@
+"""`jaxmoe CMD --config C [key=value ...]`: thin argument parsing and dispatch.
+
+Every command is a plain function (`cmd_train`, `cmd_info`, ...) that tests call directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxmoe import config as config_lib
+
+
+def _load(args) -> config_lib.Config:
+    return config_lib.load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from jaxmoe.train.loop import train
+
+    cfg = _load(args)
+    train(cfg, args.run_dir, progress=not args.no_progress)
+    return 0
+
+
+def format_info(cfg: config_lib.Config) -> str:
+    from jaxmoe.model.params import parameter_counts, training_flops_per_token
+
+    counts = parameter_counts(cfg.model)
+    total, active = sum(counts["total"].values()), sum(counts["active"].values())
+    lines = [f"{'part':<16}{'total':>18}{'active':>18}"]
+    for part in counts["total"]:
+        lines.append(f"{part:<16}{counts['total'][part]:>18,}{counts['active'][part]:>18,}")
+    lines.append(f"{'all':<16}{total:>18,}{active:>18,}")
+    lines.append(f"total parameters: {total / 1e9:.3f}B, active per token: {active / 1e9:.3f}B")
+    f = training_flops_per_token(cfg.model, cfg.data.seq_len)
+    lines.append(f"training FLOPs per token (seq_len {cfg.data.seq_len}): {f['total']:.4g} "
+                 f"(matmul {f['matmul']:.4g} + attention {f['attention']:.4g})")
+    return "\n".join(lines)
+
+
+def cmd_info(args) -> int:
+    print(format_info(_load(args)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxmoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, fn, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--config", help="YAML config (a diff on the defaults)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.num_experts=8")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = command("train", cmd_train, "train a model")
+    p.add_argument("--run-dir", required=True, help="metrics, checkpoints and summary go here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    command("info", cmd_info, "parameter counts and FLOPs, without allocating the model")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except config_lib.ConfigError as e:
+        print(f"jaxmoe: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Typed, validated configuration: frozen dataclasses, YAML diffs and `key=value` overrides.
+
+Defaults live only in the dataclasses below; a YAML file in `configs/` is a small diff on them,
+and command-line overrides (`model.num_experts=8`) are a diff on the YAML. Every value is
+type-checked and every impossible combination is refused before anything compiles, with one
+line naming the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from input_pipeline.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or impossible."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only (MoE) transformer. Shapes below use `embed_dim` = model width."""
+
+    vocab_size: int = 512
+    embed_dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    mlp_dim: int = 512  # dense SwiGLU hidden width (dense layers)
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False  # Qwen2 style
+    qk_norm: bool = False  # Qwen3 style per-head RMSNorm on q and k
+    # Mixture of experts. num_experts == 0 makes every layer dense.
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    expert_mlp_dim: int = 256
+    num_shared_experts: int = 0
+    shared_expert_mlp_dim: int = 0  # 0: expert_mlp_dim * num_shared_experts
+    shared_expert_gate: bool = False  # Qwen-MoE sigmoid gate on the shared expert
+    router_scoring: str = "softmax"  # "softmax" | "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    first_k_dense: int = 0  # DeepSeek: the first k layers are dense
+    moe_every: int = 1  # layer i (after first_k_dense) is MoE if (i - k + 1) % moe_every == 0
+    dispatch: str = "dropless"  # "dropless" | "capacity"
+    capacity_factor: float = 1.25
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss
+    z_loss_coef: float = 0.001  # router z-loss
+    bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free balancing (0 disables)
+    # Numerics and compilation.
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    remat: str = "full"  # "none" | "full" | "dots" | "dots_no_batch"
+    scan_layers: bool = True
+    init_std: float = 0.02
+
+    @property
+    def resolved_shared_mlp_dim(self) -> int:
+        if self.num_shared_experts == 0:
+            return 0
+        return self.shared_expert_mlp_dim or self.expert_mlp_dim * self.num_shared_experts
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether decoder layer `i` (0-based) uses the MoE block (HF `decoder_sparse_step`)."""
+        if self.num_experts == 0 or i < self.first_k_dense:
+            return False
+        return (i - self.first_k_dense + 1) % self.moe_every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # global batch, in sequences
+    grad_accum_steps: int = 1  # micro-batches per step (batch_size must divide)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 3
+    sample_prompt: str = "12+7="
+    sample_tokens: int = 48
+    tensorboard: bool = True
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device-mesh degrees; -1 on one axis means "the rest of the devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    dcn_data: int = 1  # degrees across slices / hosts (multiplied into `data`)
+    dcn_fsdp: int = 1
+    rules: dict[str, Any] = dataclasses.field(default_factory=dict)  # logical-axis overrides
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+
+
+# ----------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "model.router_scoring": ("softmax", "sigmoid"),
+    "model.dispatch": ("dropless", "capacity"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16", "float16"),
+}
+
+
+def _fail(key: str, value: Any, expected: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
+def validate(cfg: Config) -> Config:
+    """Checks every impossible combination; returns `cfg` unchanged or raises ConfigError."""
+    m, t = cfg.model, cfg.train
+    for key, choices in _CHOICES.items():
+        value = getattr(m, key.split(".")[1])
+        if value not in choices:
+            _fail(key, value, f"one of {', '.join(choices)}")
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.embed_dim": m.embed_dim,
+        "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
+        "model.num_kv_heads": m.num_kv_heads, "model.head_dim": m.head_dim,
+        "model.mlp_dim": m.mlp_dim, "model.moe_every": m.moe_every,
+        "train.steps": t.steps, "train.batch_size": t.batch_size,
+        "train.grad_accum_steps": t.grad_accum_steps, "train.log_every": t.log_every,
+        "train.eval_every": t.eval_every,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            _fail(key, value, "a positive integer")
+    if m.num_heads % m.num_kv_heads:
+        _fail("model.num_kv_heads", m.num_kv_heads,
+              f"a divisor of model.num_heads={m.num_heads}")
+    if m.head_dim % 2:
+        _fail("model.head_dim", m.head_dim, "an even number (rotary embeddings rotate pairs)")
+    if m.num_experts < 0:
+        _fail("model.num_experts", m.num_experts, ">= 0 (0 = dense model)")
+    if m.num_experts:
+        if not 1 <= m.num_experts_per_tok <= m.num_experts:
+            _fail("model.num_experts_per_tok", m.num_experts_per_tok,
+                  f"between 1 and model.num_experts={m.num_experts}")
+        if m.expert_mlp_dim < 1:
+            _fail("model.expert_mlp_dim", m.expert_mlp_dim, "a positive integer")
+        if m.capacity_factor <= 0:
+            _fail("model.capacity_factor", m.capacity_factor, "> 0")
+        if not 0 <= m.first_k_dense <= m.num_layers:
+            _fail("model.first_k_dense", m.first_k_dense,
+                  f"between 0 and model.num_layers={m.num_layers}")
+        if (m.num_layers - m.first_k_dense) % m.moe_every:
+            _fail("model.moe_every", m.moe_every,
+                  f"a divisor of num_layers - first_k_dense = {m.num_layers - m.first_k_dense}"
+                  " (layers are scanned in repeating groups)")
+        if m.num_shared_experts < 0:
+            _fail("model.num_shared_experts", m.num_shared_experts, ">= 0")
+    for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "init_std"):
+        if getattr(m, key) < 0:
+            _fail(f"model.{key}", getattr(m, key), ">= 0")
+    if m.rope_theta <= 0:
+        _fail("model.rope_theta", m.rope_theta, "> 0")
+    if t.batch_size % t.grad_accum_steps:
+        _fail("train.grad_accum_steps", t.grad_accum_steps,
+              f"a divisor of train.batch_size={t.batch_size}")
+    o = t.optimizer
+    if o.learning_rate <= 0:
+        _fail("train.optimizer.learning_rate", o.learning_rate, "> 0")
+    if not 0 <= o.min_lr_ratio <= 1:
+        _fail("train.optimizer.min_lr_ratio", o.min_lr_ratio, "a fraction in [0, 1]")
+    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+        _fail("train.optimizer.warmup_steps", o.warmup_steps,
+              f"between 0 and train.steps={t.steps}")
+    mesh_axes = {f.name: getattr(cfg.mesh, f.name) for f in dataclasses.fields(MeshConfig)
+                 if f.name != "rules"}
+    if sum(v == -1 for v in mesh_axes.values()) > 1:
+        _fail("mesh", mesh_axes, "at most one axis set to -1")
+    for key, value in mesh_axes.items():
+        if value == 0 or value < -1:
+            _fail(f"mesh.{key}", value, "a positive integer or -1")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Checks `value` against the annotated type `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(key, value, args[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            _fail(key, value, f"a mapping of {_type_name(tp)} fields")
+        return _build(tp, value, key)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            _fail(key, value, "a mapping")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, value, "a number")
+        if not math.isfinite(value):
+            _fail(key, value, "a finite number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, value, "an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(key, value, "a string")
+        return value
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in names:
+            raise ConfigError(
+                f"{key}: unknown key; expected one of {', '.join(sorted(names))}")
+        kwargs[name] = _coerce(key, value, hints[name])
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # sub-configs validate themselves in __post_init__
+        raise ConfigError(str(e)) from None
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["model.num_experts=8", ...]` -> nested dict. A key given twice differently is an error."""
+    flat: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. model.num_experts=8")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if key in flat and flat[key] != value:
+            raise ConfigError(f"{key}: given twice with different values {flat[key]!r} and {value!r}")
+        flat[key] = value
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicts with another override of {part}")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in diff.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "rules":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides, then `validate`."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+        values = loaded
+    values = _merge(values, parse_overrides(overrides or []))
+    return validate(_build(Config, values))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """The fully resolved config as YAML (loadable by `load_config`)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Inference: sampling (KV-cache decoding and serving arrive with the inference issue)."""

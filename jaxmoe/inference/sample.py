@@ -1,0 +1,42 @@
+"""Greedy sampling without a KV cache (fine for short samples from small models).
+
+The sequence lives in a fixed `[1, prompt + new]` buffer so the forward pass compiles once;
+causal attention means the padding after the cursor cannot influence the next token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.train.state import TrainState
+from jaxmoe.train.step import forward
+
+
+def greedy_generate(graphdef, state: TrainState, prompt: list[int], max_new_tokens: int,
+                    eos_id: int | None = None) -> list[int]:
+    """Returns the generated token ids (without the prompt), stopping at `eos_id`."""
+    if not prompt:
+        raise ValueError("prompt: expected at least one token id")
+    total = len(prompt) + max_new_tokens
+    buf = np.zeros((1, total), np.int32)
+    buf[0, : len(prompt)] = prompt
+    positions = jnp.arange(total, dtype=jnp.int32)[None]
+    segments = jnp.ones((1, total), jnp.int32)
+
+    @jax.jit
+    def next_token(params, rest, tokens, cursor):
+        out = forward(graphdef, params, rest, {"inputs": tokens, "segment_ids": segments,
+                                              "positions": positions})
+        return jnp.argmax(out.logits[0, cursor - 1]).astype(jnp.int32)
+
+    tokens = jnp.asarray(buf)
+    generated = []
+    for cursor in range(len(prompt), total):
+        tok = int(next_token(state.params, state.rest, tokens, cursor))
+        if eos_id is not None and tok == eos_id:
+            break
+        generated.append(tok)
+        tokens = tokens.at[0, cursor].set(tok)
+    return generated

@@ -1,0 +1,79 @@
+"""Grouped-query causal self-attention that respects packed segments."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.model import logical as L
+from jaxmoe.model.layers import RMSNorm, apply_rope, const_param, param
+from jaxmoe.model.precision import Precision
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """Causal, same-segment mask [batch, 1, length, length] (True = may attend).
+
+    Causality is by index in the row, so packed documents never see their neighbours and
+    padding (segment 0) only sees padding.
+    """
+    length = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal)[:, None]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [b, t, heads, d], k/v [b, s, kv_heads, d], mask [b, 1, t, s] -> [b, t, heads, d].
+
+    Softmax statistics in float32; query heads are grouped over the kv heads (GQA).
+    """
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (d ** -0.5)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, n, d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, precision: Precision, rngs: nnx.Rngs):
+        e, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd, std = precision.param_dtype, cfg.init_std
+        self.q = param(rngs, (e, n, h), (L.EMBED, L.HEADS, L.HEAD_DIM), std, pd)
+        self.k = param(rngs, (e, k, h), (L.EMBED, L.KV_HEADS, L.HEAD_DIM), std, pd)
+        self.v = param(rngs, (e, k, h), (L.EMBED, L.KV_HEADS, L.HEAD_DIM), std, pd)
+        self.o = param(rngs, (n, h, e), (L.HEADS, L.HEAD_DIM, L.EMBED), std, pd)
+        if cfg.qkv_bias:
+            self.q_bias = const_param(jnp.zeros((n, h), pd), (L.HEADS, L.HEAD_DIM))
+            self.k_bias = const_param(jnp.zeros((k, h), pd), (L.KV_HEADS, L.HEAD_DIM))
+            self.v_bias = const_param(jnp.zeros((k, h), pd), (L.KV_HEADS, L.HEAD_DIM))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.norm_eps, precision, L.HEAD_DIM)
+            self.k_norm = RMSNorm(h, cfg.norm_eps, precision, L.HEAD_DIM)
+        self.qkv_bias, self.qk_norm = cfg.qkv_bias, cfg.qk_norm
+        self.rope_theta = cfg.rope_theta
+        self.precision = precision
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        """x [batch, length, embed] -> [batch, length, embed]."""
+        c = self.precision.cast
+        q = jnp.einsum("ble,enh->blnh", x, c(self.q.value))
+        k = jnp.einsum("ble,ekh->blkh", x, c(self.k.value))
+        v = jnp.einsum("ble,ekh->blkh", x, c(self.v.value))
+        if self.qkv_bias:
+            q, k, v = q + c(self.q_bias.value), k + c(self.k_bias.value), v + c(self.v_bias.value)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = L.constrain(apply_rope(q, positions, self.rope_theta),
+                        (L.BATCH, L.LENGTH, L.HEADS, L.HEAD_DIM))
+        k = L.constrain(apply_rope(k, positions, self.rope_theta),
+                        (L.BATCH, L.LENGTH, L.KV_HEADS, L.HEAD_DIM))
+        v = L.constrain(v, (L.BATCH, L.LENGTH, L.KV_HEADS, L.HEAD_DIM))
+        out = dot_product_attention(q, k, v, attention_mask(segment_ids))
+        out = jnp.einsum("blnh,nhe->ble", out, c(self.o.value))
+        return L.constrain(out, (L.BATCH, L.LENGTH, L.EMBED))

@@ -1,0 +1,75 @@
+"""Small building blocks: parameters with logical axes, RMSNorm, embeddings, rotary positions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.model import logical as L
+from jaxmoe.model.precision import Precision
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float,
+          dtype=jnp.float32) -> nnx.Param:
+    """A normal(0, std) parameter tagged with logical axis names (one per dimension)."""
+    assert len(shape) == len(axes), (shape, axes)
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, sharding_names=axes)
+
+
+def const_param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+    return nnx.Param(value, sharding_names=axes)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / rms(x) * scale, statistics in float32. x: [..., dim]."""
+
+    def __init__(self, dim: int, eps: float, precision: Precision, axis_name: str = L.NORM):
+        self.scale = const_param(jnp.ones((dim,), precision.param_dtype), (axis_name,))
+        self.eps = eps
+        self.precision = precision
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale.value.astype(jnp.float32)).astype(self.precision.compute_dtype)
+
+
+class Embedder(nnx.Module):
+    """Token embedding [vocab, embed]; `attend` gives logits when embeddings are tied."""
+
+    def __init__(self, vocab: int, dim: int, std: float, precision: Precision, rngs: nnx.Rngs):
+        self.embedding = param(rngs, (vocab, dim), (L.VOCAB, L.EMBED), std,
+                               precision.param_dtype)
+        self.precision = precision
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens [batch, length] int -> [batch, length, embed] in compute dtype."""
+        x = jnp.take(self.embedding.value, tokens, axis=0)
+        return L.constrain(self.precision.cast(x), (L.BATCH, L.LENGTH, L.EMBED))
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x [batch, length, embed] -> logits [batch, length, vocab] in float32."""
+        w = self.precision.cast(self.embedding.value)
+        return jnp.einsum("ble,ve->blv", x, w, preferred_element_type=jnp.float32)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
+    """Inverse frequencies [head_dim // 2] (float32)."""
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, "rotate half" layout (as Llama/Mixtral/Qwen in transformers).
+
+    x: [batch, length, heads, head_dim]; positions: [batch, length] (per-segment positions).
+    """
+    inv = rope_frequencies(x.shape[-1], theta)
+    angles = positions.astype(jnp.float32)[..., None] * inv  # [batch, length, head_dim/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

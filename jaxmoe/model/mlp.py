@@ -1,0 +1,30 @@
+"""SwiGLU feed-forward block (dense layers and shared experts)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.model import logical as L
+from jaxmoe.model.layers import param
+from jaxmoe.model.precision import Precision
+
+
+class MLP(nnx.Module):
+    """y = (silu(x W_gate) * (x W_up)) W_down; x [..., embed]."""
+
+    def __init__(self, embed_dim: int, mlp_dim: int, std: float, precision: Precision,
+                 rngs: nnx.Rngs):
+        pd = precision.param_dtype
+        self.gate = param(rngs, (embed_dim, mlp_dim), (L.EMBED, L.MLP), std, pd)
+        self.up = param(rngs, (embed_dim, mlp_dim), (L.EMBED, L.MLP), std, pd)
+        self.down = param(rngs, (mlp_dim, embed_dim), (L.MLP, L.EMBED), std, pd)
+        self.precision = precision
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.precision.cast
+        h = jax.nn.silu(x @ c(self.gate.value)) * (x @ c(self.up.value))
+        if h.ndim == 3:
+            h = L.constrain(h, (L.BATCH, L.LENGTH, L.MLP))
+        return h @ c(self.down.value)

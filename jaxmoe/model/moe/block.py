@@ -1,0 +1,59 @@
+"""The MoE feed-forward block: router + routed experts (+ shared experts)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.model import logical as L
+from jaxmoe.model.layers import param
+from jaxmoe.model.mlp import MLP
+from jaxmoe.model.moe.capacity import capacity_moe
+from jaxmoe.model.moe.dropless import dropless_moe
+from jaxmoe.model.moe.router import MoEStats, Router, routing_stats
+from jaxmoe.model.precision import Precision
+
+
+class MoEBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, precision: Precision, rngs: nnx.Rngs):
+        e, d, f, std = cfg.num_experts, cfg.embed_dim, cfg.expert_mlp_dim, cfg.init_std
+        pd = precision.param_dtype
+        self.router = Router(d, e, cfg.num_experts_per_tok, scoring=cfg.router_scoring,
+                             norm_topk_prob=cfg.norm_topk_prob,
+                             routed_scaling_factor=cfg.routed_scaling_factor, std=std,
+                             precision=precision, rngs=rngs)
+        self.w_gate = param(rngs, (e, d, f), (L.EXPERT, L.EMBED, L.MLP), std, pd)
+        self.w_up = param(rngs, (e, d, f), (L.EXPERT, L.EMBED, L.MLP), std, pd)
+        self.w_down = param(rngs, (e, f, d), (L.EXPERT, L.MLP, L.EMBED), std, pd)
+        self.shared = (MLP(d, cfg.resolved_shared_mlp_dim, std, precision, rngs)
+                       if cfg.num_shared_experts else None)
+        self.shared_gate = (param(rngs, (d, 1), (L.EMBED, None), std, pd)
+                            if cfg.num_shared_experts and cfg.shared_expert_gate else None)
+        self.num_experts = e
+        self.dispatch = cfg.dispatch
+        self.capacity_factor = cfg.capacity_factor
+        self.precision = precision
+
+    def __call__(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, MoEStats]:
+        """x [batch, length, embed], token_mask [batch, length] -> ([batch, length, embed], stats)."""
+        b, l, d = x.shape
+        c = self.precision.cast
+        xt = x.reshape(b * l, d)
+        mask = token_mask.reshape(b * l)
+        r = self.router(xt)
+        w = (c(self.w_gate.value), c(self.w_up.value), c(self.w_down.value))
+        if self.dispatch == "dropless":
+            y, dropped = dropless_moe(xt, r.weights, r.indices, *w), None
+        else:
+            y, dropped = capacity_moe(xt, r.weights, r.indices, *w, self.capacity_factor, mask)
+        if self.shared is not None:
+            s = self.shared(xt)
+            if self.shared_gate is not None:
+                g = jax.nn.sigmoid(jnp.dot(xt.astype(jnp.float32),
+                                           self.shared_gate.value.astype(jnp.float32)))
+                s = (s.astype(jnp.float32) * g).astype(s.dtype)
+            y = y + s
+        y = L.constrain(y.reshape(b, l, d), (L.BATCH, L.LENGTH, L.EMBED))
+        return y, routing_stats(r, mask, self.num_experts, dropped)

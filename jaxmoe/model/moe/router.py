@@ -1,0 +1,98 @@
+"""Top-k router: softmax or sigmoid scoring, selection bias, load-balancing statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.model import logical as L
+from jaxmoe.model.layers import param
+from jaxmoe.model.precision import Precision
+
+
+class RouterBias(nnx.Variable):
+    """DeepSeek-V3 aux-loss-free balancing bias [expert]: used only to *select* experts,
+    never to weight them, and updated from measured load outside the gradient."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Routing:
+    """Routing decision for `tokens` flattened tokens.
+
+    weights [tokens, k] float32 (combine weights), indices [tokens, k] int32 (expert ids),
+    probs [tokens, experts] float32 (scores; softmax or sigmoid), logits [tokens, experts].
+    """
+
+    weights: jax.Array
+    indices: jax.Array
+    probs: jax.Array
+    logits: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MoEStats:
+    """Per-MoE-layer statistics returned as data (summed/stacked by the decoder).
+
+    aux_loss: Switch load-balancing loss; z_loss: router z-loss; load [experts]: tokens
+    assigned to each expert (valid tokens only); dropped: assignments dropped for capacity.
+    """
+
+    aux_loss: jax.Array
+    z_loss: jax.Array
+    load: jax.Array
+    dropped: jax.Array
+
+
+class Router(nnx.Module):
+    def __init__(self, embed_dim: int, num_experts: int, top_k: int, *, scoring: str,
+                 norm_topk_prob: bool, routed_scaling_factor: float, std: float,
+                 precision: Precision, rngs: nnx.Rngs):
+        self.kernel = param(rngs, (embed_dim, num_experts), (L.EMBED, L.EXPERT), std,
+                            precision.param_dtype)
+        self.bias = RouterBias(jnp.zeros((num_experts,), jnp.float32), sharding_names=(L.EXPERT,))
+        self.top_k = top_k
+        self.scoring = scoring
+        self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
+
+    def __call__(self, x: jax.Array) -> Routing:
+        """x [tokens, embed] -> Routing. Logits and scores in float32."""
+        logits = jnp.einsum("td,de->te", x.astype(jnp.float32), self.kernel.value.astype(jnp.float32))
+        if self.scoring == "softmax":
+            probs = jax.nn.softmax(logits, axis=-1)
+        else:
+            probs = jax.nn.sigmoid(logits)
+        selection = probs + jax.lax.stop_gradient(self.bias.value)
+        _, indices = jax.lax.top_k(selection, self.top_k)
+        weights = jnp.take_along_axis(probs, indices, axis=-1)
+        if self.norm_topk_prob:
+            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+        weights = weights * self.routed_scaling_factor
+        return Routing(weights, indices.astype(jnp.int32), probs, logits)
+
+
+def routing_stats(r: Routing, token_mask: jax.Array, num_experts: int,
+                  dropped: jax.Array | None = None) -> MoEStats:
+    """Switch aux loss E * sum_e f_e * P_e, z-loss mean(logsumexp(logits)^2), and loads.
+
+    token_mask [tokens] excludes padding. f_e is the fraction of the top-k assignments that go
+    to expert e; P_e is the mean (normalised) router score of expert e. Uniform routing gives 1.
+    """
+    m = token_mask.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(m), 1.0)
+    k = r.indices.shape[-1]
+    assign = jax.nn.one_hot(r.indices, num_experts, dtype=jnp.float32).sum(axis=1)  # [t, e]
+    load = jnp.sum(assign * m[:, None], axis=0)  # [e]
+    f = load / (n * k)
+    p = r.probs / jnp.sum(r.probs, axis=-1, keepdims=True)  # sigmoid scores are normalised
+    big_p = jnp.sum(p * m[:, None], axis=0) / n
+    aux = num_experts * jnp.sum(f * big_p)
+    z = jnp.sum(jax.nn.logsumexp(r.logits, axis=-1) ** 2 * m) / n
+    if dropped is None:
+        dropped = jnp.zeros((), jnp.float32)
+    return MoEStats(aux, z, load, dropped.astype(jnp.float32))

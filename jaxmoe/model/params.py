@@ -1,0 +1,59 @@
+"""Closed-form parameter counts and training FLOPs (no allocation).
+
+Counts follow the modules exactly; a test checks them against `jax.eval_shape` of the model.
+"""
+
+from __future__ import annotations
+
+from jaxmoe.config import ModelConfig
+
+
+def parameter_counts(cfg: ModelConfig) -> dict[str, dict[str, int]]:
+    """{"total": {part: n}, "active": {part: n}}; parts are embeddings, attention, dense_mlp,
+    routed_experts, shared_experts, router, norms. Active counts k of E routed experts."""
+    d, h, n, k = cfg.embed_dim, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    dense_layers = cfg.num_layers - moe_layers
+    attn = 2 * d * n * h + 2 * d * k * h
+    if cfg.qkv_bias:
+        attn += n * h + 2 * k * h
+    norms = 2 * d + (2 * h if cfg.qk_norm else 0)
+    emb = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    expert = 3 * d * cfg.expert_mlp_dim
+    shared = 3 * d * cfg.resolved_shared_mlp_dim + (d if cfg.shared_expert_gate and
+                                                    cfg.num_shared_experts else 0)
+    total = {
+        "embeddings": emb,
+        "attention": cfg.num_layers * attn,
+        "dense_mlp": dense_layers * 3 * d * cfg.mlp_dim,
+        "routed_experts": moe_layers * cfg.num_experts * expert,
+        "shared_experts": moe_layers * shared,
+        "router": moe_layers * d * cfg.num_experts,
+        "norms": cfg.num_layers * norms + d,
+    }
+    active = dict(total, routed_experts=moe_layers * cfg.num_experts_per_tok * expert)
+    return {"total": total, "active": active}
+
+
+def total_params(cfg: ModelConfig) -> int:
+    return sum(parameter_counts(cfg)["total"].values())
+
+
+def active_params(cfg: ModelConfig) -> int:
+    return sum(parameter_counts(cfg)["active"].values())
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Model FLOPs per trained token (forward + backward = 3 x forward, no remat recompute).
+
+    matmul: 6 x active matmul parameters (embedding lookup is free, the LM head is not);
+    attention: 12 x layers x heads x head_dim x seq_len (scores and values, full square as
+    computed, the PaLM convention).
+    """
+    c = parameter_counts(cfg)["active"]
+    matmul_params = sum(c.values()) - c["norms"] - cfg.vocab_size * cfg.embed_dim
+    if cfg.tie_embeddings:  # the single table is both lookup and LM head
+        matmul_params += cfg.vocab_size * cfg.embed_dim
+    matmul = 6.0 * matmul_params
+    attention = 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    return {"matmul": matmul, "attention": attention, "total": matmul + attention}

@@ -1,0 +1,186 @@
+"""The training loop: mesh, sharded init, jitted steps, progress, metrics, eval, checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import contextlib
+
+from flax.core import spmd as flax_spmd
+from tqdm.auto import tqdm
+
+import input_pipeline
+import sharding
+from jaxmoe import config as config_lib
+from jaxmoe.checkpoint import manager as ckpt
+from jaxmoe.inference.sample import greedy_generate
+from jaxmoe.model.params import active_params, total_params, training_flops_per_token
+from jaxmoe.train.metrics import MetricsWriter
+from jaxmoe.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxmoe.train.state import TrainState, init_state, model_graphdef
+from jaxmoe.train.step import make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything compiled for one config on one mesh (reused by tests and tools)."""
+
+    cfg: config_lib.Config
+    mesh: jax.sharding.Mesh
+    rules: Any
+    graphdef: Any
+    state_sharding: Any
+    batch_sharding: Any
+    train_step: Any
+    eval_step: Any
+    init: Any
+
+    def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Process-local numpy batch -> global arrays sharded over the batch axes."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+                for k, v in local_batch.items()}
+
+    def context(self):
+        """Mesh + logical rules, so activation constraints inside the model take effect."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(flax_spmd.logical_axis_rules(self.rules))
+        return stack
+
+
+def build_trainer(cfg: config_lib.Config, devices=None) -> Trainer:
+    mesh_degrees = {f.name: getattr(cfg.mesh, f.name) for f in dataclasses.fields(cfg.mesh)
+                    if f.name in sharding.MESH_AXES}
+    mesh = sharding.make_mesh(mesh_degrees, devices)
+    rules = sharding.make_rules(cfg.mesh.rules)
+    tx = make_optimizer(cfg.train.optimizer, cfg.train.steps)
+    schedule = learning_rate_schedule(cfg.train.optimizer, cfg.train.steps)
+    graphdef = model_graphdef(cfg.model)
+    abstract = jax.eval_shape(lambda: init_state(cfg.model, tx, cfg.train.seed))
+    state_sh = sharding.state_shardings(abstract, mesh, rules)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    init = jax.jit(lambda: init_state(cfg.model, tx, cfg.train.seed), out_shardings=state_sh)
+    train_step = jax.jit(make_train_step(graphdef, cfg, tx, schedule),
+                         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                         donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh, batch_sh))
+    return Trainer(cfg, mesh, rules, graphdef, state_sh, batch_sh, train_step, eval_step, init)
+
+
+def evaluate(trainer: Trainer, state: TrainState, batches) -> float:
+    """Mean held-out cross-entropy (nats/token) over `batches`."""
+    ce, tokens = 0.0, 0.0
+    with trainer.context():
+        for b in batches:
+            out = trainer.eval_step(state, trainer.put_batch(b))
+            ce += float(out["ce_sum"])
+            tokens += float(out["tokens"])
+    return ce / max(tokens, 1.0)
+
+
+def _eval_batches(cfg: config_lib.Config, per_process_batch: int):
+    it = input_pipeline.make_dataset(cfg.data, split="eval", batch_size=per_process_batch,
+                                     seed=cfg.data.seed, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    return [next(it) for _ in range(cfg.train.eval_batches)]
+
+
+def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
+          sample: bool = True) -> dict[str, Any]:
+    """Trains `cfg` for `cfg.train.steps` steps; returns a summary (losses, paths, sample)."""
+    run_dir = Path(run_dir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_lib.dump_config(cfg))
+    tokenizer = input_pipeline.make_tokenizer(cfg.data)
+    input_pipeline.check_vocab_fits(tokenizer, cfg.model.vocab_size)
+    if cfg.train.batch_size % jax.process_count():
+        raise config_lib.ConfigError(
+            f"train.batch_size={cfg.train.batch_size}: expected a multiple of the "
+            f"{jax.process_count()} processes")
+    per_process = cfg.train.batch_size // jax.process_count()
+    trainer = build_trainer(cfg)
+    writer = MetricsWriter(run_dir, cfg.train.tensorboard, enabled=is_main)
+    seq_len = cfg.data.seq_len
+    flops_per_token = training_flops_per_token(cfg.model, seq_len)["total"]
+    print(f"model: {total_params(cfg.model) / 1e6:.2f}M parameters, "
+          f"{active_params(cfg.model) / 1e6:.2f}M active; mesh {dict(trainer.mesh.shape)}; "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
+
+    train_iter = input_pipeline.make_dataset(
+        cfg.data, split="train", batch_size=per_process, seed=cfg.train.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    eval_data = _eval_batches(cfg, per_process)
+
+    with trainer.context():
+        state = trainer.init()
+    history: list[dict[str, float]] = []
+    eval_history: list[dict[str, float]] = []
+    bar = tqdm(total=cfg.train.steps, disable=not (progress and is_main), dynamic_ncols=True,
+               desc="train")
+    last_time, last_step, pending = time.perf_counter(), 0, None
+    for step in range(1, cfg.train.steps + 1):
+        batch = trainer.put_batch(next(train_iter))
+        with trainer.context():
+            state, metrics = trainer.train_step(state, batch)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            step_time = (now - last_time) / (step - last_step)
+            tokens_per_s = float(metrics["tokens"]) / step_time
+            metrics.update(step_time_s=step_time, tokens_per_s=tokens_per_s,
+                           model_tflops_per_s=tokens_per_s * flops_per_token / 1e12)
+            last_time, last_step = now, step
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {step}: loss is {loss}; stopping (lower "
+                                         "train.optimizer.learning_rate or check the data)")
+            writer.write(step, "train", metrics)
+            history.append({"step": step, "loss": loss})
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                            step_s=f"{step_time:.3f}")
+        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            eval_loss = evaluate(trainer, state, eval_data)
+            writer.write(step, "eval", {"loss": eval_loss})
+            eval_history.append({"step": step, "loss": eval_loss})
+            bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+            last_time = time.perf_counter()  # eval time is not step time
+        bar.update(1)
+    bar.close()
+
+    manager = ckpt.make_manager(run_dir, cfg.train.keep_checkpoints)
+    ckpt.save(manager, cfg.train.steps, state, config_lib.to_dict(cfg))
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+
+    summary: dict[str, Any] = {
+        "train": history, "eval": eval_history, "run_dir": str(run_dir),
+        "checkpoint": str(ckpt.checkpoint_dir(run_dir) / str(cfg.train.steps)),
+        "unigram_entropy": input_pipeline.corpus_unigram_entropy(cfg.data)
+        if cfg.data.source == "synthetic" else None,
+    }
+    if sample and cfg.train.sample_tokens > 0:
+        prompt = [tokenizer.bos_id] + tokenizer.encode(cfg.train.sample_prompt)
+        with trainer.context():
+            ids = greedy_generate(trainer.graphdef, state, prompt, cfg.train.sample_tokens,
+                                  eos_id=tokenizer.eos_id)
+        summary["sample"] = cfg.train.sample_prompt + tokenizer.decode(ids)
+    if is_main:
+        print(f"final eval loss {eval_history[-1]['loss']:.4f} nats/token"
+              + (f" (corpus unigram entropy {summary['unigram_entropy']:.4f})"
+                 if summary["unigram_entropy"] else ""))
+        print(f"checkpoint: {summary['checkpoint']}")
+        if "sample" in summary:
+            print(f"sample: {summary['sample']!r}")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,79 @@
+"""The one place where logical axis names meet mesh axis names.
+
+Rules are (logical name, mesh axes) pairs in order of precedence (Flax's convention): each
+dimension takes the first rule whose mesh axes are still free in that array, so an
+activation `[batch, length, embed]` gives `fsdp` to `batch` and leaves `embed` whole, while a
+weight `[embed, mlp]` gets FSDP on `embed` and tensor parallelism on `mlp`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+from flax import nnx
+from flax.linen import spmd
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+Rules = tuple[tuple[str, Any], ...]
+
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("embed", "fsdp"),
+    ("layers", None),
+    ("length", None),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+
+def make_rules(overrides: dict[str, Any] | None = None) -> Rules:
+    """DEFAULT_RULES with single logical names re-mapped (`mesh.rules` in the config).
+
+    An override replaces every default rule of that logical name; lists become tuples."""
+    overrides = overrides or {}
+    for name, value in overrides.items():
+        axes = value if isinstance(value, (list, tuple)) else [value]
+        for a in axes:
+            if a is not None and a not in MESH_AXES:
+                raise ValueError(f"mesh.rules.{name}={value!r}: expected mesh axes among "
+                                 f"{', '.join(MESH_AXES)} or null")
+    rules = [(n, a) for n, a in DEFAULT_RULES if n not in overrides]
+    extra = [(n, tuple(v) if isinstance(v, list) else v) for n, v in overrides.items()]
+    return tuple(extra + rules)
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
+    return spmd.logical_to_mesh_axes(tuple(names), rules)
+
+
+def variable_axes(v: Any) -> tuple[str | None, ...] | None:
+    """The logical axis names an `nnx.Variable` carries (None when it has none)."""
+    meta = v.get_metadata() if hasattr(v, "get_metadata") else {}
+    return meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
+
+
+def state_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for a pytree holding `nnx.Variable`s (params, optimizer state, ...).
+
+    Each Variable is sharded by its logical axis names; everything else (step counters, RNG
+    keys, scalars) is replicated. The result is a pytree prefix usable as jit in/out shardings.
+    """
+    def one(leaf):
+        axes = variable_axes(leaf) if isinstance(leaf, nnx.Variable) else None
+        if not axes:
+            return NamedSharding(mesh, PartitionSpec())
+        return NamedSharding(mesh, logical_to_spec(tuple(axes), rules))
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Sharding of a `[batch, length]` input array."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
