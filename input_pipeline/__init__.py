@@ -13,7 +13,6 @@ The multimodal collator lives in `input_pipeline.multimodal`.
 """
 
 from input_pipeline.config import DataConfig, SourceConfig
-from input_pipeline.documents import BadRecordError
 from input_pipeline.pipeline import (
     BATCH_KEYS,
     DataIterator,
@@ -23,6 +22,7 @@ from input_pipeline.pipeline import (
     make_grain_dataset,
     packing_efficiency,
 )
+from input_pipeline.sources import BadRecordError
 from input_pipeline.tokenizer import ByteTokenizer, Tokenizer, check_vocab_fits, make_tokenizer
 
 __all__ = [

@@ -14,17 +14,13 @@ from typing import Any
 import grain
 import numpy as np
 
-from input_pipeline.sources import BadRecord, parse_text
+from input_pipeline.sources import BadRecord, BadRecordError, parse_text
 from input_pipeline.tokenizer import Tokenizer, encode_document
 
 log = logging.getLogger("input_pipeline")
 
 STATE_KEY = "input_pipeline_documents"  # marks this iterator's state inside grain's state tree
 _LOG_FIRST = 100  # log every bad record up to this many, then only at powers of ten
-
-
-class BadRecordError(ValueError):
-    """A bad record in strict mode; the message starts with the record's location."""
 
 
 class ParseAndTokenize(grain.transforms.Map):
@@ -51,6 +47,9 @@ class ParseAndTokenize(grain.transforms.Map):
 
 class DocumentIterDataset(grain.IterDataset):
     """Good documents as `{"inputs", "targets"}` (int32, `[n]` each, `n = len(ids) - 1`).
+
+    Parent elements are `{"ids", "loc"}`, bad-record markers `{"bad", "detail", "loc"}`, or
+    `{"example", "loc"}` (emitted as is).
 
     With `chunk_len`, a document longer than `chunk_len` pairs is emitted as several pieces of
     at most `chunk_len` (the padding-only mode); without it, whole documents (the packer splits).
@@ -93,6 +92,9 @@ class _DocumentIterator(grain.DatasetIterator):
             if "bad" in rec:
                 self._on_bad(rec)
                 continue
+            if "example" in rec:  # a ready example (multimodal): passed through whole
+                self._docs += 1
+                return rec["example"]
             self._current, self._current_parent_state, self._chunk = rec["ids"], state, 0
         ids = self._current
         n = len(ids) - 1

@@ -56,20 +56,20 @@ def _pad_row(doc: dict[str, np.ndarray], seq_len: int, pad_id: int) -> dict[str,
     return out
 
 
-def _stack_rows(rows: list[dict[str, np.ndarray]], batch_size: int,
+def stack_rows(rows: list[dict[str, np.ndarray]], batch_size: int,
                 pad_id: int) -> dict[str, np.ndarray]:
-    """Stacks rows into `[batch_size, seq_len]`; a short final batch gets all-padding rows."""
+    """Stacks rows into `[batch_size, ...]`; a short final batch gets all-padding rows."""
     out = {}
-    for k in BATCH_KEYS:
-        x = np.stack([r[k] for r in rows])  # [n, seq_len]
+    for k in rows[0]:
+        x = np.stack([r[k] for r in rows])  # [n, ...]
         if len(rows) < batch_size:
             fill = pad_id if k in ("inputs", "targets") else 0
-            x = np.concatenate([x, np.full((batch_size - len(rows), x.shape[1]), fill, x.dtype)])
+            x = np.concatenate([x, np.full((batch_size - len(rows), *x.shape[1:]), fill, x.dtype)])
         out[k] = x
     return out
 
 
-def _mark_absl_flags_parsed() -> None:
+def mark_absl_flags_parsed() -> None:
     """grain's worker processes read absl flags; a non-absl program never parsed them."""
     from absl import flags
 
@@ -131,9 +131,9 @@ def make_grain_dataset(cfg: DataConfig, *, split: str, batch_size: int, seed: in
     else:
         rows = docs.map(functools.partial(_pad_row, seq_len=L, pad_id=pad_id))
     batches = rows.batch(batch_size, batch_fn=functools.partial(
-        _stack_rows, batch_size=batch_size, pad_id=pad_id))
+        stack_rows, batch_size=batch_size, pad_id=pad_id))
     if cfg.num_workers > 0:
-        _mark_absl_flags_parsed()
+        mark_absl_flags_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
     return batches
@@ -169,8 +169,9 @@ class DataIterator:
         # would otherwise stay mapped (and leak at exit) as long as the caller holds them.
         batch = {k: np.array(v, copy=True) for k, v in next(self._it).items()}
         self._batches += 1
-        self._real += int(np.count_nonzero(batch["segment_ids"]))
-        self._slots += int(batch["segment_ids"].size)
+        if "segment_ids" in batch:
+            self._real += int(np.count_nonzero(batch["segment_ids"]))
+            self._slots += int(batch["segment_ids"].size)
         return batch
 
     def get_state(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import bisect
 import glob
 import json
 import os
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,7 +37,12 @@ class BadRecord(Exception):
         self.reason = reason
 
 
-BAD_REASONS = ("invalid_json", "missing_field", "not_utf8", "empty_text", "bad_shape")
+class BadRecordError(ValueError):
+    """A bad record in strict mode; the message starts with the record's location."""
+
+
+BAD_REASONS = (
+    "invalid_json", "missing_field", "not_utf8", "empty_text", "bad_shape", "empty_example")
 
 
 class RecordSource(Protocol):
@@ -232,3 +238,27 @@ def parse_text(kind: str, field: str, payload: Any) -> str:
     if not text.strip():
         raise BadRecord("empty_text")
     return text
+
+
+def iter_texts(kind: str, patterns: tuple[str, ...], field: str = "text", *,
+               strict: bool = False, bad_counts: dict[str, int] | None = None,
+               num_documents: int = 0, seed: int = 0) -> Iterator[tuple[str, str]]:
+    """`(location, text)` of every good record of the files (in order), for offline tools.
+
+    Bad records are skipped and counted into `bad_counts` (or raised with their location when
+    `strict`). `kind="synthetic"` ignores `patterns` and yields `num_documents` documents.
+    """
+    if kind == "synthetic":
+        files: list[RecordSource] = [corpus.SyntheticSource(seed, 0, num_documents)]
+    else:
+        files = [_open_file(kind, p, field) for p in expand_paths(patterns)]
+    for f in files:
+        for i in range(len(f)):
+            location, payload = f[i]
+            try:
+                yield location, parse_text(kind, field, payload)
+            except BadRecord as e:
+                if strict:
+                    raise BadRecordError(f"{location}: bad record ({e})") from None
+                if bad_counts is not None:
+                    bad_counts[e.reason] = bad_counts.get(e.reason, 0) + 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
@@ -174,3 +175,40 @@ def encode_document(tokenizer: Tokenizer, text: str, add_bos: bool, add_eos: boo
     if add_eos:
         parts.append(np.array([tokenizer.eos_id], np.int32))
     return np.concatenate(parts)
+
+
+def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
+                    kind: str = "bpe", pad_token: str = "<pad>", bos_token: str = "<bos>",
+                    eos_token: str = "<eos>") -> None:
+    """Trains a tokenizer on `texts` and writes it to `out_path`; pad/bos/eos get ids 0/1/2.
+
+    kind "bpe": byte-level BPE (Hugging Face `tokenizers`, writes tokenizer.json; round trips
+    any text). kind "sentencepiece": a unigram SentencePiece model with byte fallback and
+    identity normalisation (writes `<out_path>`, which must end in `.model`).
+    """
+    if kind == "bpe":
+        import tokenizers
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = tokenizers.Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[pad_token, bos_token, eos_token],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(texts, trainer=trainer)
+        tok.save(out_path)
+    elif kind == "sentencepiece":
+        import sentencepiece
+
+        if not out_path.endswith(".model"):
+            raise ValueError(f"out_path={out_path!r}: expected a path ending in .model")
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_prefix=out_path[: -len(".model")],
+            vocab_size=vocab_size, model_type="unigram", byte_fallback=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            split_by_whitespace=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+            pad_piece=pad_token, bos_piece=bos_token, eos_piece=eos_token,
+            hard_vocab_limit=False, minloglevel=2)
+    else:
+        raise ValueError(f"kind={kind!r}: expected 'bpe' or 'sentencepiece'")

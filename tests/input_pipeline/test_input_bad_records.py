@@ -1,0 +1,115 @@
+"""Bad records are skipped and counted with their location; `strict` raises instead."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+
+from input_pipeline import BadRecordError, DataConfig, make_dataset
+from input_pipeline.convert import write_arrayrecord
+from input_pipeline.multimodal import MultimodalSpec, make_multimodal_dataset
+from tests.input_pipeline._ip_helpers import all_batches, tmpfile, write_jsonl
+
+GOOD = '{"text": "a good document"}\n'
+BAD_LINES = {  # reason -> a JSONL line
+    "invalid_json": b'{"text": "unterminated\n',
+    "missing_field": b'{"body": "no text field"}\n',
+    "not_utf8": b'{"text": "caf\xe9"}\n',
+    "empty_text": b'{"text": "   "}\n',
+}
+
+
+def _jsonl_cfg(tmp_path, lines: list[bytes], **kw) -> DataConfig:
+    path = tmpfile(tmp_path, "bad.jsonl")
+    with open(path, "wb") as f:
+        f.writelines(lines)
+    ev = write_jsonl(tmpfile(tmp_path, "eval.jsonl"), ["held out"])
+    return DataConfig(source="jsonl", paths=(path,), eval_paths=(ev,), seq_len=32,
+                      packing=False, shuffle=False, **kw)
+
+
+def _run(cfg: DataConfig):
+    it = make_dataset(cfg, split="train", batch_size=2, seed=0, num_epochs=1)
+    batches = list(it)
+    return batches, it.stats()
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_LINES))
+def test_each_kind_skipped_counted_and_logged(tmp_path, caplog, reason: str) -> None:
+    cfg = _jsonl_cfg(tmp_path, [GOOD.encode(), BAD_LINES[reason], GOOD.encode()])
+    with caplog.at_level(logging.WARNING, logger="input_pipeline"):
+        batches, stats = _run(cfg)
+    assert stats.bad_records == {reason: 1} and stats.documents == 2
+    assert sum(int(b["segment_ids"][:, 0].sum()) for b in batches) == 2
+    assert f"bad.jsonl:2: bad record ({reason}" in caplog.text  # file and 1-based line
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_LINES))
+def test_strict_raises_with_location(tmp_path, reason: str) -> None:
+    cfg = _jsonl_cfg(tmp_path, [GOOD.encode(), GOOD.encode(), BAD_LINES[reason]], strict=True)
+    with pytest.raises(BadRecordError, match=rf"bad\.jsonl:3: bad record \({reason}"):
+        _run(cfg)
+
+
+def test_all_kinds_counted_together(tmp_path) -> None:
+    cfg = _jsonl_cfg(tmp_path, [GOOD.encode(), *BAD_LINES.values(), *BAD_LINES.values()])
+    _, stats = _run(cfg)
+    assert stats.bad_records == {r: 2 for r in BAD_LINES} and stats.documents == 1
+
+
+def test_parquet_bad_rows(tmp_path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    good = tmpfile(tmp_path, "good.parquet")
+    pq.write_table(pa.table({"text": ["one", None, "", "two", "three"]}), good, row_group_size=2)
+    wrong = tmpfile(tmp_path, "wrong.parquet")
+    pq.write_table(pa.table({"body": ["x", "y"]}), wrong)
+    cfg = DataConfig(source="parquet", paths=(good, wrong), eval_fraction=0.01, shuffle=False,
+                     seq_len=16, packing=False)
+    it = make_dataset(cfg, split="train", batch_size=4, seed=0, num_epochs=1)
+    batches = list(it)
+    # 7 records, the last one held out for eval: 3 good, None + "" + 1 missing column bad.
+    assert it.stats().bad_records == {"missing_field": 2, "empty_text": 1}
+    assert sum(int(b["segment_ids"][:, 0].sum()) for b in batches) == 3
+    with pytest.raises(BadRecordError, match=r"good\.parquet:1: bad record \(missing_field"):
+        all_batches(dataclasses.replace(cfg, strict=True), split="train",
+                    batch_size=4, seed=0, num_epochs=1)
+
+
+def test_arrayrecord_non_utf8(tmp_path) -> None:
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    path = tmpfile(tmp_path, "x.arrayrecord")
+    w = ArrayRecordWriter(path, "group_size:1")
+    for rec in (b"fine", b"\xff\xfe", b"also fine", b"last"):
+        w.write(rec)
+    w.close()
+    cfg = DataConfig(source="arrayrecord", paths=(path,), eval_fraction=0.2, shuffle=False,
+                     seq_len=16, packing=False)
+    it = make_dataset(cfg, split="train", batch_size=4, seed=0, num_epochs=1)
+    list(it)
+    assert it.stats().bad_records == {"not_utf8": 1} and it.stats().documents == 2
+    with pytest.raises(BadRecordError, match=r"x\.arrayrecord:1: bad record \(not_utf8"):
+        all_batches(dataclasses.replace(cfg, strict=True), split="train",
+                    batch_size=4, seed=0, num_epochs=1)
+    assert write_arrayrecord(["a", "b", "c"], tmpfile(tmp_path, "y"), 2) == [2, 1]
+
+
+def test_wrong_image_shape(caplog) -> None:
+    spec = MultimodalSpec(modalities=("text", "image"), image_shape=(4, 4, 3))
+    examples = [{"image": np.zeros((4, 4, 3))}, {"image": np.zeros((4, 5, 3))},
+                {"text": "ok", "image": np.zeros((4, 4))}, {"text": "fine"}]
+    with caplog.at_level(logging.WARNING, logger="input_pipeline"):
+        it = make_multimodal_dataset(examples, spec, batch_size=4, seed=0, shuffle=False,
+                                     num_epochs=1)
+        batch = next(it)
+    assert it.stats().bad_records == {"bad_shape": 2}
+    assert batch["image_mask"].tolist() == [True, False, False, False]
+    assert "examples:1: bad record (bad_shape" in caplog.text
+    strict = make_multimodal_dataset(examples, spec, batch_size=4, seed=0, shuffle=False,
+                                     num_epochs=1, strict=True)
+    with pytest.raises(BadRecordError, match=r"examples:1: bad record \(bad_shape"):
+        next(strict)
