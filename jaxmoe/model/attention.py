@@ -62,11 +62,11 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
         """x [batch, length, embed] -> [batch, length, embed]."""
         c = self.precision.cast
-        q = jnp.einsum("ble,enh->blnh", x, c(self.q.value))
-        k = jnp.einsum("ble,ekh->blkh", x, c(self.k.value))
-        v = jnp.einsum("ble,ekh->blkh", x, c(self.v.value))
+        q = jnp.einsum("ble,enh->blnh", x, c(self.q[...]))
+        k = jnp.einsum("ble,ekh->blkh", x, c(self.k[...]))
+        v = jnp.einsum("ble,ekh->blkh", x, c(self.v[...]))
         if self.qkv_bias:
-            q, k, v = q + c(self.q_bias.value), k + c(self.k_bias.value), v + c(self.v_bias.value)
+            q, k, v = q + c(self.q_bias[...]), k + c(self.k_bias[...]), v + c(self.v_bias[...])
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = L.constrain(apply_rope(q, positions, self.rope_theta),
@@ -75,5 +75,5 @@ class Attention(nnx.Module):
                         (L.BATCH, L.LENGTH, L.KV_HEADS, L.HEAD_DIM))
         v = L.constrain(v, (L.BATCH, L.LENGTH, L.KV_HEADS, L.HEAD_DIM))
         out = dot_product_attention(q, k, v, attention_mask(segment_ids))
-        out = jnp.einsum("blnh,nhe->ble", out, c(self.o.value))
+        out = jnp.einsum("blnh,nhe->ble", out, c(self.o[...]))
         return L.constrain(out, (L.BATCH, L.LENGTH, L.EMBED))

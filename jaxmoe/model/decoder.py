@@ -191,7 +191,7 @@ class MoETransformer(nnx.Module):
         if self.cfg.tie_embeddings:
             logits = self.embedder.attend(x)
         else:
-            logits = jnp.einsum("ble,ev->blv", x, self.precision.cast(self.lm_head.value),
+            logits = jnp.einsum("ble,ev->blv", x, self.precision.cast(self.lm_head[...]),
                                 preferred_element_type=jnp.float32)
         logits = L.constrain(logits, (L.BATCH, L.LENGTH, L.VOCAB))
         return DecoderOutput(logits, moe)
@@ -205,4 +205,4 @@ class MoETransformer(nnx.Module):
             moe_blocks = [b for b in group.units.blocks() if b.is_moe]
             for block, load in zip(moe_blocks, loads.get(name, ())):
                 delta = jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
-                block.ffn.router.bias.value = block.ffn.router.bias.value + rate * delta
+                block.ffn.router.bias[...] = block.ffn.router.bias[...] + rate * delta

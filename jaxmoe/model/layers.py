@@ -33,7 +33,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale.value.astype(jnp.float32)).astype(self.precision.compute_dtype)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.precision.compute_dtype)
 
 
 class Embedder(nnx.Module):
@@ -46,12 +46,12 @@ class Embedder(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens [batch, length] int -> [batch, length, embed] in compute dtype."""
-        x = jnp.take(self.embedding.value, tokens, axis=0)
+        x = jnp.take(self.embedding[...], tokens, axis=0)
         return L.constrain(self.precision.cast(x), (L.BATCH, L.LENGTH, L.EMBED))
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x [batch, length, embed] -> logits [batch, length, vocab] in float32."""
-        w = self.precision.cast(self.embedding.value)
+        w = self.precision.cast(self.embedding[...])
         return jnp.einsum("ble,ve->blv", x, w, preferred_element_type=jnp.float32)
 
 

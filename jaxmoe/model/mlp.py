@@ -24,7 +24,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.precision.cast
-        h = jax.nn.silu(x @ c(self.gate.value)) * (x @ c(self.up.value))
+        h = jax.nn.silu(x @ c(self.gate[...])) * (x @ c(self.up[...]))
         if h.ndim == 3:
             h = L.constrain(h, (L.BATCH, L.LENGTH, L.MLP))
-        return h @ c(self.down.value)
+        return h @ c(self.down[...])

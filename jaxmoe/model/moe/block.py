@@ -43,7 +43,7 @@ class MoEBlock(nnx.Module):
         xt = x.reshape(b * l, d)
         mask = token_mask.reshape(b * l)
         r = self.router(xt)
-        w = (c(self.w_gate.value), c(self.w_up.value), c(self.w_down.value))
+        w = (c(self.w_gate[...]), c(self.w_up[...]), c(self.w_down[...]))
         if self.dispatch == "dropless":
             y, dropped = dropless_moe(xt, r.weights, r.indices, *w), None
         else:
@@ -51,9 +51,9 @@ class MoEBlock(nnx.Module):
         if self.shared is not None:
             s = self.shared(xt)
             if self.shared_gate is not None:
-                g = jax.nn.sigmoid(jnp.dot(xt.astype(jnp.float32),
-                                           self.shared_gate.value.astype(jnp.float32)))
-                s = (s.astype(jnp.float32) * g).astype(s.dtype)
+                f = self.precision.output_dtype
+                g = jax.nn.sigmoid(jnp.dot(xt.astype(f), self.shared_gate[...].astype(f)))
+                s = (s.astype(f) * g).astype(s.dtype)
             y = y + s
         y = L.constrain(y.reshape(b, l, d), (L.BATCH, L.LENGTH, L.EMBED))
         return y, routing_stats(r, mask, self.num_experts, dropped)

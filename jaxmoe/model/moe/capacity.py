@@ -29,15 +29,16 @@ def capacity_moe(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: j
     position = jnp.cumsum(onehot.reshape(k * t, e), axis=0).reshape(k, t, e) - 1
     position = jnp.sum(position * onehot, axis=-1)  # [k, tokens]
     kept = position < c
-    slot = jax.nn.one_hot(jnp.where(kept, position, c), c, dtype=jnp.float32)  # [k, t, c]
-    expert = jax.nn.one_hot(indices.T, e, dtype=jnp.float32)  # [k, t, e]
+    f = weights.dtype
+    slot = jax.nn.one_hot(jnp.where(kept, position, c), c, dtype=f)  # [k, t, c]
+    expert = jax.nn.one_hot(indices.T, e, dtype=f)  # [k, t, e]
     dispatch = jnp.einsum("kte,ktc->tec", expert, slot)  # [tokens, experts, capacity]
     combine = jnp.einsum("kte,ktc,kt->tec", expert, slot, weights.T)
     xin = jnp.einsum("tec,td->ecd", dispatch.astype(x.dtype), x)  # [experts, capacity, embed]
     h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", xin, w_gate))
     h = h * jnp.einsum("ecd,edf->ecf", xin, w_up)
     y = jnp.einsum("ecf,efd->ecd", h, w_down)
-    out = jnp.einsum("tec,ecd->td", combine, y.astype(jnp.float32)).astype(x.dtype)
+    out = jnp.einsum("tec,ecd->td", combine, y.astype(f)).astype(x.dtype)
     valid = jnp.ones((t,), bool) if token_mask is None else token_mask.astype(bool)
     dropped = jnp.sum((~kept) & valid[None, :])
     return out, dropped

@@ -44,5 +44,5 @@ def dropless_moe(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: j
     y_sorted = expert_ffn(x_sorted, group_sizes, w_gate, w_up, w_down)
     inverse = jnp.argsort(order)
     y = jnp.take(y_sorted, inverse, axis=0).reshape(t, k, -1)
-    out = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
+    out = jnp.einsum("tkd,tk->td", y.astype(weights.dtype), weights)
     return out.astype(x.dtype)

@@ -59,15 +59,17 @@ class Router(nnx.Module):
         self.scoring = scoring
         self.norm_topk_prob = norm_topk_prob
         self.routed_scaling_factor = routed_scaling_factor
+        self.output_dtype = precision.output_dtype
 
     def __call__(self, x: jax.Array) -> Routing:
         """x [tokens, embed] -> Routing. Logits and scores in float32."""
-        logits = jnp.einsum("td,de->te", x.astype(jnp.float32), self.kernel.value.astype(jnp.float32))
+        f = self.output_dtype
+        logits = jnp.einsum("td,de->te", x.astype(f), self.kernel[...].astype(f))
         if self.scoring == "softmax":
             probs = jax.nn.softmax(logits, axis=-1)
         else:
             probs = jax.nn.sigmoid(logits)
-        selection = probs + jax.lax.stop_gradient(self.bias.value)
+        selection = probs + jax.lax.stop_gradient(self.bias[...]).astype(probs.dtype)
         _, indices = jax.lax.top_k(selection, self.top_k)
         weights = jnp.take_along_axis(probs, indices, axis=-1)
         if self.norm_topk_prob:
@@ -83,10 +85,10 @@ def routing_stats(r: Routing, token_mask: jax.Array, num_experts: int,
     token_mask [tokens] excludes padding. f_e is the fraction of the top-k assignments that go
     to expert e; P_e is the mean (normalised) router score of expert e. Uniform routing gives 1.
     """
-    m = token_mask.astype(jnp.float32)
+    m = token_mask.astype(r.probs.dtype)
     n = jnp.maximum(jnp.sum(m), 1.0)
     k = r.indices.shape[-1]
-    assign = jax.nn.one_hot(r.indices, num_experts, dtype=jnp.float32).sum(axis=1)  # [t, e]
+    assign = jax.nn.one_hot(r.indices, num_experts, dtype=r.probs.dtype).sum(axis=1)  # [t, e]
     load = jnp.sum(assign * m[:, None], axis=0)  # [e]
     f = load / (n * k)
     p = r.probs / jnp.sum(r.probs, axis=-1, keepdims=True)  # sigmoid scores are normalised
@@ -94,5 +96,5 @@ def routing_stats(r: Routing, token_mask: jax.Array, num_experts: int,
     aux = num_experts * jnp.sum(f * big_p)
     z = jnp.sum(jax.nn.logsumexp(r.logits, axis=-1) ** 2 * m) / n
     if dropped is None:
-        dropped = jnp.zeros((), jnp.float32)
-    return MoEStats(aux, z, load, dropped.astype(jnp.float32))
+        dropped = jnp.zeros((), r.probs.dtype)
+    return MoEStats(aux, z, load, dropped.astype(r.probs.dtype))
