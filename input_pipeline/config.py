@@ -82,9 +82,13 @@ class DataConfig:
     packing: bool = True  # False: one document (piece) per row, padded
     shuffle: bool = True  # train split only; eval is read in order
     strict: bool = False  # bad records raise (with their location) instead of being skipped
-    num_workers: int = 0  # grain worker processes (0: everything in the calling process)
+    # grain worker processes (0: all in the calling process). Each worker packs its own slice,
+    # so the batch order depends on num_workers: resume with the value the state was saved with.
+    num_workers: int = 0
     worker_buffer_size: int = 2  # batches buffered per worker process
-    num_threads: int = 2  # grain ReadOptions threads for reading + tokenizing
+    # grain ReadOptions reader threads: 0 is fastest for in-memory / local data (no GIL
+    # contention); raise it for slow storage (GCS, NFS).
+    num_threads: int = 0
     prefetch_buffer_size: int = 128  # grain ReadOptions buffer (documents)
 
     def __post_init__(self) -> None:

@@ -12,8 +12,7 @@ from input_pipeline import DataConfig, make_dataset
 
 def write_jsonl(path: str, texts: list[str], field: str = "text") -> str:
     with open(path, "w") as f:
-        for t in texts:
-            f.write(json.dumps({field: t, "id": len(t)}) + "\n")
+        f.writelines(json.dumps({field: t, "id": len(t)}) + "\n" for t in texts)
     return path
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.input_pipeline._ip_helpers import all_batches, real_stream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from input_pipeline import DataConfig, make_dataset, packing_efficiency
 from input_pipeline.pipeline import document_dataset
+from tests.input_pipeline._ip_helpers import all_batches, real_stream
 
 
 def _reference_docs(cfg: DataConfig) -> list[dict[str, np.ndarray]]:

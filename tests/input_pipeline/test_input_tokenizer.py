@@ -13,13 +13,12 @@ from input_pipeline import (
     ByteTokenizer,
     DataConfig,
     check_vocab_fits,
+    corpus,
     corpus_unigram_entropy,
     make_dataset,
     make_tokenizer,
 )
-from input_pipeline import corpus
 from input_pipeline.tokenizer import train_tokenizer
-from tests.input_pipeline._ip_helpers import tmpfile
 
 SAMPLE = "héllo  wörld\n\tthe cat sees 12+3=15 \U0001F600 ?"
 
