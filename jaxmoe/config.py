@@ -99,7 +99,8 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 4
     checkpoint_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the newest K checkpoints are kept ...
+    keep_every: int = 0  # ... plus every step that is a multiple of this (0: none)
     sample_prompt: str = "12+7="
     sample_tokens: int = 48
     tensorboard: bool = True
@@ -117,6 +118,12 @@ class MeshConfig:
     dcn_data: int = 1  # degrees across slices / hosts (multiplied into `data`)
     dcn_fsdp: int = 1
     rules: dict[str, Any] = dataclasses.field(default_factory=dict)  # logical-axis overrides
+    # Expert-parallel token exchange: "auto" (ragged on TPU/GPU, padded elsewhere) | "padded"
+    # (all_to_all of fixed-size buffers) | "ragged" (ragged_all_to_all) | "ragged_emulated".
+    expert_all_to_all: str = "auto"
+    # Receive buffer per device, in multiples of its own token copies; 0 = worst case
+    # (never drops). Smaller saves memory at scale; overflowing copies are dropped and counted.
+    expert_buffer_factor: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +200,14 @@ def validate(cfg: Config) -> Config:
     if t.batch_size % t.grad_accum_steps:
         _fail("train.grad_accum_steps", t.grad_accum_steps,
               f"a divisor of train.batch_size={t.batch_size}")
+    for key in ("checkpoint_every", "keep_every"):
+        if getattr(t, key) < 0:
+            _fail(f"train.{key}", getattr(t, key), ">= 0 (0 disables)")
+    if t.keep_checkpoints < 1:
+        _fail("train.keep_checkpoints", t.keep_checkpoints, ">= 1")
+    if t.keep_every and t.checkpoint_every and t.keep_every % t.checkpoint_every:
+        _fail("train.keep_every", t.keep_every, f"a multiple of train.checkpoint_every="
+              f"{t.checkpoint_every} (only saved steps can be kept)")
     o = t.optimizer
     if o.learning_rate <= 0:
         _fail("train.optimizer.learning_rate", o.learning_rate, "> 0")
@@ -202,12 +217,18 @@ def validate(cfg: Config) -> Config:
         _fail("train.optimizer.warmup_steps", o.warmup_steps,
               f"between 0 and train.steps={t.steps}")
     mesh_axes = {f.name: getattr(cfg.mesh, f.name) for f in dataclasses.fields(MeshConfig)
-                 if f.name != "rules"}
+                 if f.name not in ("rules", "expert_all_to_all", "expert_buffer_factor")}
     if sum(v == -1 for v in mesh_axes.values()) > 1:
         _fail("mesh", mesh_axes, "at most one axis set to -1")
     for key, value in mesh_axes.items():
         if value == 0 or value < -1:
             _fail(f"mesh.{key}", value, "a positive integer or -1")
+    a2a_choices = ("auto", "padded", "ragged", "ragged_emulated")
+    if cfg.mesh.expert_all_to_all not in a2a_choices:
+        _fail("mesh.expert_all_to_all", cfg.mesh.expert_all_to_all,
+              f"one of {', '.join(a2a_choices)}")
+    if cfg.mesh.expert_buffer_factor < 0:
+        _fail("mesh.expert_buffer_factor", cfg.mesh.expert_buffer_factor, ">= 0 (0 = never drop)")
     return cfg
 
 
@@ -235,6 +256,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             _fail(key, value, "a mapping")
         return dict(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(key, value, "a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(key, value, "a number")
         if not math.isfinite(value):

@@ -15,11 +15,11 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
     """A normal(0, std) parameter tagged with logical axis names (one per dimension)."""
     assert len(shape) == len(axes), (shape, axes)
     value = std * jax.random.normal(rngs.params(), shape, dtype)
-    return nnx.Param(value, sharding_names=axes)
+    return nnx.Param(value, out_sharding=axes)
 
 
 def const_param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
-    return nnx.Param(value, sharding_names=axes)
+    return nnx.Param(value, out_sharding=axes)
 
 
 class RMSNorm(nnx.Module):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Callable, Iterator
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -11,9 +15,30 @@ from jaxmoe.model import logical as L
 from jaxmoe.model.layers import param
 from jaxmoe.model.mlp import MLP
 from jaxmoe.model.moe.capacity import capacity_moe
-from jaxmoe.model.moe.dropless import dropless_moe
+from jaxmoe.model.moe.dropless import dropless_moe, expert_ffn
 from jaxmoe.model.moe.router import MoEStats, Router, routing_stats
 from jaxmoe.model.precision import Precision
+
+
+# A replacement for the routed-expert computation, installed by a parallelism strategy (the
+# `sharding` package's expert parallelism) while a step is traced. Called as
+# fn(x [tokens, embed], weights [tokens, k], indices [tokens, k], w_gate, w_up, w_down, *,
+#    dispatch: str, capacity_factor: float, token_mask [tokens], ffn: the grouped SwiGLU
+#    `expert_ffn(x_sorted [rows, embed], group_sizes [experts], w_gate, w_up, w_down)`)
+# -> (y [tokens, embed], dropped: scalar or None). The model itself never names mesh axes.
+ExpertDispatch = Callable[..., tuple[jax.Array, "jax.Array | None"]]
+_EXPERT_DISPATCH: contextvars.ContextVar[ExpertDispatch | None] = contextvars.ContextVar(
+    "expert_dispatch", default=None)
+
+
+@contextlib.contextmanager
+def expert_dispatch(fn: ExpertDispatch | None) -> Iterator[None]:
+    """Routes every MoEBlock traced inside this context through `fn` (None: built-in)."""
+    token = _EXPERT_DISPATCH.set(fn)
+    try:
+        yield
+    finally:
+        _EXPERT_DISPATCH.reset(token)
 
 
 class MoEBlock(nnx.Module):
@@ -44,7 +69,12 @@ class MoEBlock(nnx.Module):
         mask = token_mask.reshape(b * l)
         r = self.router(xt)
         w = (c(self.w_gate[...]), c(self.w_up[...]), c(self.w_down[...]))
-        if self.dispatch == "dropless":
+        override = _EXPERT_DISPATCH.get()
+        if override is not None:
+            y, dropped = override(xt, r.weights, r.indices, *w, dispatch=self.dispatch,
+                                  capacity_factor=self.capacity_factor, token_mask=mask,
+                                  ffn=expert_ffn)
+        elif self.dispatch == "dropless":
             y, dropped = dropless_moe(xt, r.weights, r.indices, *w), None
         else:
             y, dropped = capacity_moe(xt, r.weights, r.indices, *w, self.capacity_factor, mask)

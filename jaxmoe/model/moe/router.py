@@ -54,7 +54,7 @@ class Router(nnx.Module):
                  precision: Precision, rngs: nnx.Rngs):
         self.kernel = param(rngs, (embed_dim, num_experts), (L.EMBED, L.EXPERT), std,
                             precision.param_dtype)
-        self.bias = RouterBias(jnp.zeros((num_experts,), jnp.float32), sharding_names=(L.EXPERT,))
+        self.bias = RouterBias(jnp.zeros((num_experts,), jnp.float32), out_sharding=(L.EXPERT,))
         self.top_k = top_k
         self.scoring = scoring
         self.norm_topk_prob = norm_topk_prob

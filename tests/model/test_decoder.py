@@ -1,0 +1,110 @@
+"""Whole-model checks: parameter counts of every config (jax.eval_shape, never allocated) vs
+the closed form within 1%; layer placement; scan == unrolled; remat policies agree; prefix
+embeddings are equivalent to the tokens they embed."""
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxmoe  # noqa: F401
+from jaxmoe.config import ModelConfig, load_config
+from jaxmoe.model import MoETransformer, layer_groups
+from jaxmoe.model.params import active_params, total_params
+
+CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml"))
+
+
+def counted(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active) from the shapes of an abstract model (eval_shape: no memory used)."""
+    model = nnx.eval_shape(lambda: MoETransformer(cfg, nnx.Rngs(0)))
+    total = active = 0
+    for path, p in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+        n = int(np.prod(p.shape))
+        total += n
+        routed = any(w in jax.tree_util.keystr(path) for w in ("w_gate", "w_up", "w_down"))
+        active += n * cfg.num_experts_per_tok // cfg.num_experts if routed else n
+    return total, active
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_parameter_counts_match_closed_form(path):
+    cfg = load_config(path).model
+    total, active = counted(cfg)
+    assert abs(total - total_params(cfg)) / total < 0.01
+    assert abs(active - active_params(cfg)) / active < 0.01
+
+
+def test_one_trillion_config_is_about_one_trillion():
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "moe_1t.yaml").model
+    assert 0.95e12 < total_params(cfg) < 1.1e12
+    assert 25e9 < active_params(cfg) < 40e9
+
+
+@pytest.mark.parametrize("layers,k,every", [(6, 0, 1), (6, 2, 1), (6, 0, 2), (7, 1, 3), (4, 4, 1)])
+def test_layer_groups_place_moe_layers(layers, k, every):
+    cfg = ModelConfig(num_layers=layers, first_k_dense=k, moe_every=every)
+    placed = [is_moe for g in layer_groups(cfg) for _ in range(g.repeats) for is_moe in g.pattern]
+    assert placed == [cfg.is_moe_layer(i) for i in range(layers)]
+    # HF decoder_sparse_step convention: MoE when (i - k + 1) % every == 0, after k dense.
+    assert placed == [i >= k and (i - k + 1) % every == 0 for i in range(layers)]
+
+
+TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=4, num_heads=4, num_kv_heads=2,
+                   head_dim=8, mlp_dim=48, num_experts=4, expert_mlp_dim=16, first_k_dense=1,
+                   moe_every=1, compute_dtype="float32", init_std=0.2)
+
+
+def _inputs(b=2, t=10, vocab=64, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32)
+    seg = jnp.ones((b, t), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return tokens, seg, pos
+
+
+def _logits(cfg, tokens, seg, pos):
+    return np.asarray(MoETransformer(cfg, nnx.Rngs(0))(tokens, seg, pos).logits)
+
+
+def test_scan_equals_unrolled():
+    inputs = _inputs()
+    a = _logits(TINY, *inputs)
+    b = _logits(dataclasses.replace(TINY, scan_layers=False), *inputs)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_policies_give_same_gradients():
+    tokens, seg, pos = _inputs()
+    grads = []
+    for remat in ("none", "full", "dots"):
+        cfg = dataclasses.replace(TINY, remat=remat)
+        graphdef, state = nnx.split(MoETransformer(cfg, nnx.Rngs(0)))
+
+        def loss(state):
+            return jnp.mean(nnx.merge(graphdef, state)(tokens, seg, pos).logits ** 2)
+        grads.append(jax.flatten_util.ravel_pytree(jax.grad(loss)(state))[0])
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(grads[0], grads[2], rtol=1e-5, atol=1e-7)
+
+
+def test_prefix_embeddings_equal_the_tokens_they_embed():
+    model = MoETransformer(TINY, nnx.Rngs(0))
+    tokens, seg, pos = _inputs(t=12)
+    full = model(tokens, seg, pos).logits
+    prefix = model.embedder(tokens[:, :4])
+    split = model(tokens[:, 4:], seg, pos, prefix_embeddings=prefix).logits
+    np.testing.assert_allclose(np.asarray(full), np.asarray(split), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="expected"):
+        model(tokens[:, 4:], seg[:, 4:], pos[:, 4:], prefix_embeddings=prefix)
+
+
+def test_tied_embeddings_have_no_lm_head():
+    cfg = dataclasses.replace(TINY, tie_embeddings=True)
+    total, _ = counted(cfg)
+    assert total == total_params(cfg)
+    assert total == total_params(TINY) - TINY.vocab_size * TINY.embed_dim
