@@ -205,34 +205,31 @@ def open_source(src: SourceConfig, cfg: DataConfig, split: str) -> RecordSource:
     return ConcatSource(whole._files, start, stop)  # pylint: disable=protected-access
 
 
+def _decode(payload: bytes) -> str:
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecord("not_utf8", str(e)) from None
+
+
 def parse_text(kind: str, field: str, payload: Any) -> str:
     """The document text of a raw record; raises `BadRecord` for every kind of bad record."""
-    if kind == "synthetic":
-        text = payload
-    elif kind == "jsonl":
+    if kind == "jsonl":
         try:
-            line = payload.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadRecord("not_utf8", str(e)) from None
-        try:
-            obj = json.loads(line)
+            obj = json.loads(_decode(payload))
         except json.JSONDecodeError as e:
             raise BadRecord("invalid_json", str(e)) from None
         if not isinstance(obj, dict) or field not in obj:
             raise BadRecord("missing_field", f"no field {field!r}")
         text = obj[field]
     elif kind == "parquet":
-        if payload is _MISSING or payload is None or isinstance(payload, _Missing):
+        if payload is None or isinstance(payload, _Missing):
             raise BadRecord("missing_field", f"no value in column {field!r}")
+        text = _decode(payload) if isinstance(payload, bytes) else payload  # binary column
+    elif kind == "arrayrecord":
+        text = _decode(payload)
+    else:  # synthetic
         text = payload
-        if isinstance(text, bytes):
-            kind = "arrayrecord"  # a binary column: decode below
-            payload = text
-    if kind == "arrayrecord":
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadRecord("not_utf8", str(e)) from None
     if not isinstance(text, str):
         raise BadRecord("missing_field", f"field {field!r} is a {type(text).__name__}, not text")
     if not text.strip():
