@@ -40,6 +40,22 @@ class ModelConfig:
     norm_eps: float = 1e-6
     qkv_bias: bool = False  # Qwen2 style
     qk_norm: bool = False  # Qwen3 style per-head RMSNorm on q and k
+    # Attention kind: "gqa" (grouped-query: num_kv_heads, head_dim) or "mla" (DeepSeek
+    # multi-head latent attention: the five dims below; num_kv_heads/head_dim are unused).
+    attention: str = "gqa"
+    q_lora_rank: int = 0  # MLA query compression rank (0: queries projected directly)
+    kv_lora_rank: int = 0  # MLA key/value latent width (what an inference cache stores)
+    qk_nope_head_dim: int = 0  # MLA per-head query/key width without rotary embedding
+    qk_rope_head_dim: int = 0  # MLA rotary width (the rotary key is shared by all heads)
+    v_head_dim: int = 0  # MLA per-head value width
+    # Rotary scaling: "none" or "yarn" (YaRN, as DeepSeek-V3 uses it; MLA only).
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_original_max_len: int = 4096  # pre-training context of the scaled rotary table
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 0.0  # > 0 also scales the softmax (DeepSeek: 1.0)
     # Mixture of experts. num_experts == 0 makes every layer dense.
     num_experts: int = 4
     num_experts_per_tok: int = 2
@@ -50,6 +66,10 @@ class ModelConfig:
     router_scoring: str = "softmax"  # "softmax" | "sigmoid"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
+    # Group-limited routing (DeepSeek-V3): experts form n_group equal groups; a token picks
+    # its experts only from the topk_group groups with the best sum of top-2 scores.
+    n_group: int = 1
+    topk_group: int = 1
     first_k_dense: int = 0  # DeepSeek: the first k layers are dense
     moe_every: int = 1  # layer i (after first_k_dense) is MoE if (i - k + 1) % moe_every == 0
     dispatch: str = "dropless"  # "dropless" | "capacity"
@@ -142,6 +162,8 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
+    "model.attention": ("gqa", "mla"),
+    "model.rope_scaling": ("none", "yarn"),
 }
 
 
@@ -197,6 +219,7 @@ def validate(cfg: Config) -> Config:
             _fail(f"model.{key}", getattr(m, key), ">= 0")
     if m.rope_theta <= 0:
         _fail("model.rope_theta", m.rope_theta, "> 0")
+    _validate_mla_and_groups(m)
     if t.batch_size % t.grad_accum_steps:
         _fail("train.grad_accum_steps", t.grad_accum_steps,
               f"a divisor of train.batch_size={t.batch_size}")
@@ -213,9 +236,8 @@ def validate(cfg: Config) -> Config:
         _fail("train.optimizer.learning_rate", o.learning_rate, "> 0")
     if not 0 <= o.min_lr_ratio <= 1:
         _fail("train.optimizer.min_lr_ratio", o.min_lr_ratio, "a fraction in [0, 1]")
-    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
-        _fail("train.optimizer.warmup_steps", o.warmup_steps,
-              f"between 0 and train.steps={t.steps}")
+    if o.warmup_steps < 0:
+        _fail("train.optimizer.warmup_steps", o.warmup_steps, ">= 0")
     mesh_axes = {f.name: getattr(cfg.mesh, f.name) for f in dataclasses.fields(MeshConfig)
                  if f.name not in ("rules", "expert_all_to_all", "expert_buffer_factor")}
     if sum(v == -1 for v in mesh_axes.values()) > 1:
@@ -230,6 +252,45 @@ def validate(cfg: Config) -> Config:
     if cfg.mesh.expert_buffer_factor < 0:
         _fail("mesh.expert_buffer_factor", cfg.mesh.expert_buffer_factor, ">= 0 (0 = never drop)")
     return cfg
+
+
+def _validate_mla_and_groups(m: ModelConfig) -> None:
+    """Multi-head latent attention, YaRN and group-limited routing (see ModelConfig)."""
+    if m.attention == "mla":
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(m, key) < 1:
+                _fail(f"model.{key}", getattr(m, key), "a positive integer when model.attention=mla")
+        if m.q_lora_rank < 0:
+            _fail("model.q_lora_rank", m.q_lora_rank, ">= 0 (0: no query compression)")
+        if m.qk_rope_head_dim % 2:
+            _fail("model.qk_rope_head_dim", m.qk_rope_head_dim,
+                  "an even number (rotary embeddings rotate pairs)")
+        for key in ("qkv_bias", "qk_norm"):
+            if getattr(m, key):
+                _fail(f"model.{key}", True, "false when model.attention=mla")
+    if m.rope_scaling == "yarn":
+        if m.attention != "mla":
+            _fail("model.rope_scaling", m.rope_scaling,
+                  "none unless model.attention=mla (YaRN is implemented for MLA)")
+        if m.rope_scaling_factor < 1:
+            _fail("model.rope_scaling_factor", m.rope_scaling_factor, ">= 1")
+        if m.rope_original_max_len < 1:
+            _fail("model.rope_original_max_len", m.rope_original_max_len, "a positive integer")
+        if m.yarn_beta_fast <= 0 or m.yarn_beta_slow <= 0:
+            _fail("model.yarn_beta_fast/yarn_beta_slow", (m.yarn_beta_fast, m.yarn_beta_slow),
+                  "positive numbers")
+    if m.n_group < 1 or (m.num_experts and m.num_experts % m.n_group):
+        _fail("model.n_group", m.n_group, f"a positive divisor of model.num_experts={m.num_experts}")
+    if not 1 <= m.topk_group <= m.n_group:
+        _fail("model.topk_group", m.topk_group, f"between 1 and model.n_group={m.n_group}")
+    if m.n_group > 1 and m.num_experts:
+        per_group = m.num_experts // m.n_group
+        if per_group < 2:
+            _fail("model.n_group", m.n_group, "at most num_experts / 2 (a group is scored by "
+                  "its top-2 experts)")
+        if m.num_experts_per_tok > m.topk_group * per_group:
+            _fail("model.num_experts_per_tok", m.num_experts_per_tok,
+                  f"at most topk_group * experts per group = {m.topk_group * per_group}")
 
 
 # ----------------------------------------------------------------------------- loading

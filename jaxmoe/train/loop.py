@@ -21,7 +21,9 @@ import input_pipeline
 import sharding
 from jaxmoe import config as config_lib
 from jaxmoe.checkpoint import manager as ckpt
+from jaxmoe.checkpoint.run import PreemptionGuard, RunCheckpointer
 from jaxmoe.inference.sample import greedy_generate
+from jaxmoe.model.moe.block import expert_dispatch
 from jaxmoe.model.params import active_params, total_params, training_flops_per_token
 from jaxmoe.train.metrics import MetricsWriter
 from jaxmoe.train.optimizer import learning_rate_schedule, make_optimizer
@@ -56,11 +58,26 @@ class Trainer:
         return stack
 
 
+def _traced_with(fn, dispatch):
+    """`fn` with the MoE expert dispatch installed while jit traces it (None: built-in)."""
+    if dispatch is None:
+        return fn
+
+    def traced(*args):
+        with expert_dispatch(dispatch):
+            return fn(*args)
+
+    return traced
+
+
 def build_trainer(cfg: config_lib.Config, devices=None) -> Trainer:
-    mesh_degrees = {f.name: getattr(cfg.mesh, f.name) for f in dataclasses.fields(cfg.mesh)
-                    if f.name in sharding.MESH_AXES}
-    mesh = sharding.make_mesh(mesh_degrees, devices)
+    """Mesh (validated against the model and batch), shardings and jitted steps for `cfg`.
+
+    `devices` defaults to all devices; TPU topology devices (compile-only) work too."""
     rules = sharding.make_rules(cfg.mesh.rules)
+    mesh = sharding.mesh_from_config(cfg, rules, devices)
+    dispatch = sharding.make_expert_dispatch(mesh, rules, cfg.mesh.expert_all_to_all,
+                                             cfg.mesh.expert_buffer_factor)
     tx = make_optimizer(cfg.train.optimizer, cfg.train.steps)
     schedule = learning_rate_schedule(cfg.train.optimizer, cfg.train.steps)
     graphdef = model_graphdef(cfg.model)
@@ -68,10 +85,11 @@ def build_trainer(cfg: config_lib.Config, devices=None) -> Trainer:
     state_sh = sharding.state_shardings(abstract, mesh, rules)
     batch_sh = sharding.batch_sharding(mesh, rules)
     init = jax.jit(lambda: init_state(cfg.model, tx, cfg.train.seed), out_shardings=state_sh)
-    train_step = jax.jit(make_train_step(graphdef, cfg, tx, schedule),
+    train_step = jax.jit(_traced_with(make_train_step(graphdef, cfg, tx, schedule), dispatch),
                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                          donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh, batch_sh))
+    eval_step = jax.jit(_traced_with(make_eval_step(graphdef), dispatch),
+                        in_shardings=(state_sh, batch_sh))
     return Trainer(cfg, mesh, rules, graphdef, state_sh, batch_sh, train_step, eval_step, init)
 
 
@@ -86,11 +104,25 @@ def evaluate(trainer: Trainer, state: TrainState, batches) -> float:
     return ce / max(tokens, 1.0)
 
 
-def _eval_batches(cfg: config_lib.Config, per_process_batch: int):
+def _eval_batches(cfg: config_lib.Config, per_process_batch: int) -> list[dict[str, np.ndarray]]:
+    """`train.eval_batches` held-out batches. The eval split is finite: when this process's
+    shard runs out, all-padding batches (no tokens, so no weight) keep every process running
+    the same number of eval steps."""
     it = input_pipeline.make_dataset(cfg.data, split="eval", batch_size=per_process_batch,
                                      seed=cfg.data.seed, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
-    return [next(it) for _ in range(cfg.train.eval_batches)]
+                                     process_count=jax.process_count(), num_epochs=1)
+    batches = []
+    for _ in range(cfg.train.eval_batches):
+        try:
+            batches.append(next(it))
+        except StopIteration:
+            shape = (per_process_batch, cfg.data.seq_len)
+            batches.append({k: np.zeros(shape, np.int32) for k in input_pipeline.BATCH_KEYS})
+    if not any(b["segment_ids"].any() for b in batches):
+        raise config_lib.ConfigError(
+            f"data.eval_fraction={cfg.data.eval_fraction}: the held-out split gave no tokens; "
+            "expected a larger fraction or corpus")
+    return batches
 
 
 def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
@@ -121,47 +153,63 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
         process_index=jax.process_index(), process_count=jax.process_count())
     eval_data = _eval_batches(cfg, per_process)
 
-    with trainer.context():
-        state = trainer.init()
+    # Resume from the latest complete checkpoint in run_dir (parameters, optimizer, RNG,
+    # router biases and the data iterator's position), or start fresh.
+    checkpoints = RunCheckpointer(run_dir, cfg)
+    state, start = checkpoints.restore_or_init(trainer, train_iter)
+    if start >= cfg.train.steps:
+        checkpoints.close()
+        writer.close()
+        print(f"checkpoint: {checkpoints.path(start)} is at step {start} >= train.steps="
+              f"{cfg.train.steps}; nothing to train")
+        return {"train": [], "eval": [], "run_dir": str(run_dir),
+                "checkpoint": str(checkpoints.path(start))}
     history: list[dict[str, float]] = []
     eval_history: list[dict[str, float]] = []
-    bar = tqdm(total=cfg.train.steps, disable=not (progress and is_main), dynamic_ncols=True,
-               desc="train")
-    last_time, last_step, pending = time.perf_counter(), 0, None
-    for step in range(1, cfg.train.steps + 1):
-        batch = trainer.put_batch(next(train_iter))
-        with trainer.context():
-            state, metrics = trainer.train_step(state, batch)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            step_time = (now - last_time) / (step - last_step)
-            tokens_per_s = float(metrics["tokens"]) / step_time
-            metrics.update(step_time_s=step_time, tokens_per_s=tokens_per_s,
-                           model_tflops_per_s=tokens_per_s * flops_per_token / 1e12)
-            last_time, last_step = now, step
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss is {loss}; stopping (lower "
-                                         "train.optimizer.learning_rate or check the data)")
-            writer.write(step, "train", metrics)
-            history.append({"step": step, "loss": loss})
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
-                            step_s=f"{step_time:.3f}")
-        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            eval_loss = evaluate(trainer, state, eval_data)
-            writer.write(step, "eval", {"loss": eval_loss})
-            eval_history.append({"step": step, "loss": eval_loss})
-            bar.write(f"step {step}: eval loss {eval_loss:.4f}")
-            last_time = time.perf_counter()  # eval time is not step time
-        bar.update(1)
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main),
+               dynamic_ncols=True, desc="train")
+    last_time, last_step, pending = time.perf_counter(), start, None
+    with PreemptionGuard() as guard:  # SIGTERM/SIGINT: save this step, then return
+        for step in range(start + 1, cfg.train.steps + 1):
+            batch = trainer.put_batch(next(train_iter))
+            with trainer.context():
+                state, metrics = trainer.train_step(state, batch)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                metrics = jax.device_get(metrics)
+                now = time.perf_counter()
+                step_time = (now - last_time) / (step - last_step)
+                tokens_per_s = float(metrics["tokens"]) / step_time
+                metrics.update(step_time_s=step_time, tokens_per_s=tokens_per_s,
+                               model_tflops_per_s=tokens_per_s * flops_per_token / 1e12)
+                last_time, last_step = now, step
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"step {step}: loss is {loss}; stopping (lower "
+                                             "train.optimizer.learning_rate or check the data)")
+                writer.write(step, "train", metrics)
+                history.append({"step": step, "loss": loss})
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                                step_s=f"{step_time:.3f}")
+            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                eval_loss = evaluate(trainer, state, eval_data)
+                writer.write(step, "eval", {"loss": eval_loss})
+                eval_history.append({"step": step, "loss": eval_loss})
+                bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+                last_time = time.perf_counter()  # eval time is not step time
+            bar.update(1)
+            checkpoints.maybe_save(step, state, train_iter)  # async: training continues
+            if guard.should_stop(step):
+                break
     bar.close()
 
-    manager = ckpt.make_manager(run_dir, cfg.train.keep_checkpoints)
-    ckpt.save(manager, cfg.train.steps, state, config_lib.to_dict(cfg))
-    manager.wait_until_finished()
-    manager.close()
+    checkpoints.save(step, state, train_iter, wait=True)
+    checkpoints.close()
     writer.close()
+    if guard.received:
+        print(f"checkpoint: {guard.signal_name} received; saved step {step} to "
+              f"{checkpoints.path(step)}; exiting")
+        return {"train": history, "eval": eval_history, "run_dir": str(run_dir),
+                "checkpoint": str(checkpoints.path(step)), "preempted_at_step": step}
 
     summary: dict[str, Any] = {
         "train": history, "eval": eval_history, "run_dir": str(run_dir),

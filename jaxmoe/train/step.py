@@ -41,62 +41,71 @@ def _split_micro(batch: Batch, n: int) -> Batch:
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule | None = None) -> Callable:
+def make_grad_fn(graphdef, cfg: Config) -> Callable:
+    """(params, rest, batch) -> (grads, stats): gradients of the batch loss, accumulated over
+    `cfg.train.grad_accum_steps` micro-batches with `lax.scan`.
+
+    stats: ce_sum (nats), tokens, aux/z (averaged over micro-batches), loads (group ->
+    per-block [repeats, experts] summed over micro-batches), dropped.
+    """
     m = cfg.model
     accum = cfg.train.grad_accum_steps
 
     def loss_fn(params, rest, micro: Batch, total_tokens):
         out = forward(graphdef, params, rest, micro)
-        ce_sum, ntok = cross_entropy_sum(out.logits, micro["targets"], micro["segment_ids"] > 0)
+        ce_sum, _ = cross_entropy_sum(out.logits, micro["targets"], micro["segment_ids"] > 0)
         aux, z = out.aux_losses()
         loss = ce_sum / total_tokens + (m.aux_loss_coef * aux + m.z_loss_coef * z) / accum
         loads = {g: tuple(s.load for s in stats) for g, stats in out.moe.items()}
-        return loss, (ce_sum, ntok, aux, z, loads, out.dropped())
+        return loss, {"ce_sum": ce_sum, "aux_loss": aux / accum, "z_loss": z / accum,
+                      "loads": loads, "dropped": out.dropped()}
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch):
+    def accumulate_grads(params, rest, batch: Batch):
         total_tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32), 1.0)
         micro = _split_micro(batch, accum)
 
-        def accumulate(carry, mb):
-            grads, ce, aux, z, loads, dropped = carry
-            (_, (ce_i, _, aux_i, z_i, loads_i, dropped_i)), g = grad_fn(
-                state.params, state.rest, mb, total_tokens)
-            grads = jax.tree.map(jnp.add, grads, g)
-            loads = jax.tree.map(jnp.add, loads, loads_i)
-            return (grads, ce + ce_i, aux + aux_i / accum, z + z_i / accum, loads,
-                    dropped + dropped_i), None
+        def body(carry, mb):
+            g, stats = grad_fn(params, rest, mb, total_tokens)
+            return jax.tree.map(jnp.add, carry, (g, stats)), None
 
-        zero_loads = jax.eval_shape(lambda: loss_fn(state.params, state.rest,
-                                                    jax.tree.map(lambda x: x[0], micro),
-                                                    total_tokens)[1][4])
-        init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()),
-                jnp.zeros(()), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_loads),
-                jnp.zeros(()))
-        (grads, ce, aux, z, loads, dropped), _ = jax.lax.scan(accumulate, init, micro)
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(grad_fn, params, rest, first, total_tokens)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        (grads, stats), _ = jax.lax.scan(body, zeros, micro)
+        stats["tokens"] = total_tokens
+        return grads, stats
 
+    return accumulate_grads
+
+
+def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule | None = None) -> Callable:
+    rate = cfg.model.bias_update_rate
+    accumulate_grads = make_grad_fn(graphdef, cfg)
+
+    def train_step(state: TrainState, batch: Batch):
+        grads, stats = accumulate_grads(state.params, state.rest, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rest = state.rest
-        if m.bias_update_rate > 0:
+        if rate > 0:
             model = merge_model(graphdef, TrainState(None, params, rest, None, None))
-            model.update_router_biases(loads, m.bias_update_rate)
+            model.update_router_biases(stats["loads"], rate)
             _, _, rest = split_model(model)
         metrics = {
-            "loss": ce / total_tokens,
-            "aux_loss": aux,
-            "z_loss": z,
-            "grad_norm": optax.global_norm(grads),
-            "tokens": total_tokens,
-            "dropped": dropped,
-            "load_max_over_mean": _imbalance(loads),
+            "loss": stats["ce_sum"] / stats["tokens"],
+            "aux_loss": stats["aux_loss"],
+            "z_loss": stats["z_loss"],
+            "grad_norm": optax.tree.norm(grads),
+            "tokens": stats["tokens"],
+            "dropped": stats["dropped"],
+            "load_max_over_mean": _imbalance(stats["loads"]),
         }
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
-        new_state = TrainState(state.step + 1, params, rest, opt_state, state.rng)
-        return new_state, metrics
+        return TrainState(state.step + 1, params, rest, opt_state, state.rng), metrics
 
     return train_step
 
