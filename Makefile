@@ -1,0 +1,31 @@
+# The README's two commands: `make run` (install + train the tiny MoE on the embedded corpus)
+# and `make test` (install with test extras + run the whole suite). Both use ./.venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN_DIR ?= runs/tiny_moe
+ARGS ?=
+
+.PHONY: run test install install-dev bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install -q -e ".[dev,tpu,data]"
+
+run: install
+	$(BIN)/jaxmoe train --config configs/tiny_moe.yaml --run-dir $(RUN_DIR) $(ARGS)
+
+test: install-dev
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q $(ARGS)
+
+bench: install-dev
+	JAX_PLATFORMS=cpu $(BIN)/python tools/bench_train.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
