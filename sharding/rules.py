@@ -15,7 +15,10 @@ from flax import nnx
 from flax.linen import spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# Outer to inner: the last axis gets the nearest devices (mesh_utils), so `tensor`, whose
+# all-reduces sit on every layer's critical path, is innermost. A pipeline `stage` axis
+# belongs after `data`.
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -51,7 +54,16 @@ def make_rules(overrides: dict[str, Any] | None = None) -> Rules:
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
+    """PartitionSpec of an array whose dimensions have the logical `names`."""
     return spmd.logical_to_mesh_axes(tuple(names), rules)
+
+
+def mesh_axes_of(name: str, rules: Rules) -> tuple[str, ...]:
+    """The mesh axes a lone logical dimension `name` maps to (empty when replicated)."""
+    axes = logical_to_spec((name,), rules)[0]
+    if axes is None:
+        return ()
+    return axes if isinstance(axes, tuple) else (axes,)
 
 
 def variable_axes(v: Any) -> tuple[str | None, ...] | None:

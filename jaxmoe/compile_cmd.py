@@ -1,0 +1,130 @@
+"""`jaxmoe compile`: compile the full train step for a TPU topology on this host and report.
+
+    jaxmoe compile --config configs/mixtral_8x7b.yaml --topology v5p-128 mesh.fsdp=64
+
+The train step (forward, backward, optimizer update) is built exactly as `jaxmoe train`
+builds it (`build_trainer`), but on libtpu's compile-only devices for the topology, lowered
+with abstract inputs and compiled by the TPU compiler; nothing is allocated. The report
+(`sharding.estimate.format_report`) gives per-device memory, FLOPs, collectives, a step-time
+estimate and `estimated MFU: X%`. Exit status 3 when the plan does not fit in HBM.
+Targets this JAX cannot describe (GPUs without their plugin) get the analytic estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from jaxmoe import config as config_lib
+
+EXIT_DOES_NOT_FIT = 3
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--topology", required=True,
+                   help="v5p-128 (TensorCores for v4/v5p, chips otherwise), v5p:4x4x8, "
+                        "v6e-256, tpu7x:4x4x4, h100-64 (analytic)")
+    p.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN")
+    p.add_argument("--hlo-out", help="write the compiled HLO text here")
+    p.add_argument("--json-out", help="write the report as JSON here")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    path_obj = Path(path)
+    path_obj.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path_obj.parent, prefix=f".{path_obj.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path_obj)
+
+
+def _model_flops(cfg: config_lib.Config) -> float:
+    from jaxmoe.model.params import training_flops_per_token
+
+    per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)["total"]
+    return per_token * cfg.train.batch_size * cfg.data.seq_len
+
+
+def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
+         hlo_out: str | None = None):
+    """Compiles (or estimates) `cfg` on `topology`; returns a `sharding.estimate.Report`."""
+    import jax
+
+    import sharding
+    from sharding import aot, estimate, hlo
+    from jaxmoe.train.loop import build_trainer
+
+    target = aot.target_from_name(topology, num_slices)
+    devices = aot.topology_devices(target)
+    model_flops = _model_flops(cfg)
+    if devices is None:
+        from jax.sharding import AbstractMesh
+
+        from jaxmoe.train.optimizer import make_optimizer
+        from jaxmoe.train.state import init_state
+
+        rules = sharding.make_rules(cfg.mesh.rules)
+        ici, dcn = sharding.config_degrees(cfg.mesh)
+        n_dcn = 1
+        for v in dcn.values():
+            n_dcn *= v
+        shape = sharding.mesh_shape(ici, target.devices // n_dcn)
+        shape = {a: shape[a] * dcn[a] for a in sharding.MESH_AXES}
+        sharding.check_model_fits(shape, rules, cfg.model, cfg.train.batch_size,
+                                  cfg.train.grad_accum_steps)
+        mesh = AbstractMesh(tuple(shape.values()), tuple(shape))
+        tx = make_optimizer(cfg.train.optimizer, cfg.train.steps)
+        abstract = jax.eval_shape(lambda: init_state(cfg.model, tx, cfg.train.seed))
+        specs = sharding.state_shardings(abstract, mesh, rules)
+        return estimate.analytic(target, cfg, shape, abstract, specs, model_flops)
+    start = time.perf_counter()
+    trainer = build_trainer(cfg, devices)
+    compiled = aot.compile_train_step(trainer)
+    seconds = time.perf_counter() - start
+    text = compiled.as_text()
+    if hlo_out:
+        _write_atomic(hlo_out, text)
+    slices = [getattr(d, "slice_index", 0) or 0 for d in trainer.mesh.devices.flat]
+    stats = hlo.analyse(text, slice_of=lambda i: slices[i] if i < len(slices) else 0)
+    report = estimate.from_compiled(target, dict(trainer.mesh.shape),
+                                    aot.memory_stats(compiled), stats,
+                                    aot.cost_flops(compiled), model_flops)
+    report.notes.append(f"compiled in {seconds:.0f} s on this host")
+    return report
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from sharding import aot, estimate
+
+    cfg = config_lib.load_config(args.config, args.overrides)
+    try:
+        report = plan(cfg, args.topology, args.num_slices, args.hlo_out)
+    except aot.TargetError as e:
+        print(f"jaxmoe compile: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the TPU compiler refuses programs that exceed HBM
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" in msg or "Ran out of memory" in msg:
+            first = next((ln for ln in msg.splitlines() if "memory" in ln.lower()), msg[:300])
+            print(f"jaxmoe compile: the plan does not fit in HBM on {args.topology} "
+                  f"(compiler: {first.strip()})", file=sys.stderr)
+            return EXIT_DOES_NOT_FIT
+        raise
+    print(estimate.format_report(report))
+    if args.json_out:
+        d = dataclasses.asdict(report)
+        d.update(step_s=report.step_s, mfu=report.mfu(), hbm_fraction=report.hbm_fraction)
+        _write_atomic(args.json_out, json.dumps(d, indent=2, default=float))
+    if not report.fits:
+        print(f"jaxmoe compile: the plan does not fit: {report.memory['total'] / 2**30:.2f} "
+              f"GiB per device > {report.hbm_per_device / 2**30:.2f} GiB HBM on "
+              f"{args.topology}; shard more (mesh.fsdp/expert/tensor), lower train.batch_size "
+              f"or raise train.grad_accum_steps", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
+    return 0

@@ -1,0 +1,146 @@
+"""Ahead-of-time compilation of a train step for a TPU topology, on any host.
+
+`target_from_name("v5p-128")` describes the slice; `topology_devices` asks libtpu for
+compile-only devices of that topology (`jax.experimental.topologies`), so the full train step
+(forward, backward, optimizer update) is lowered with abstract inputs only
+(`jax.ShapeDtypeStruct` with shardings: nothing is allocated) and compiled by the real TPU
+compiler. `plan_report` then reads the compiled program: per-device memory, matmul FLOPs
+and collectives (`sharding.hlo`), and turns them into a step-time and MFU estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Any
+
+import jax
+
+from sharding.chips import CORES_IN_NAME, Chip, get_chip
+
+
+class TargetError(ValueError):
+    """A topology name that cannot be parsed or described."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """An accelerator slice: `chips` chips of `chip`, as `dims` (TPU torus) x `num_slices`."""
+
+    name: str
+    chip: Chip
+    chips: int  # per slice
+    dims: tuple[int, ...]
+    num_slices: int = 1
+
+    @property
+    def topology_name(self) -> str:
+        return f"{self.chip.topology_prefix}:{'x'.join(map(str, self.dims))}"
+
+    @property
+    def total_chips(self) -> int:
+        return self.chips * self.num_slices
+
+    @property
+    def devices(self) -> int:
+        return self.total_chips * self.chip.devices_per_chip
+
+
+def default_dims(chips: int, ndim: int) -> tuple[int, ...]:
+    """The usual slice shape for `chips` chips: powers of two kept as even as possible
+    (v5p: 64 -> 4x4x4, 128 -> 4x4x8; v6e: 256 -> 16x16); a trailing 1 for small 3D ones."""
+    if chips & (chips - 1):
+        raise TargetError(f"{chips} chips: give the shape explicitly (e.g. v5p:4x4x6)")
+    dims = [1] * ndim
+    while math.prod(dims) < chips:
+        i = dims.index(min(dims))
+        dims[i] *= 2
+    dims.sort()
+    if ndim == 3 and dims[0] == 1:  # Cloud names the flat shapes 2x2x1, 2x4x1 (sic: 2x2x1)
+        dims = dims[1:] + [1]
+    return tuple(dims)
+
+
+def target_from_name(name: str, num_slices: int = 1) -> Target:
+    """"v5p-128" (cores for v4/v5p, chips otherwise), "v5p:4x4x8", "v6e-256", "h100-8"."""
+    m = re.fullmatch(r"([a-z0-9]+)[-:](\d+(?:x\d+)*)", name.strip().lower())
+    if not m:
+        raise TargetError(f"--topology {name!r}: expected e.g. v5p-128, v5p:4x4x4, v6e-256 "
+                          "or h100-8")
+    try:
+        chip = get_chip(m.group(1))
+    except ValueError as e:
+        raise TargetError(f"--topology {name!r}: {e}") from None
+    if num_slices < 1:
+        raise TargetError(f"--num-slices {num_slices}: expected >= 1")
+    spec = m.group(2)
+    if "x" in spec or ":" in name:
+        dims = tuple(int(v) for v in spec.split("x"))
+        return Target(name, chip, math.prod(dims), dims, num_slices)
+    count = int(spec)
+    if chip.platform == "gpu":
+        return Target(name, chip, count, (count,), num_slices)
+    cores = CORES_IN_NAME.get(chip.name, 1)
+    if count % cores:
+        raise TargetError(f"--topology {name!r}: {chip.name} names count TensorCores "
+                          f"({cores} per chip); expected a multiple of {cores}")
+    chips = count // cores
+    return Target(name, chip, chips, default_dims(chips, chip.torus_dims), num_slices)
+
+
+def topology_devices(target: Target) -> list[Any] | None:
+    """Compile-only devices of `target` (None when this JAX cannot describe it)."""
+    from jax.experimental import topologies
+
+    # libtpu takes a host-wide lock file on load; compile-only use needs no exclusive access,
+    # and a test run or a second `jaxmoe compile` must not fail on it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        if target.chip.platform == "tpu":
+            kwargs = {"num_slices": target.num_slices} if target.num_slices > 1 else {}
+            topo = topologies.get_topology_desc(platform="tpu",
+                                                topology_name=target.topology_name, **kwargs)
+        else:
+            topo = topologies.get_topology_desc(platform="cuda",
+                                                topology_name=target.name)
+    except Exception:  # no libtpu / no GPU plugin / unknown shape: analytic estimate only
+        return None
+    return list(topo.devices)
+
+
+def abstract_inputs(trainer: Any) -> tuple[Any, dict[str, jax.ShapeDtypeStruct]]:
+    """(abstract TrainState, abstract batch) carrying the trainer's shardings."""
+    import jax.numpy as jnp
+
+    state = jax.eval_shape(trainer.init)
+    b, l = trainer.cfg.train.batch_size, trainer.cfg.data.seq_len
+    batch = {k: jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=trainer.batch_sharding)
+             for k in ("inputs", "targets", "segment_ids", "positions")}
+    return state, batch
+
+
+def compile_train_step(trainer: Any) -> Any:
+    """Lowers and compiles `trainer.train_step` for its mesh's devices (abstract inputs)."""
+    state, batch = abstract_inputs(trainer)
+    with trainer.context():
+        lowered = trainer.train_step.lower(state, batch)
+    return lowered.compile()
+
+
+def memory_stats(compiled: Any) -> dict[str, float]:
+    """Per-device bytes: arguments, outputs, aliased (donated), temporaries, code, total."""
+    m = compiled.memory_analysis()
+    args, out, alias = m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes
+    temp, code = m.temp_size_in_bytes, m.generated_code_size_in_bytes
+    return {"arguments": args, "outputs": out, "aliased": alias, "temporaries": temp,
+            "code": code, "total": args + out - alias + temp + code}
+
+
+def cost_flops(compiled: Any) -> float:
+    """XLA's own FLOP count (a scanned layer body counted once)."""
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    return float((ca or {}).get("flops", 0.0))

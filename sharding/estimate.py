@@ -1,0 +1,209 @@
+"""Step-time, memory and MFU estimates for a training plan on a target slice.
+
+Two sources, one report:
+  * `from_compiled`: a train step compiled for the target (`sharding.aot`): memory from
+    XLA's memory analysis, matmul FLOPs and collectives from the optimised HLO
+    (`sharding.hlo`, loop trip counts applied);
+  * `analytic`: when the target cannot be described by this JAX (e.g. GPUs without their
+    plugin): memory from the exact parameter/optimizer shardings plus an activation
+    estimate, FLOPs from the model, and the collectives each parallelism implies.
+
+Step time model: compute = executed matmul FLOPs / peak; each collective's wire bytes /
+bandwidth (one mesh axis is a ring on one torus dimension: 2 of a TPU chip's links; DCN at
+the per-chip DCN bandwidth). FSDP gathers, reduce-scatters and gradient all-reduces are
+issued asynchronously by XLA and assumed hidden under compute; expert all-to-alls sit
+between the router and the experts, so they are counted as exposed:
+  step = max(compute, overlapped communication) + exposed communication.
+MFU = model FLOPs per step (6 x active matmul params + attention, `jaxmoe info`) /
+(step time x peak x chips): rematerialisation and dispatch overheads count against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from sharding.hlo import CollectiveStats
+
+EXPOSED = ("all-to-all", "ragged-all-to-all")
+HBM_FRACTION_GOAL = 0.9
+
+
+@dataclasses.dataclass
+class Report:
+    target: str
+    topology: str
+    chips: int
+    devices: int
+    mesh: dict[str, int]
+    source: str  # "compiled" | "analytic"
+    memory: dict[str, float]  # per device
+    hbm_per_device: float
+    xla_flops: float | None  # XLA cost analysis (scanned bodies once), per device
+    executed_flops: float  # matmul FLOPs per device per step, loops applied
+    model_flops: float  # per step, whole model (jaxmoe info)
+    collectives: dict[str, CollectiveStats]
+    compute_s: float
+    overlapped_comm_s: float
+    exposed_comm_s: float
+    peak_flops_per_device: float
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def step_s(self) -> float:
+        return max(self.compute_s, self.overlapped_comm_s) + self.exposed_comm_s
+
+    @property
+    def no_overlap_s(self) -> float:
+        return self.compute_s + self.overlapped_comm_s + self.exposed_comm_s
+
+    def mfu(self, step_s: float | None = None) -> float:
+        step = self.step_s if step_s is None else step_s
+        return self.model_flops / (step * self.peak_flops_per_device * self.devices)
+
+    @property
+    def hbm_fraction(self) -> float:
+        return self.memory["total"] / self.hbm_per_device
+
+    @property
+    def fits(self) -> bool:
+        return self.memory["total"] <= self.hbm_per_device
+
+
+def comm_times(colls: dict[str, CollectiveStats], chip: Any) -> tuple[float, float]:
+    """(overlapped, exposed) seconds for one device's collectives."""
+    share = chip.devices_per_chip  # devices of one chip share its links
+    over = exp = 0.0
+    for kind, s in colls.items():
+        t = ((s.wire_bytes - s.dcn_wire_bytes) / chip.ring_bw()
+             + s.dcn_wire_bytes / chip.dcn_bw) * share
+        if kind in EXPOSED:
+            exp += t
+        else:
+            over += t
+    return over, exp
+
+
+def from_compiled(target: Any, mesh_shape: dict[str, int], memory: dict[str, float],
+                  hlo_stats: dict, xla_flops: float, model_flops: float) -> Report:
+    chip = target.chip
+    peak = chip.peak_flops / chip.devices_per_chip
+    over, exp = comm_times(hlo_stats["collectives"], chip)
+    notes = []
+    if hlo_stats["unknown_loops"]:
+        notes.append(f"{len(hlo_stats['unknown_loops'])} loop(s) with unreadable trip "
+                     "counts were counted once")
+    return Report(target.name, target.topology_name, target.total_chips, target.devices,
+                  mesh_shape, "compiled", memory, chip.hbm_bytes / chip.devices_per_chip,
+                  xla_flops, hlo_stats["flops"], model_flops, hlo_stats["collectives"],
+                  hlo_stats["flops"] / peak, over, exp, peak, notes)
+
+
+# ----------------------------------------------------------------------------- analytic
+
+def _shard_bytes(abstract_state: Any, specs: Any, mesh_shape: dict[str, int]) -> float:
+    import jax
+
+    total = 0.0
+    for leaf, spec in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(
+            specs, is_leaf=lambda x: hasattr(x, "spec"))):
+        shape = list(leaf.shape)
+        for i, axes in enumerate(tuple(spec.spec)[:len(shape)]):
+            if axes is None:
+                continue
+            axes = axes if isinstance(axes, tuple) else (axes,)
+            shape[i] = math.ceil(shape[i] / math.prod(mesh_shape[a] for a in axes))
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+
+
+def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: Any,
+             state_specs: Any, model_flops: float) -> Report:
+    """Estimate without a compiler (see the module docstring for the model)."""
+    m, chip = cfg.model, target.chip
+    n = math.prod(mesh_shape.values())
+    get = mesh_shape.get
+    batch_shards = get("data", 1) * get("fsdp", 1) * get("expert", 1)
+    tp, ep, fsdp, dp = get("tensor", 1), get("expert", 1), get("fsdp", 1), get("data", 1)
+    b_local = cfg.train.batch_size / batch_shards / cfg.train.grad_accum_steps
+    l, d = cfg.data.seq_len, m.embed_dim
+    tokens = b_local * l
+    act = 2  # bf16 activations
+    state = _shard_bytes(abstract_state, state_specs, mesh_shape)
+    params_local = state / 3  # params + two Adam moments of the same size (float32)
+    saved = m.num_layers * tokens * d * act  # remat: each layer's input is kept
+    working = (2 * b_local * (m.num_heads / tp) * l * l * 4  # scores + probabilities
+               + 3 * tokens * max(m.num_experts_per_tok * m.expert_mlp_dim,
+                                  m.mlp_dim) / tp * act
+               + 2 * tokens * m.vocab_size / tp * 4)  # logits and their gradient
+    memory = {"arguments": state, "outputs": 0.0, "aliased": 0.0,
+              "temporaries": params_local + saved + working, "code": 0.0}
+    memory["total"] = memory["arguments"] + memory["temporaries"]
+    remat = 4 / 3 if m.remat != "none" else 1.0
+    executed = model_flops * remat / n
+    grad_bytes = params_local  # float32 gradients of this device's parameter shard
+    colls: dict[str, CollectiveStats] = {}
+
+    def add(kind: str, count: float, size: float, group: int) -> None:
+        if group <= 1:
+            return
+        s = colls.setdefault(kind, CollectiveStats())
+        factor = 2 * (group - 1) / group if kind == "all-reduce" else (group - 1) / group
+        s.count += count
+        s.bytes += count * size
+        s.wire_bytes += count * size * factor
+
+    gathered = params_local * fsdp / 2  # bf16 copy of the fsdp-gathered parameters
+    add("all-gather", 2 * m.num_layers, gathered / m.num_layers, fsdp)
+    add("reduce-scatter", m.num_layers, grad_bytes * fsdp / m.num_layers, fsdp)
+    add("all-reduce", 1, grad_bytes, dp)
+    add("all-reduce", 6 * m.num_layers, tokens * d * act, tp)  # Megatron: 2 per pass
+    moe_layers = sum(m.is_moe_layer(i) for i in range(m.num_layers))
+    add("all-to-all", 6 * moe_layers, tokens * m.num_experts_per_tok * d * act, ep)
+    over, exp = comm_times(colls, chip)
+    peak = chip.peak_flops / chip.devices_per_chip
+    return Report(target.name, target.topology_name if chip.platform == "tpu" else
+                  f"{target.total_chips} x {chip.name}", target.total_chips, target.devices,
+                  mesh_shape, "analytic", memory, chip.hbm_bytes / chip.devices_per_chip,
+                  None, executed, model_flops, colls, executed / peak, over, exp, peak,
+                  ["analytic estimate: no compiler for this target in the installed JAX"])
+
+
+# ----------------------------------------------------------------------------- printing
+
+def _gb(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB"
+
+
+def format_report(r: Report) -> str:
+    mesh = " x ".join(f"{a}={v}" for a, v in r.mesh.items() if v > 1) or "1 device"
+    lines = [f"target: {r.target} ({r.topology}; {r.chips} chips, {r.devices} devices); "
+             f"mesh {mesh}; source: {r.source}"]
+    mem = r.memory
+    lines.append(f"memory per device: arguments {_gb(mem['arguments'])}, outputs "
+                 f"{_gb(mem['outputs'])} ({_gb(mem['aliased'])} aliased to donated "
+                 f"arguments), temporaries {_gb(mem['temporaries'])}, code {_gb(mem['code'])}"
+                 f"; total {_gb(mem['total'])} of {_gb(r.hbm_per_device)} HBM "
+                 f"({100 * r.hbm_fraction:.1f}%)")
+    if r.xla_flops is not None:
+        lines.append(f"compiled FLOPs per device (XLA cost analysis; a scanned layer body "
+                     f"counts once): {r.xla_flops:.4g}")
+    lines.append(f"executed matmul FLOPs per device per step (HLO, loop trip counts "
+                 f"applied): {r.executed_flops:.4g}; model FLOPs per step: "
+                 f"{r.model_flops:.4g} ({r.model_flops / r.devices:.4g} per device)")
+    lines.append("collectives per device per step:")
+    if not r.collectives:
+        lines.append("  none")
+    for kind, s in sorted(r.collectives.items()):
+        dcn = f", {s.dcn_wire_bytes / 1e9:.3f} GB over DCN" if s.dcn_wire_bytes else ""
+        lines.append(f"  {kind:<18} {s.count:8.0f} ops  {s.bytes / 1e9:10.3f} GB  "
+                     f"(sent {s.wire_bytes / 1e9:.3f} GB{dcn})")
+    lines.append(f"step time estimate: {r.step_s * 1e3:.4g} ms = max(compute "
+                 f"{r.compute_s * 1e3:.4g} ms, overlapped communication "
+                 f"{r.overlapped_comm_s * 1e3:.4g} ms) + exposed all-to-all "
+                 f"{r.exposed_comm_s * 1e3:.4g} ms; with no overlap at all "
+                 f"{r.no_overlap_s * 1e3:.4g} ms (MFU {100 * r.mfu(r.no_overlap_s):.1f}%)")
+    lines.extend(f"note: {n}" for n in r.notes)
+    lines.append(f"estimated MFU: {100 * r.mfu():.1f}%")
+    return "\n".join(lines)

@@ -1,0 +1,362 @@
+"""Reading a compiled (optimised, SPMD-partitioned) HLO module: matmul FLOPs and collectives.
+
+XLA's `cost_analysis()` counts the body of a `while` loop once, so a model whose layers run
+under `lax.scan` is undercounted by about the number of layers. This module walks the HLO
+text instead: every computation gets a multiplicity (how often one step runs it: loop trip
+counts multiply, fusions/calls inherit), and
+
+  * matmul FLOPs are summed over `dot`, `convolution` (TPU writes matmuls as convolutions,
+    batch dimensions as strided/dilated windows; only window taps that land on real input
+    elements are counted, as XLA's own cost analysis does) and the grouped-matmul
+    custom calls (`ragged-dot`) of Mosaic kernels;
+  * collectives are collected by kind with their result bytes, group size, the bytes each
+    device sends over the wire (ring algorithms) and whether a group spans slices (DCN).
+
+Trip counts come from the loop condition (`counter < N`, counter from 0, as lax.scan and
+fori_loop lower); a loop whose count cannot be read counts once and is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import defaultdict
+from typing import Callable
+
+import numpy as np
+
+DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+               "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+               "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True))
+                    + r")\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s+\((.*)\)\s+->\s+.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.*)$")
+_CALLS = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)"
+                    r"=%([\w.\-]+)")
+_BRANCHES = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+               "collective-permute")
+
+Shape = tuple[str, tuple[int, ...]]
+
+
+def shapes_in(text: str) -> list[Shape]:
+    return [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _ARRAY.findall(text)]
+
+
+def nbytes(shapes: list[Shape]) -> float:
+    return sum(DTYPE_BYTES[d] * math.prod(dims) for d, dims in shapes)
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    result: list[Shape]
+    opcode: str
+    operands: list[str]
+    attrs: str
+    args: str = ""  # the raw operand text, e.g. "(6)" for a constant
+
+
+@dataclasses.dataclass
+class Computation:
+    name: str
+    shapes: dict[str, list[Shape]]  # value name -> shapes (parameters and instructions)
+    instrs: list[Instr]
+
+
+def _split_balanced(text: str) -> tuple[str, str]:
+    """'(a, (b)) rest' -> ('(a, (b))', 'rest'); text must start with '('."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0:
+            return text[:i + 1], text[i + 1:]
+    return text, ""
+
+
+def _parse_instr(name: str, rest: str) -> Instr | None:
+    if rest.startswith("("):
+        shape_text, rest = _split_balanced(rest)
+    else:
+        shape_text, _, rest = rest.partition(" ")
+    m = re.match(r"\s*([a-z][\w\-]*)\(", rest)
+    if not m:
+        return None
+    args, attrs = _split_balanced(rest[m.end() - 1:])
+    operands = re.findall(r"%([\w.\-]+)", args)
+    return Instr(name, shapes_in(shape_text), m.group(1), operands, attrs, args)
+
+
+def parse_module(text: str) -> tuple[dict[str, Computation], str]:
+    """HLO text -> ({computation name: Computation}, entry computation name)."""
+    comps: dict[str, Computation] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        h = _HEADER.match(line)
+        if h:
+            current = Computation(h.group(1), {}, [])
+            comps[current.name] = current
+            for pname, ptext in re.findall(r"([\w.\-]+):\s*((?:\([^)]*\))|[^,()]+)", h.group(2)):
+                current.shapes[pname] = shapes_in(ptext)
+            if line.startswith("ENTRY"):
+                entry = current.name
+            continue
+        if current is None:
+            continue
+        m = _INSTR.match(line)
+        if m:
+            ins = _parse_instr(m.group(1), m.group(2))
+            if ins is not None:
+                current.instrs.append(ins)
+                current.shapes[ins.name] = ins.result
+    return comps, entry
+
+
+def _trip_count(ins: Instr, comps: dict[str, Computation]) -> int | None:
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%([\w.\-]+)", ins.attrs)
+    if not cond or cond.group(1) not in comps:
+        return None
+    c = comps[cond.group(1)]
+    consts = {i.name: int(i.args[1:-1]) for i in c.instrs
+              if i.opcode == "constant" and re.fullmatch(r"\(-?\d+\)", i.args)}
+    for i in c.instrs:
+        if i.opcode == "compare" and "direction=LT" in i.attrs:
+            for op in i.operands:
+                if op in consts:
+                    return consts[op]
+    return None
+
+
+def multiplicities(comps: dict[str, Computation], entry: str,
+                   scan_once: bool = False) -> tuple[dict[str, float], list[str]]:
+    """How many times one run of `entry` runs each computation; loops of unknown count."""
+    callees: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    unknown = []
+    for c in comps.values():
+        for ins in c.instrs:
+            factor = 1.0
+            if ins.opcode == "while" and not scan_once:
+                n = _trip_count(ins, comps)
+                if n is None:
+                    unknown.append(ins.name)
+                factor = float(n or 1)
+            for kind, target in _CALLS.findall(ins.attrs):
+                if kind != "to_apply":  # reduction bodies: scalar work, not ours to count
+                    callees[c.name].append((target, factor))
+            for group in _BRANCHES.findall(ins.attrs):
+                for target in re.findall(r"%([\w.\-]+)", group):
+                    callees[c.name].append((target, 1.0))
+    mult: dict[str, float] = defaultdict(float)
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:  # topological order (callers before callees)
+        if name in seen or name not in comps:
+            return
+        seen.add(name)
+        for t, _ in callees[name]:
+            visit(t)
+        order.append(name)
+
+    visit(entry)
+    mult[entry] = 1.0
+    for name in reversed(order):
+        for t, f in callees[name]:
+            mult[t] += mult[name] * f
+    return dict(mult), unknown
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def _window_taps(out: int, size: int, stride: int, pad_lo: int, lhs_dil: int, rhs_dil: int,
+                 inp: int) -> int:
+    """(output position, window tap) pairs that read a real input element along one dim."""
+    o = np.arange(out)[:, None]
+    k = np.arange(size)[None, :]
+    p = o * stride + k * rhs_dil - pad_lo
+    valid = (p >= 0) & (p <= (inp - 1) * lhs_dil) & (p % lhs_dil == 0)
+    return int(valid.sum())
+
+
+def _window_attr(attrs: str, key: str, n: int, default: int) -> list[int]:
+    m = re.search(rf"\b{key}=([0-9x_]+)", attrs)
+    if not m:
+        return [default] * n
+    if key == "pad":
+        return [int(p.split("_")[0]) for p in m.group(1).split("x")]
+    return [int(v) for v in m.group(1).split("x")]
+
+
+def _conv_flops(ins: Instr, comp: Computation) -> float:
+    labels = re.search(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)", ins.attrs)
+    lhs = comp.shapes.get(ins.operands[0]) if ins.operands else None
+    if not labels or not lhs or not ins.result:
+        return 0.0
+    lhs_l, _, out_l = labels.groups()
+    lhs_dims, out_dims = lhs[0][1], ins.result[0][1]
+    spatial = sorted(ch for ch in out_l if ch.isdigit())
+    n = len(spatial)
+    window = re.search(r"window=\{([^}]*)\}", ins.attrs)
+    wtext = window.group(1) if window else ""
+    size = _window_attr(wtext, "size", n, 1)
+    stride = _window_attr(wtext, "stride", n, 1)
+    pad = _window_attr(wtext, "pad", n, 0)
+    lhs_dil = _window_attr(wtext, "lhs_dilate", n, 1)
+    rhs_dil = _window_attr(wtext, "rhs_dilate", n, 1)
+    taps = 1
+    for i, ch in enumerate(spatial):
+        taps *= _window_taps(out_dims[out_l.index(ch)], size[i], stride[i], pad[i],
+                             lhs_dil[i], rhs_dil[i], lhs_dims[lhs_l.index(ch)])
+    groups = re.search(r"feature_group_count=(\d+)", ins.attrs)
+    in_f = lhs_dims[lhs_l.index("f")] / (int(groups.group(1)) if groups else 1)
+    other = math.prod(out_dims[out_l.index(ch)] for ch in "bf")
+    return 2.0 * other * taps * in_f
+
+
+def _dot_flops(ins: Instr, comp: Computation) -> float:
+    lhs = comp.shapes.get(ins.operands[0]) if ins.operands else None
+    m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.attrs)
+    if not lhs or not ins.result:
+        return 0.0
+    k = math.prod(lhs[0][1][int(i)] for i in m.group(1).split(",") if i) if m else 1
+    return 2.0 * math.prod(ins.result[0][1]) * k
+
+
+def _ragged_dot_flops(ins: Instr) -> float:
+    """Mosaic grouped matmul: operands (..., x [m, k], w [g, k, n]) -> [m, n], or the weight
+    gradient (..., [m, k], [m, n]) -> [g, k, n]."""
+    ops = re.search(r"operand_layout_constraints=\{(.*?)\}\}?,\s*\w+=", ins.attrs)
+    arrays = [s for s in shapes_in(ops.group(1) if ops else ins.attrs) if len(s[1]) >= 2]
+    if not arrays or not ins.result:
+        return 0.0
+    out = ins.result[0][1]
+    x = arrays[-2][1] if len(arrays) >= 2 else arrays[-1][1]
+    if len(out) == 2:
+        return 2.0 * math.prod(out) * x[-1]
+    return 2.0 * math.prod(out[1:]) * x[0]
+
+
+def instr_flops(ins: Instr, comp: Computation) -> float:
+    if ins.opcode == "dot":
+        return _dot_flops(ins, comp)
+    if ins.opcode == "convolution":
+        return _conv_flops(ins, comp)
+    if ins.opcode == "custom-call" and ins.name.startswith("ragged-dot") and \
+            "metadata" not in ins.name:
+        return _ragged_dot_flops(ins)
+    return 0.0
+
+
+# ----------------------------------------------------------------------------- collectives
+
+def replica_groups(attrs: str) -> np.ndarray | None:
+    """[groups, group size] device ids from any of XLA's three printed formats."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\[([0-9,]*)\]"
+                  r"(?:T\(([0-9,]*)\))?\))?\s*\{([^}]*)\}", attrs)
+    if m:
+        axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
+        names, sizes = [a for a, _ in axes], [int(s) for _, s in axes]
+        ids = np.arange(math.prod(sizes))
+        if m.group(2):
+            ids = ids.reshape([int(v) for v in m.group(2).split(",")])
+            if m.group(3):
+                ids = ids.transpose([int(v) for v in m.group(3).split(",")])
+        ids = ids.reshape(sizes)
+        listed = [names.index(a) for a in re.findall(r"'(\w+)'", m.group(4))]
+        rest = [i for i in range(len(sizes)) if i not in listed]
+        n = math.prod(sizes[i] for i in listed)
+        return ids.transpose(rest + listed).reshape(-1, n)
+    m = re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", attrs)
+    if m:
+        ids = np.arange(math.prod(int(v) for v in m.group(2).split(",")))
+        ids = ids.reshape([int(v) for v in m.group(2).split(",")])
+        if m.group(3):
+            ids = ids.transpose([int(v) for v in m.group(3).split(",")])
+        dims = [int(v) for v in m.group(1).split(",")]
+        return ids.reshape(-1, dims[-1])
+    m = re.search(r"replica_groups=\{(\{[0-9,{} ]*\})\}", attrs)
+    if m:
+        groups = [[int(v) for v in g.split(",") if v] for g in re.findall(r"\{([0-9,]*)\}",
+                                                                          m.group(1))]
+        if groups and all(len(g) == len(groups[0]) for g in groups):
+            return np.asarray(groups)
+    if "source_target_pairs" in attrs:
+        return np.asarray([[0, 1]])
+    return None
+
+
+@dataclasses.dataclass
+class CollectiveStats:
+    """Totals for one kind of collective over one step (per device)."""
+
+    count: float = 0.0
+    bytes: float = 0.0  # result bytes (operand bytes for reduce-scatter)
+    wire_bytes: float = 0.0  # bytes sent by one device (ring / pairwise algorithms)
+    dcn_wire_bytes: float = 0.0  # the part whose groups span slices
+
+
+def _wire(kind: str, size: float, n: int) -> float:
+    if n <= 1:
+        return 0.0
+    if kind == "all-reduce":
+        return 2.0 * size * (n - 1) / n
+    if kind == "collective-permute":
+        return size
+    return size * (n - 1) / n
+
+
+def _collective(ins: Instr) -> tuple[str, float] | None:
+    """(kind, bytes) of a collective instruction (async starts counted, dones skipped)."""
+    op = ins.opcode
+    if op.endswith("-done"):
+        return None
+    kind = op[:-len("-start")] if op.endswith("-start") else op
+    if kind not in COLLECTIVES:
+        return None
+    arrays = ins.result
+    if op == "all-gather-start":
+        arrays = arrays[-1:]
+    elif op == "collective-permute-start":
+        arrays = arrays[1:2]
+    return kind, nbytes(arrays)
+
+
+def analyse(text: str, slice_of: Callable[[int], int] | None = None,
+            scan_once: bool = False) -> dict:
+    """{"flops": matmul FLOPs per device per step, "collectives": {kind: CollectiveStats},
+    "unknown_loops": [...]} for one device's program. `slice_of(device id)` marks DCN groups;
+    `scan_once` counts loop bodies once (to compare with XLA's cost analysis)."""
+    comps, entry = parse_module(text)
+    mult, unknown = multiplicities(comps, entry, scan_once)
+    flops = 0.0
+    colls: dict[str, CollectiveStats] = defaultdict(CollectiveStats)
+    for name, comp in comps.items():
+        m = mult.get(name, 0.0)
+        if not m:
+            continue
+        for ins in comp.instrs:
+            flops += m * instr_flops(ins, comp)
+            c = _collective(ins)
+            if c is None:
+                continue
+            kind, size = c
+            groups = replica_groups(ins.attrs)
+            n = groups.shape[1] if groups is not None else 2
+            if kind == "reduce-scatter":
+                size *= n  # the operand is n results
+            wire = _wire(kind, size, n)
+            s = colls[kind]
+            s.count += m
+            s.bytes += m * size
+            s.wire_bytes += m * wire
+            if slice_of is not None and groups is not None and any(
+                    len({slice_of(int(d)) for d in g}) > 1 for g in groups[:64]):
+                s.dcn_wire_bytes += m * wire
+    return {"flops": flops, "collectives": dict(colls), "unknown_loops": unknown}

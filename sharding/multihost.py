@@ -1,0 +1,72 @@
+"""Multi-process (multi-host) start-up: `jax.distributed` from flags, environment or cluster.
+
+Call `initialize` before anything else touches JAX devices. Sources, in order:
+  1. explicit arguments (the CLI's `--coordinator-address/--num-processes/--process-id`);
+  2. the environment: JAXMOE_COORDINATOR_ADDRESS, JAXMOE_NUM_PROCESSES, JAXMOE_PROCESS_ID;
+  3. with `auto=True` (`--distributed`), JAX's own cluster detection (Cloud TPU pods, SLURM,
+     Open MPI, Kubernetes/GKE ...), which needs no arguments there.
+On CPU the collectives across processes use gloo. After start-up each process sees all
+devices (`jax.devices()`) but feeds only its own rows of the global batch
+(`jax.make_array_from_process_local_data`), and only process 0 writes logs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+ENV_ADDRESS = "JAXMOE_COORDINATOR_ADDRESS"
+ENV_COUNT = "JAXMOE_NUM_PROCESSES"
+ENV_ID = "JAXMOE_PROCESS_ID"
+
+
+class MultiHostError(ValueError):
+    """Inconsistent multi-process settings."""
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise MultiHostError(f"{name}={raw!r}: expected an integer") from None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, auto: bool = False) -> bool:
+    """Starts `jax.distributed`; returns whether this run is multi-process.
+
+    Without an address (argument or environment) and without `auto`, does nothing (single
+    process). Calling it again after a successful start is a no-op.
+    """
+    address = coordinator_address or os.environ.get(ENV_ADDRESS) or None
+    count = num_processes if num_processes is not None else _env_int(ENV_COUNT)
+    pid = process_id if process_id is not None else _env_int(ENV_ID)
+    if address is None and not auto:
+        if count not in (None, 1) or pid not in (None, 0):
+            raise MultiHostError(f"num_processes={count}, process_id={pid}: expected a "
+                                 f"coordinator address too (--coordinator-address or "
+                                 f"{ENV_ADDRESS}), or --distributed to auto-detect")
+        return False
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    if address is not None:
+        if count is None or pid is None:
+            raise MultiHostError(f"coordinator {address}: expected --num-processes and "
+                                 f"--process-id (or {ENV_COUNT} and {ENV_ID}) as well")
+        if count < 1 or not 0 <= pid < count:
+            raise MultiHostError(f"process_id={pid}, num_processes={count}: expected "
+                                 f"0 <= process_id < num_processes")
+    # Only the CPU client reads this; TPU/GPU processes talk over ICI/NCCL as usual.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=address, num_processes=count,
+                               process_id=pid)
+    return jax.process_count() > 1
+
+
+def is_main_process() -> bool:
+    """Whether this process writes logs, summaries and other single-writer files."""
+    return jax.process_index() == 0
