@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="metrics, checkpoints and summary go here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     command("info", cmd_info, "parameter counts and FLOPs, without allocating the model")
+    from jaxmoe.convert.cli import add_parser as add_convert_parser  # imports no jax
+
+    add_convert_parser(sub)
     return parser
 
 

@@ -19,6 +19,7 @@ from flax import nnx
 from jaxmoe.config import ModelConfig
 from jaxmoe.model import logical as L
 from jaxmoe.model.attention import Attention
+from jaxmoe.model.mla import MLAttention
 from jaxmoe.model.layers import Embedder, RMSNorm, param
 from jaxmoe.model.mlp import MLP
 from jaxmoe.model.moe import MoEBlock, MoEStats
@@ -57,7 +58,8 @@ class DecoderBlock(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, is_moe: bool, precision: Precision, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, precision)
-        self.attn = Attention(cfg, precision, rngs)
+        self.attn = (MLAttention(cfg, precision, rngs) if cfg.attention == "mla"
+                     else Attention(cfg, precision, rngs))
         self.ffn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, precision)
         self.ffn = (MoEBlock(cfg, precision, rngs) if is_moe
                     else MLP(cfg.embed_dim, cfg.mlp_dim, cfg.init_std, precision, rngs))

@@ -14,6 +14,7 @@ BATCH, LENGTH, EMBED = "batch", "length", "embed"
 HEADS, KV_HEADS, HEAD_DIM = "heads", "kv_heads", "head_dim"
 MLP, EXPERT, VOCAB, LAYERS = "mlp", "expert", "vocab", "layers"
 NORM = "norm"
+Q_LORA, KV_LORA = "q_lora", "kv_lora"  # MLA low-rank query / key-value latent widths
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

@@ -18,6 +18,9 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, dict[str, int]]:
     if cfg.qkv_bias:
         attn += n * h + 2 * k * h
     norms = 2 * d + (2 * h if cfg.qk_norm else 0)
+    if cfg.attention == "mla":
+        attn, mla_norms = _mla_attention_params(cfg)
+        norms = 2 * d + mla_norms
     emb = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     expert = 3 * d * cfg.expert_mlp_dim
     shared = 3 * d * cfg.resolved_shared_mlp_dim + (d if cfg.shared_expert_gate and
@@ -33,6 +36,15 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, dict[str, int]]:
     }
     active = dict(total, routed_experts=moe_layers * cfg.num_experts_per_tok * expert)
     return {"total": total, "active": active}
+
+
+def _mla_attention_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(projection parameters, norm parameters) of one MLA layer (see model/mla.py)."""
+    d, n, rq, rkv = cfg.embed_dim, cfg.num_heads, cfg.q_lora_rank, cfg.kv_lora_rank
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    q = d * rq + rq * n * qk if rq else d * n * qk
+    kv = d * (rkv + cfg.qk_rope_head_dim) + rkv * n * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return q + kv + n * cfg.v_head_dim * d, rq + rkv
 
 
 def total_params(cfg: ModelConfig) -> int:
@@ -56,4 +68,7 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]
         matmul_params += cfg.vocab_size * cfg.embed_dim
     matmul = 6.0 * matmul_params
     attention = 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    if cfg.attention == "mla":  # scores over nope + rope dims, values over v_head_dim
+        attention = 6.0 * cfg.num_layers * cfg.num_heads * seq_len * (
+            cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
     return {"matmul": matmul, "attention": attention, "total": matmul + attention}

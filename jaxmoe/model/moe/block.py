@@ -48,7 +48,8 @@ class MoEBlock(nnx.Module):
         self.router = Router(d, e, cfg.num_experts_per_tok, scoring=cfg.router_scoring,
                              norm_topk_prob=cfg.norm_topk_prob,
                              routed_scaling_factor=cfg.routed_scaling_factor, std=std,
-                             precision=precision, rngs=rngs)
+                             precision=precision, rngs=rngs, n_group=cfg.n_group,
+                             topk_group=cfg.topk_group)
         self.w_gate = param(rngs, (e, d, f), (L.EXPERT, L.EMBED, L.MLP), std, pd)
         self.w_up = param(rngs, (e, d, f), (L.EXPERT, L.EMBED, L.MLP), std, pd)
         self.w_down = param(rngs, (e, f, d), (L.EXPERT, L.MLP, L.EMBED), std, pd)

@@ -51,7 +51,7 @@ class MoEStats:
 class Router(nnx.Module):
     def __init__(self, embed_dim: int, num_experts: int, top_k: int, *, scoring: str,
                  norm_topk_prob: bool, routed_scaling_factor: float, std: float,
-                 precision: Precision, rngs: nnx.Rngs):
+                 precision: Precision, rngs: nnx.Rngs, n_group: int = 1, topk_group: int = 1):
         self.kernel = param(rngs, (embed_dim, num_experts), (L.EMBED, L.EXPERT), std,
                             precision.param_dtype)
         self.bias = RouterBias(jnp.zeros((num_experts,), jnp.float32), out_sharding=(L.EXPERT,))
@@ -60,6 +60,7 @@ class Router(nnx.Module):
         self.norm_topk_prob = norm_topk_prob
         self.routed_scaling_factor = routed_scaling_factor
         self.output_dtype = precision.output_dtype
+        self.n_group, self.topk_group = n_group, topk_group
 
     def __call__(self, x: jax.Array) -> Routing:
         """x [tokens, embed] -> Routing. Logits and scores in float32."""
@@ -70,12 +71,27 @@ class Router(nnx.Module):
         else:
             probs = jax.nn.sigmoid(logits)
         selection = probs + jax.lax.stop_gradient(self.bias[...]).astype(probs.dtype)
+        if self.n_group > 1:
+            selection = limit_to_top_groups(selection, self.n_group, self.topk_group)
         _, indices = jax.lax.top_k(selection, self.top_k)
         weights = jnp.take_along_axis(probs, indices, axis=-1)
         if self.norm_topk_prob:
             weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
         weights = weights * self.routed_scaling_factor
         return Routing(weights, indices.astype(jnp.int32), probs, logits)
+
+
+def limit_to_top_groups(selection: jax.Array, n_group: int, topk_group: int) -> jax.Array:
+    """DeepSeek-V3 group-limited routing: selection [tokens, experts] with every expert outside
+    the token's `topk_group` best groups set to -inf. Experts form `n_group` contiguous groups;
+    a group's score is the sum of its two best selection scores."""
+    t, e = selection.shape
+    grouped = selection.reshape(t, n_group, e // n_group)
+    group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [tokens, groups]
+    _, top_groups = jax.lax.top_k(group_scores, topk_group)
+    keep = jnp.any(top_groups[:, :, None] == jnp.arange(n_group)[None, None], axis=1)
+    keep = jnp.repeat(keep, e // n_group, axis=1)  # [tokens, experts]
+    return jnp.where(keep, selection, -jnp.inf)
 
 
 def routing_stats(r: Routing, token_mask: jax.Array, num_experts: int,

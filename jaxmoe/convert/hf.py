@@ -1,0 +1,255 @@
+"""jaxmoe checkpoint <-> Hugging Face safetensors, streaming.
+
+`to_hf` reads one stored chunk at a time: for arrays chunked per layer (params-only
+checkpoints, or training checkpoints saved with per-layer chunks) that is one layer of one
+array; for arrays stored as a single chunk it is that array (TensorStore cannot read part of
+a chunk). Every output shape is known up front, so safetensors shards are written tensor by
+tensor (`ShardedWriter`) and nothing else accumulates. `from_hf` reads one HF tensor at a time
+from memory-mapped shards and writes it into its layer of the stacked arrays.
+
+Both write into a temporary sibling directory and rename it into place at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jaxmoe import config as config_lib
+from jaxmoe.convert import layout as lo
+from jaxmoe.convert.cli import DEFAULT_SHARD_BYTES
+from jaxmoe.convert.deepseek_v3 import FORMAT as DEEPSEEK_V3
+from jaxmoe.convert.mixtral import FORMAT as MIXTRAL
+from jaxmoe.convert.orbax_io import ParamsReader, ParamsWriter, abstract_params
+from jaxmoe.convert.qwen_moe import QWEN2_MOE, QWEN3_MOE
+from jaxmoe.convert.safetensors_io import SafetensorsReader, ShardedWriter, TensorPlan
+
+FORMATS: dict[str, lo.Format] = {f.name: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3)}
+OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What a conversion wrote: `tensors` arrays, `bytes` of tensor data, in `seconds`."""
+
+    out: Path
+    tensors: int
+    bytes: int
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / max(self.seconds, 1e-9)
+
+
+def get_format(name: str) -> lo.Format:
+    if name not in FORMATS:
+        raise lo.ConversionError(f"--format {name!r}: expected one of {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def _groups(rules: Sequence[lo.Rule]) -> list[list[lo.Rule]]:
+    """Rules sharing the same arrays, in first-appearance order, each sorted by layer index."""
+    groups: dict[tuple[str, ...], list[lo.Rule]] = {}
+    for r in rules:
+        groups.setdefault(r.leaves, []).append(r)
+    return [sorted(g, key=lambda r: -1 if r.index is None else r.index) for g in groups.values()]
+
+
+def _hf_shapes(rule: lo.Rule, abstract: dict[str, Any]) -> list[tuple[int, ...]]:
+    """Shapes of the HF tensors `rule` produces, by tracing it on abstract values."""
+    specs = [jax.ShapeDtypeStruct(abstract[n].shape[1:] if rule.index is not None
+                                  else abstract[n].shape, jnp.float32) for n in rule.leaves]
+    outs = jax.eval_shape(lambda *a: rule.to_hf(a, jnp), *specs)
+    return [tuple(o.shape) for o in outs]
+
+
+def _plan(groups: list[list[lo.Rule]], abstract: dict[str, Any], dtype: np.dtype) -> list[TensorPlan]:
+    plan = []
+    for group in groups:
+        for rule in group:
+            out_dtype = np.dtype(np.float32) if rule.fp32 else dtype
+            for name, shape in zip(rule.hf, _hf_shapes(rule, abstract)):
+                plan.append(TensorPlan(name, out_dtype, shape))
+    return plan
+
+
+def _prepare_out(out: str | Path) -> tuple[Path, Path]:
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise lo.ConversionError(f"{out}: exists and is not empty; choose a new output directory")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return out, tmp
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    if out.exists():
+        out.rmdir()  # empty (checked before starting)
+    os.replace(tmp, out)
+
+
+def _uncovered(rules: Sequence[lo.Rule], abstract: dict[str, Any]) -> list[str]:
+    """Arrays no rule maps; only router selection biases may be left (formats without one)."""
+    covered = {n for r in rules for n in r.leaves}
+    rest = sorted(set(abstract) - covered)
+    stray = [n for n in rest if not n.endswith("router.bias.value")]
+    if stray:
+        raise AssertionError(f"no conversion rule covers {stray[0]}")  # a bug in a format module
+    return rest
+
+
+def to_hf(checkpoint: str | Path, out: str | Path, fmt: str, dtype: str = "float32",
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Report:
+    """Writes the checkpoint's parameters as an HF model directory `out` in format `fmt`.
+
+    Raises ConversionError (one line) when `fmt` cannot represent the model."""
+    start = time.perf_counter()
+    form = get_format(fmt)
+    if dtype not in OUT_DTYPES:
+        raise lo.ConversionError(f"--dtype {dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
+    reader = ParamsReader(checkpoint)
+    cfg = reader.config
+    form.check(cfg.model)
+    _, abstract = abstract_params(cfg.model)
+    absent = sorted(set(abstract) - reader.names)
+    for name in absent:
+        if not (reader.missing_rest and name.startswith("rest.")):
+            raise lo.ConversionError(f"checkpoint {reader.step_dir}: array {name} is missing")
+        if cfg.model.bias_update_rate > 0:
+            raise lo.ConversionError(f"checkpoint {reader.step_dir}: an export without router "
+                                     "biases (no rest/ item) of a model trained with "
+                                     "model.bias_update_rate > 0; convert the training "
+                                     "checkpoint instead")
+        reader.assume_zero(name, abstract[name].shape, abstract[name].dtype)
+    for name, leaf in abstract.items():
+        if reader.shape(name) != tuple(leaf.shape):
+            raise lo.ConversionError(f"checkpoint {reader.step_dir}: array {name} has shape "
+                                     f"{reader.shape(name)}, its config implies {tuple(leaf.shape)}")
+    rules = form.rules(cfg.model)
+    for name in _uncovered(rules, abstract):
+        if not form.router_bias and np.any(reader.read(name) != 0):
+            lo.refuse(fmt, f"router selection bias {name} is nonzero (trained with "
+                      f"model.bias_update_rate > 0) and {fmt} has no selection bias")
+    groups = _groups(rules)
+    plan = _plan(groups, abstract, OUT_DTYPES[dtype])
+    out, tmp = _prepare_out(out)
+    writer = ShardedWriter(tmp, plan, max_shard_bytes)
+    try:
+        for group in groups:
+            _export_group(reader, group, writer)
+        writer.close()
+        hf_cfg = form.hf_config(cfg, dtype)
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _commit(tmp, out)
+    return Report(out, len(plan), writer.bytes_written, time.perf_counter() - start)
+
+
+def _export_group(reader: ParamsReader, group: list[lo.Rule], writer: ShardedWriter) -> None:
+    """Reads the group's arrays one stored chunk of layers at a time and writes its tensors."""
+    names = group[0].leaves
+    if group[0].index is None:
+        values = [reader.read(n) for n in names]
+        for rule in group:
+            _emit(rule, values, writer)
+        return
+    per_chunk = max(reader.layers_per_chunk(n) for n in names)
+    i = 0
+    while i < len(group):
+        first = group[i].index
+        begin = first - first % per_chunk
+        stop = min(begin + per_chunk, reader.shape(names[0])[0])
+        values = [reader.read(n, begin, stop) for n in names]
+        while i < len(group) and group[i].index < stop:
+            _emit(group[i], [v[group[i].index - begin] for v in values], writer)
+            i += 1
+        del values  # free this chunk before reading the next
+
+
+def _emit(rule: lo.Rule, values: list[np.ndarray], writer: ShardedWriter) -> None:
+    for name, tensor in zip(rule.hf, rule.to_hf(values, np)):
+        writer.write(name, tensor)
+
+
+def hf_model_config(hf_dir: str | Path, overrides: Sequence[str] = (),
+                    param_dtype: str | None = None) -> tuple[lo.Format, config_lib.Config]:
+    """(format, jaxmoe Config) that an HF model directory's config.json describes."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise lo.ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    hf = json.loads(path.read_text())
+    model_type = hf.get("model_type")
+    forms = [f for f in FORMATS.values() if model_type in f.model_types]
+    if not forms:
+        raise lo.ConversionError(f"{path}: model_type {model_type!r} is not supported (expected "
+                                 f"one of {', '.join(FORMATS)})")
+    form = forms[0]
+    fields = form.model_fields(hf)
+    if param_dtype is not None:
+        fields["param_dtype"] = param_dtype
+    values = config_lib._merge({"model": fields}, config_lib.parse_overrides(list(overrides)))
+    cfg = config_lib.validate(config_lib._build(config_lib.Config, values))
+    form.check(cfg.model)
+    return form, cfg
+
+
+def from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str] = (),
+            param_dtype: str | None = None) -> Report:
+    """Writes a params-only jaxmoe checkpoint `out` from an HF model directory.
+
+    `overrides` (`key=value`, e.g. `model.compute_dtype=float32`) apply on top of the config
+    derived from config.json; `param_dtype` sets the stored parameter dtype (default float32).
+    Raises ConversionError (one line) on missing, unexpected or mis-shaped tensors."""
+    start = time.perf_counter()
+    form, cfg = hf_model_config(hf_dir, overrides, param_dtype)
+    m = cfg.model
+    reader = SafetensorsReader(hf_dir)
+    _, abstract = abstract_params(m)
+    rules = form.rules(m)
+    groups = _groups(rules)
+    expected = {t.name: t.shape for t in _plan(groups, abstract, np.dtype(np.float32))}
+    have = reader.names()
+    missing = sorted(set(expected) - have)
+    if missing:
+        raise lo.ConversionError(f"{hf_dir}: tensor {missing[0]} is missing ({len(missing)} "
+                                 "missing); config.json and the weights disagree")
+    unexpected = sorted(n for n in have - set(expected) if not form.ignored(n, m))
+    if unexpected:
+        raise lo.ConversionError(f"{hf_dir}: unexpected tensor {unexpected[0]} ({len(unexpected)} "
+                                 "unexpected); config.json does not describe these weights")
+    for name, shape in expected.items():
+        if reader.info(name)[1] != shape:
+            raise lo.ConversionError(f"{hf_dir}: tensor {name} has shape {reader.info(name)[1]}, "
+                                     f"config.json implies {shape}")
+    writer = ParamsWriter(out, cfg, source=str(Path(hf_dir).absolute()))
+    count = nbytes = 0
+    try:
+        for group in groups:
+            for rule in group:
+                tensors = [reader.get(h) for h in rule.hf]
+                nbytes += sum(t.nbytes for t in tensors)
+                for name, value in zip(rule.leaves, rule.from_hf(tensors, np)):
+                    writer.write(name, value, rule.index)
+                count += len(tensors)
+        for name in _uncovered(rules, abstract):  # formats without a selection bias
+            writer.write(name, np.zeros(abstract[name].shape, abstract[name].dtype))
+        path = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return Report(path, count, nbytes, time.perf_counter() - start)

@@ -1,0 +1,212 @@
+"""Streaming safetensors: read tensors one at a time (memory-mapped), write sharded files
+tensor by tensor without holding a shard in memory.
+
+The format (https://github.com/huggingface/safetensors): 8 bytes little-endian header length
+N, N bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
+{...}}` padded with spaces to a multiple of 8, then the tensors' bytes back to back. Because
+every shape is known before any data is converted, `ShardedWriter` plans all shards and
+headers first and then appends each tensor as it arrives, so peak memory is one tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Iterable
+
+import ml_dtypes
+import numpy as np
+
+# safetensors dtype names <-> numpy dtypes (bfloat16 via ml_dtypes, as JAX uses).
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file or index is malformed or lacks a tensor (one line)."""
+
+
+def dtype_name(dtype: np.dtype | str) -> str:
+    dtype = np.dtype(dtype)
+    if dtype not in NAMES:
+        raise SafetensorsError(f"dtype {dtype}: expected one of {', '.join(map(str, NAMES))}")
+    return NAMES[dtype]
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(header without __metadata__ plus it under "__metadata__", byte offset of the data)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise SafetensorsError(f"{path}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise SafetensorsError(f"{path}: header length {n} is implausible (damaged file?)")
+        header = json.loads(f.read(n))
+    return header, 8 + n
+
+
+class SafetensorsReader:
+    """All tensors of an HF checkpoint directory (an index + shards, or one model.safetensors).
+
+    `get(name)` copies one tensor out of a read-only memory map, so reading a model larger
+    than RAM touches only the pages of the tensors asked for."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise SafetensorsError(f"{index}: expected a 'weight_map' mapping")
+            files = sorted(set(weight_map.values()))
+        elif (self.directory / SINGLE_FILE).is_file():
+            files = [SINGLE_FILE]
+        else:
+            raise SafetensorsError(f"{self.directory}: no {INDEX_FILE} or {SINGLE_FILE}")
+        self._where: dict[str, tuple[Path, dict, int]] = {}
+        self.metadata: dict[str, dict] = {}
+        for name in files:
+            path = self.directory / name
+            if not path.is_file():
+                raise SafetensorsError(f"{path}: listed in the index but missing")
+            header, offset = read_header(path)
+            self.metadata[name] = header.pop("__metadata__", None) or {}
+            for tensor, info in header.items():
+                self._where[tensor] = (path, info, offset)
+        self._maps: dict[Path, np.memmap] = {}
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        if name not in self._where:
+            raise SafetensorsError(f"{self.directory}: tensor {name} is missing")
+        _, info, _ = self._where[name]
+        if info["dtype"] not in DTYPES:
+            raise SafetensorsError(f"{name}: dtype {info['dtype']} is not supported")
+        return DTYPES[info["dtype"]], tuple(info["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor `name` as a new (writable, contiguous) numpy array."""
+        dtype, shape = self.info(name)
+        path, info, offset = self._where[name]
+        begin, end = info["data_offsets"]
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise SafetensorsError(f"{path}: tensor {name} has {end - begin} bytes, expected "
+                                   f"{math.prod(shape) * dtype.itemsize} for {shape} {dtype}")
+        if path not in self._maps:
+            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        raw = self._maps[path][offset + begin: offset + end]
+        return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plan_shards(tensors: Iterable[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
+    """Consecutive tensors packed greedily into shards of at most `max_shard_bytes` (a tensor
+    larger than that gets a shard of its own)."""
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _header_bytes(shard: list[TensorPlan], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for t in shard:
+        header[t.name] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedWriter:
+    """Writes `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json` into
+    `directory`, tensor by tensor, in exactly the order of `plan`.
+
+    Each `write(name, array)` must match the next planned tensor's name, dtype and shape
+    (arrays are cast to the planned dtype); `close()` checks every tensor arrived."""
+
+    def __init__(self, directory: str | Path, plan: list[TensorPlan], max_shard_bytes: int,
+                 metadata: dict[str, str] | None = None):
+        self.directory = Path(directory)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        names = [t.name for t in plan]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise SafetensorsError(f"tensor {dup}: planned twice")
+        self.shards = plan_shards(plan, max_shard_bytes)
+        n = len(self.shards)
+        self.files = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self._queue = [(k, t) for k, shard in enumerate(self.shards) for t in shard]
+        self._next = 0
+        self._file = None
+        self._open_shard = -1
+        self.bytes_written = 0
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        if self._next >= len(self._queue):
+            raise SafetensorsError(f"tensor {name}: more tensors written than planned")
+        shard, t = self._queue[self._next]
+        if name != t.name or tuple(array.shape) != t.shape:
+            raise SafetensorsError(f"tensor {name} {tuple(array.shape)}: expected {t.name} "
+                                   f"{t.shape} next (writer order is the plan's order)")
+        if shard != self._open_shard:
+            self._close_file()
+            self._file = open(self.directory / self.files[shard], "wb")
+            self._file.write(_header_bytes(self.shards[shard], self.metadata))
+            self._open_shard = shard
+        data = np.ascontiguousarray(array, dtype=t.dtype)
+        self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
+        self.bytes_written += data.nbytes
+        self._next += 1
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Finishes the last shard and writes the index (all planned tensors must be written)."""
+        if self._next != len(self._queue):
+            raise SafetensorsError(f"only {self._next} of {len(self._queue)} planned tensors "
+                                   f"were written (next: {self._queue[self._next][1].name})")
+        self._close_file()
+        total = sum(t.nbytes for shard in self.shards for t in shard)
+        weight_map = {t.name: self.files[k] for k, shard in enumerate(self.shards) for t in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        self._close_file()

@@ -1,0 +1,149 @@
+"""Tiny models for the conversion tests: jaxmoe-born (written as a params-only export) and
+transformers-born (random HF models saved with `save_pretrained`), with weights scaled so
+routing is far from uniform and a wrong expert, bias or permutation shows in the logits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from jaxmoe.config import Config, ModelConfig  # noqa: E402
+from jaxmoe.convert.orbax_io import ParamsWriter, _key_str  # noqa: E402
+from jaxmoe.model import MoETransformer  # noqa: E402
+
+TOL = 1e-4  # float32 logits, max absolute difference (logits are O(10))
+VOCAB = 64
+TINY = dict(vocab_size=VOCAB, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=16, mlp_dim=96, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=32,
+            compute_dtype="float32", init_std=0.3, rope_theta=500.0)
+
+# jaxmoe-born models: each exercises its format's optional parts.
+JAXMOE_MODELS = {
+    "mixtral": {},
+    "qwen2_moe": dict(qkv_bias=True, num_shared_experts=1, shared_expert_mlp_dim=48,
+                      shared_expert_gate=True, norm_topk_prob=False, first_k_dense=1),
+    "qwen3_moe": dict(qk_norm=True, norm_topk_prob=True, tie_embeddings=True),
+    "deepseek_v3": dict(attention="mla", q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+                        qk_rope_head_dim=8, v_head_dim=12, router_scoring="sigmoid",
+                        num_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+                        first_k_dense=1, num_shared_experts=1, routed_scaling_factor=2.5,
+                        rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_max_len=16,
+                        yarn_mscale=1.0, yarn_mscale_all_dim=1.0),
+}
+
+
+def jaxmoe_config(fmt: str, **changes) -> Config:
+    return Config(model=ModelConfig(**{**TINY, **JAXMOE_MODELS[fmt], **changes}))
+
+
+def random_params(cfg: Config, seed: int = 0, bias: bool = False) -> dict[str, np.ndarray]:
+    """Orbax-named arrays of a random model: std 0.3 weights, norm scales 1 +- 0.3, random
+    q/k/v biases, and (bias=True) a random router selection bias."""
+    model = MoETransformer(cfg.model, nnx.Rngs(seed))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    flat = {".".join(_key_str(k) for k in path): np.asarray(leaf) for path, leaf in
+            jax.tree_util.tree_flatten_with_path({"params": params, "rest": rest})[0]}
+    rng = np.random.default_rng(seed)
+    for name, value in flat.items():
+        if name.endswith("scale.value"):
+            flat[name] = (1 + 0.3 * rng.standard_normal(value.shape)).astype(value.dtype)
+        elif name.endswith("_bias.value") or (bias and name.endswith("router.bias.value")):
+            flat[name] = (0.3 * rng.standard_normal(value.shape)).astype(value.dtype)
+    return flat
+
+
+def write_export(cfg: Config, arrays: dict[str, np.ndarray], out: Path) -> Path:
+    writer = ParamsWriter(out, cfg)
+    for name, value in arrays.items():
+        if ".units." in name:
+            for i in range(value.shape[0]):
+                writer.write(name, value[i], i)
+        else:
+            writer.write(name, value)
+    return writer.finish()
+
+
+def tokens(seed: int = 1, batch: int = 2, length: int = 12) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, length))
+
+
+def hf_logits(model, toks: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(toks)).logits.float().numpy()
+
+
+def load_hf(path: Path):
+    """(model, loading info) with eager attention and experts (the reference paths)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
+                                                attn_implementation="eager",
+                                                experts_implementation="eager")
+
+
+def hf_config(fmt: str):
+    """Transformers-born configs, written independently of jaxmoe's exporter."""
+    from transformers import DeepseekV3Config, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    rope = {"rope_type": "default", "rope_theta": 300.0}
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  rope_parameters=rope, rms_norm_eps=1e-5)
+    if fmt == "mixtral":
+        return MixtralConfig(**common, intermediate_size=32, num_key_value_heads=2, head_dim=16,
+                             num_local_experts=4, num_experts_per_tok=2)
+    if fmt == "qwen2_moe":
+        return Qwen2MoeConfig(**common, num_key_value_heads=2, intermediate_size=96,
+                              moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                              num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                              mlp_only_layers=[0])
+    if fmt == "qwen3_moe":
+        return Qwen3MoeConfig(**common, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                              moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                              norm_topk_prob=True, decoder_sparse_step=2)
+    return DeepseekV3Config(**common, num_key_value_heads=4, intermediate_size=96,
+                            moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
+                            n_group=4, topk_group=2, first_k_dense_replace=1, n_shared_experts=1,
+                            routed_scaling_factor=2.5, q_lora_rank=None, kv_lora_rank=16,
+                            qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
+
+
+def save_random_hf(fmt: str, out: Path, seed: int = 0, dtype=None) -> Path:
+    """A random transformers model (std 0.3 weights, norms 1 +- 0.3, random biases) saved
+    with save_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(fmt), attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.3 * torch.randn_like(p))
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(out)
+    return out
+
+
+def read_tensors(directory: Path) -> dict[str, np.ndarray]:
+    """{name: (dtype, shape, raw bytes)} for every tensor of an HF model directory."""
+    import torch
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                t = st.get_tensor(name).contiguous()
+                out[name] = (str(t.dtype), tuple(t.shape), t.view(-1).view(torch.uint8).numpy().tobytes())
+    return out
