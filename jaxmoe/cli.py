@@ -16,9 +16,14 @@ def _load(args) -> config_lib.Config:
 
 
 def cmd_train(args) -> int:
-    from jaxmoe.train.loop import train
+    from sharding.multihost import initialize
 
     cfg = _load(args)
+    # Before anything touches devices: joins the other processes of a multi-host run.
+    initialize(args.coordinator_address, args.num_processes, args.process_id,
+               auto=args.distributed)
+    from jaxmoe.train.loop import train
+
     train(cfg, args.run_dir, progress=not args.no_progress)
     return 0
 
@@ -58,7 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", cmd_train, "train a model")
     p.add_argument("--run-dir", required=True, help="metrics, checkpoints and summary go here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--coordinator-address", help="multi-host: host:port of process 0 "
+                   "(or JAXMOE_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-host: this process, 0-based")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: auto-detect the cluster (TPU pods, SLURM, MPI)")
     command("info", cmd_info, "parameter counts and FLOPs, without allocating the model")
+    from jaxmoe.compile_cmd import add_arguments as add_compile_arguments, cmd_compile
+
+    add_compile_arguments(command("compile", cmd_compile, "compile the train step for a TPU "
+                                  "topology on this host; memory, FLOPs, collectives, MFU"))
     from jaxmoe.convert.cli import add_parser as add_convert_parser  # imports no jax
 
     add_convert_parser(sub)
@@ -71,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except config_lib.ConfigError as e:
         print(f"jaxmoe: config error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        # Imported only if loaded: a MeshError/MultiHostError implies its module was.
+        mesh, multi = sys.modules.get("sharding.mesh"), sys.modules.get("sharding.multihost")
+        if not ((mesh and isinstance(e, mesh.MeshError))
+                or (multi and isinstance(e, multi.MultiHostError))):
+            raise
+        print(f"jaxmoe: mesh error: {e}", file=sys.stderr)
         return 2
 
 
