@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compile_arguments(command("compile", cmd_compile, "compile the train step for a TPU "
                                   "topology on this host; memory, FLOPs, collectives, MFU"))
+    from jaxmoe.checkpoint.cli import add_parser as add_checkpoint_parser  # imports no jax
+
+    add_checkpoint_parser(sub)
     from jaxmoe.convert.cli import add_parser as add_convert_parser  # imports no jax
 
     add_convert_parser(sub)
@@ -95,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"jaxmoe: mesh error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # Imported here: whatever raised a CheckpointError has already imported it.
+        from jaxmoe.checkpoint.damage import CheckpointError
+
+        if not isinstance(e, CheckpointError):
+            raise
+        print(f"jaxmoe: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,1 +1,42 @@
-"""Checkpointing on orbax-checkpoint + tensorstore."""
+"""Checkpoints on orbax-checkpoint + TensorStore (OCDBT, zarr3): async, sharded, resharding.
+
+Public API (imported lazily, so `jaxmoe --help` does not load orbax):
+    CheckpointError                       one-line error: missing, damaged or mismatched
+    checkpoint_dir(run_dir)               run_dir/checkpoints
+    make_manager(dir, keep_last=, keep_every=, async_save=, compression=, read_only=)
+    save(manager, step, state, config, data_state)          async unless async_save=False
+    restore(manager, step, abstract_state) -> Restored(step, state, data_state, config)
+    incomplete_checkpoints(dir)           saves that never finished
+    RunCheckpointer(run_dir, cfg)         the training loop's resume / periodic / final saves
+    PreemptionGuard()                     SIGTERM/SIGINT -> save at the step boundary, exit 0
+    describe(path), export_params(path, out, dtype=), restore_params(path, dtype=)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_API = {
+    "CheckpointError": "damage",
+    "checkpoint_dir": "manager",
+    "make_manager": "manager",
+    "save": "manager",
+    "restore": "manager",
+    "Restored": "manager",
+    "incomplete_checkpoints": "manager",
+    "RunCheckpointer": "run",
+    "PreemptionGuard": "run",
+    "abstract_state": "run",
+    "describe": "inspect",
+    "export_params": "inspect",
+    "restore_params": "inspect",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'jaxmoe.checkpoint' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"jaxmoe.checkpoint.{_API[name]}"), name)

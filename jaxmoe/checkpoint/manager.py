@@ -1,32 +1,185 @@
-"""Orbax checkpoints of the training state (parameters, optimizer state, step, RNG, router
-biases) plus the resolved config, under `run_dir/checkpoints/<step>/`."""
+"""Orbax checkpoints of a training run: one directory per step under `run_dir/checkpoints/`.
+
+A checkpoint `checkpoints/<step>/` holds three items:
+    state/   the TrainState pytree (params, optimizer state, step, RNG key, router biases) as
+             TensorStore arrays (OCDBT key-value store, zarr3 shards); each process writes the
+             shards it owns, and a restore reads exactly the slices each device needs
+    data/    the training data iterator's state, one JSON file per process (its own shard)
+    config/  the resolved config as JSON
+Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when every process
+has finished, so a directory named by a bare step number is complete; anything else is a save
+that never finished. Nothing here uses pickle: arrays are raw bytes + JSON metadata.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
 
+from jaxmoe.checkpoint.damage import CheckpointError, check_shapes, explain
+
+ITEMS = ("state", "data", "config")
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+# ----------------------------------------------------------------------------- data item
+
+class PerProcessJsonHandler(ocp.JsonCheckpointHandler):
+    """Every process writes its own `process_<i>-of-<n>.json` (its data shard's position)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @staticmethod
+    def filename() -> str:
+        return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    async def _save_fn(self, x, directory):
+        (directory / self.filename()).write_text(json.dumps(x))
+
+    def restore(self, directory, item=None, args=None) -> dict[str, Any] | None:
+        """This process's saved state; None when it was saved by a different process count."""
+        path = Path(directory) / self.filename()
+        if not path.exists():
+            return None
+        return json.loads(path.read_text())
+
+
+@ocp.args.register_with_handler(PerProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class PerProcessJsonSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(PerProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class PerProcessJsonRestore(ocp.args.CheckpointArgs):
+    item: Any = None
+
+
+# ----------------------------------------------------------------------------- manager
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir).absolute() / "checkpoints"
 
 
-def make_manager(run_dir: str | Path, keep: int = 3) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options,
-                                 item_names=("state", "config"))
+def make_manager(directory: str | Path, *, keep_last: int = 3, keep_every: int = 0,
+                 async_save: bool = True, compression: bool = False,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+    """A CheckpointManager over `directory` (a run's `checkpoints/` folder).
+
+    keep_last: the newest K checkpoints are kept; keep_every: steps that are multiples of M
+    are kept forever as well (0: none). async_save: `save` returns once arrays are copied to
+    host memory and the bytes are written by a background thread. compression: zstd on each
+    chunk (costs CPU time during training; float weights shrink ~10%)."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last}: expected >= 1")
+    policies: list[Any] = [ocm.LatestN(keep_last)]
+    if keep_every:
+        policies.append(ocm.EveryNSteps(keep_every))
+    options = ocp.CheckpointManagerOptions(
+        create=not read_only, read_only=read_only,
+        enable_async_checkpointing=async_save,
+        preservation_policy=ocm.AnyPreservationPolicy(policies),
+        cleanup_tmp_directories=not read_only)
+    handlers = {
+        "state": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True,
+                                             use_compression=compression),
+        "data": PerProcessJsonHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                 item_handlers=handlers)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, config: dict) -> None:
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               config=ocp.args.JsonSave(config)))
+def incomplete_checkpoints(directory: str | Path) -> list[Path]:
+    """Step directories whose save never finished (the process died while writing)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if TMP_MARKER in p.name)
 
 
-def restore(manager: ocp.CheckpointManager, step: int | None, abstract_state: Any):
-    """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with shardings)."""
-    step = manager.latest_step() if step is None else step
-    out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()))
-    return out.state, out.config
+def save(manager: ocp.CheckpointManager, step: int, state: Any, config: dict[str, Any],
+         data_state: dict[str, Any] | None = None) -> None:
+    """Starts saving `state` (and the data iterator state, config) as step `step`.
+
+    With an async manager this returns once the arrays are on the host; the write continues
+    in the background (`manager.wait_until_finished()` waits for it). `data_state` is copied
+    through JSON now, so the iterator may move on immediately."""
+    items = {"state": ocp.args.PyTreeSave(state),
+             "config": ocp.args.JsonSave(json.loads(json.dumps(config)))}
+    if data_state is not None:
+        items["data"] = PerProcessJsonSave(json.loads(json.dumps(data_state)))
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+@dataclasses.dataclass
+class Restored:
+    """What a checkpoint held: the state pytree, this process's data state, the config."""
+
+    step: int
+    state: Any
+    data_state: dict[str, Any] | None
+    config: dict[str, Any]
+
+
+def step_path(manager: ocp.CheckpointManager, step: int) -> Path:
+    return Path(manager.directory) / str(step)
+
+
+def stored_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
+    """The stored array metadata tree of item `state` (shapes, dtypes, shardings)."""
+    where = step_path(manager, step)
+    if not (where / "state" / "_METADATA").is_file():
+        raise CheckpointError(f"checkpoint {where}: file state/_METADATA is missing; the "
+                              "checkpoint is incomplete or damaged")
+    try:
+        meta = manager.item_metadata(step)["state"]
+    except Exception as e:  # orbax wraps JSON / file errors in several types
+        raise explain(e, where) from e
+    if meta is None:
+        raise CheckpointError(f"checkpoint {where}: item state has no readable metadata")
+    return meta
+
+
+def restore(manager: ocp.CheckpointManager, step: int | None, abstract_state: Any, *,
+            data: bool = True) -> Restored:
+    """Restores step `step` (None: the latest) onto the shardings of `abstract_state`.
+
+    abstract_state: a pytree of `jax.ShapeDtypeStruct`s with `.sharding` set (e.g.
+    `jax.eval_shape` of the jitted init). Each device's shard is read from TensorStore
+    directly, so a checkpoint saved on one mesh restores onto any other (and no host ever
+    holds a whole array that is sharded). Raises CheckpointError (one line) on a missing step,
+    damaged files, or a config whose shapes differ from the stored ones."""
+    if step is None:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"checkpoint directory {manager.directory}: no complete "
+                                  "checkpoint")
+    where = step_path(manager, step)
+    if not where.is_dir():
+        raise CheckpointError(f"checkpoint {where}: no such checkpoint (complete steps: "
+                              f"{list(manager.all_steps())})")
+    check_shapes(where, stored_metadata(manager, step), abstract_state)
+    items: dict[str, Any] = {
+        "state": ocp.args.PyTreeRestore(
+            item=abstract_state,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
+        "config": ocp.args.JsonRestore(),
+    }
+    has_data = data and (where / "data").is_dir()
+    if has_data:
+        items["data"] = PerProcessJsonRestore()
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:
+        raise explain(e, where) from e
+    return Restored(step, out["state"], out["data"] if has_data else None, out["config"])
+

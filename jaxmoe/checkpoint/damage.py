@@ -1,0 +1,120 @@
+"""Turning a damaged or mismatched checkpoint into one readable line.
+
+Orbax and TensorStore report a truncated data file or a missing manifest as a chain of
+exceptions whose useful part (the array's name, the byte range) sits several causes deep,
+next to a JSON spec of a few kilobytes. `explain` walks that chain and returns
+`checkpoint <dir>: array <name>: <problem>`; `check_shapes` compares the stored array metadata
+with the arrays the current config expects before any byte is read, so a config mismatch
+names the array and both shapes instead of failing inside a TensorStore read.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, damaged or does not fit the config (one line)."""
+
+
+def flat_names(tree: Any) -> dict[str, Any]:
+    """`{"params.embedder.embedding.value": leaf, ...}`: leaves keyed like orbax names them.
+
+    Orbax joins the keys of a leaf's path with dots (dict keys, attribute names and sequence
+    indices alike), so the same function keys both a target pytree and stored metadata."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out[".".join(_key_str(k) for k in path)] = leaf
+    return out
+
+
+def _key_str(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _stored_shape(leaf: Any) -> tuple[int, ...]:
+    """The shape an array is stored with: typed PRNG keys are stored as their key data."""
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        abstract = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+        return tuple(jax.eval_shape(jax.random.key_data, abstract).shape)
+    return tuple(leaf.shape)
+
+
+def check_shapes(step_dir: Path, stored: Any, target: Any) -> None:
+    """Raises CheckpointError naming the first array whose stored shape differs from `target`.
+
+    stored: the item's metadata tree (leaves with `.shape`); target: the pytree to restore
+    (leaves with `.shape`). Missing and unexpected arrays are reported the same way."""
+    have, want = flat_names(stored), flat_names(target)
+    problems = []
+    for name, leaf in want.items():
+        shape = _stored_shape(leaf)
+        if name not in have:
+            problems.append(f"array {name}: missing from the checkpoint (the config expects "
+                            f"shape {shape})")
+        elif tuple(have[name].shape) != shape:
+            problems.append(f"array {name}: stored shape {tuple(have[name].shape)} but the "
+                            f"config expects {shape}")
+    for name in have.keys() - want.keys():
+        problems.append(f"array {name}: in the checkpoint but not in the model this config "
+                        "builds")
+    if problems:
+        more = f" (and {len(problems) - 1} more mismatches)" if len(problems) > 1 else ""
+        raise CheckpointError(f"checkpoint {step_dir}: {problems[0]}{more}; the config does "
+                              "not match the checkpoint")
+
+
+# TensorStore names the array it was reading as the first component of a kvstore key:
+# `Error reading "params.lm_head.value/0.1"` or `Metadata at "step/zarr.json" ... does not
+# exist`. Absolute file paths start with "/" and never match.
+_ARRAY_KEY = re.compile(r'"([A-Za-z0-9_.\-]+)/(?:zarr\.json|\.zarray|[0-9.]*|c/[0-9/]*)"')
+_SPEC = re.compile(r"\s*\[tensorstore_spec[^\]]*\]|\s*See full TensorStore details:.*", re.S)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen, out = set(), []
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _problem(message: str) -> str:
+    text = _SPEC.sub("", message).strip().splitlines()[0] if message.strip() else ""
+    hint = ""
+    if "OUT_OF_RANGE" in text or "byte range" in text:
+        hint = " — a data file is truncated"
+    elif ("NOT_FOUND" in text or "does not exist" in text or "No such file" in text
+          or "size of 0 bytes" in text):  # OCDBT reads a deleted data file as empty
+        hint = " — a file of the checkpoint is missing (or empty)"
+    elif "DATA_LOSS" in text or "checksum" in text.lower():
+        hint = " — a data file is corrupt"
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return text + hint
+
+
+def explain(exc: BaseException, step_dir: Path, item: str = "state") -> CheckpointError:
+    """A one-line CheckpointError for an exception raised while restoring `step_dir`."""
+    if isinstance(exc, CheckpointError):
+        return exc
+    chain = _chain(exc)
+    array = None
+    for e in chain:
+        match = _ARRAY_KEY.search(str(e))
+        if match:
+            array = match.group(1)
+            break
+    # The innermost message is TensorStore's own (status code, key, byte range).
+    detail = next((_problem(str(e)) for e in reversed(chain) if str(e).strip()),
+                  type(exc).__name__)
+    where = f"array {array}" if array else f"item {item}"
+    return CheckpointError(f"checkpoint {step_dir}: {where}: {detail}")

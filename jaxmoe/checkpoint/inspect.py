@@ -1,0 +1,201 @@
+"""Reading checkpoints without the model: a listing of their arrays, and params-only exports.
+
+`describe(DIR)` lists every stored array (shape, dtype, sharding, bytes), the step, the data
+iterator files and the config, from metadata only (no array bytes are read).
+`export_params(DIR, OUT, dtype)` writes the parameters alone (optionally cast, e.g. to
+bfloat16 for inference) as `OUT/params/` (same OCDBT + zarr3 format) plus `OUT/config.json`;
+`restore_params(PATH)` reads either kind back as a nested dict of arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import yaml
+from etils import epath
+
+from jaxmoe.checkpoint.damage import CheckpointError, explain, flat_names
+from jaxmoe.checkpoint.manager import TMP_MARKER
+
+EXPORT_MARKER = "export.json"
+
+
+def resolve_step_dir(path: str | Path) -> Path:
+    """A run directory, its `checkpoints/` folder, a step folder or an export -> the folder
+    holding the arrays (the latest complete step when several are present)."""
+    p = Path(path).absolute()
+    if (p / "state").is_dir() or (p / EXPORT_MARKER).is_file():
+        return p
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if not p.is_dir():
+        raise CheckpointError(f"{path}: no such directory")
+    steps = sorted(int(c.name) for c in p.iterdir()
+                   if c.name.isdigit() and (c / "state").is_dir())
+    if not steps:
+        partial = [c.name for c in p.iterdir() if TMP_MARKER in c.name]
+        raise CheckpointError(
+            f"{path}: no complete checkpoint (expected a run directory, its checkpoints/ "
+            "folder, a step folder holding state/, or an export)"
+            + (f"; incomplete saves: {', '.join(sorted(partial))}" if partial else ""))
+    return p / str(steps[-1])
+
+
+def _item(step_dir: Path) -> tuple[Path, bool]:
+    """(the array item's folder, whether it is an export)."""
+    exported = (step_dir / EXPORT_MARKER).is_file()
+    return step_dir / ("params" if exported else "state"), exported
+
+
+def read_metadata(step_dir: Path) -> dict[str, Any]:
+    """The stored array metadata (a nested dict; leaves have shape, dtype, sharding)."""
+    item, _ = _item(step_dir)
+    if not (item / "_METADATA").is_file():
+        raise CheckpointError(f"checkpoint {step_dir}: file {item.name}/_METADATA is missing; "
+                              "the checkpoint is incomplete or damaged")
+    try:
+        return ocp.PyTreeCheckpointHandler().metadata(epath.Path(item)).tree
+    except Exception as e:
+        raise explain(e, step_dir, item.name) from e
+
+
+def read_config(step_dir: Path) -> dict[str, Any] | None:
+    for path in (step_dir / "config" / "metadata", step_dir / "config.json"):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def _spec(leaf: Any) -> str:
+    spec = getattr(leaf.sharding, "partition_spec", None)
+    if spec is None:
+        return "-"
+    if not any(spec):
+        return "replicated"
+    return "(" + ", ".join("None" if s is None else s if isinstance(s, str)
+                           else "+".join(s) for s in spec) + ")"
+
+
+def _bytes(leaf: Any) -> int:
+    return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def describe(path: str | Path, *, config: bool = True) -> str:
+    """A listing of the checkpoint at `path` (see `resolve_step_dir`) as text."""
+    step_dir = resolve_step_dir(path)
+    leaves = flat_names(read_metadata(step_dir))
+    _, exported = _item(step_dir)
+    on_disk = sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file())
+    total = sum(_bytes(v) for v in leaves.values())
+    mesh = next((dict(zip(v.sharding.axis_names, np.asarray(v.sharding.shape).tolist()))
+                 for v in leaves.values() if hasattr(v.sharding, "axis_names")), None)
+    header = json.loads((step_dir / EXPORT_MARKER).read_text()) if exported else None
+    step = header["step"] if exported else step_dir.name
+    lines = [f"checkpoint {step_dir}" + (" (params-only export)" if exported else ""),
+             f"step {step}; {len(leaves)} arrays, {_human(total)} in memory, "
+             f"{_human(on_disk)} on disk"
+             + (f"; saved on mesh {mesh}" if mesh else "")]
+    width = max(len(n) for n in leaves) + 2
+    lines.append(f"{'array':<{width}}{'shape':<22}{'dtype':<10}{'sharding':<30}{'bytes':>14}")
+    for name in sorted(leaves):
+        v = leaves[name]
+        lines.append(f"{name:<{width}}{str(tuple(v.shape)):<22}{str(np.dtype(v.dtype)):<10}"
+                     f"{_spec(v):<30}{_bytes(v):>14,}")
+    groups: dict[str, int] = {}
+    for name, v in leaves.items():
+        groups[name.split(".")[0]] = groups.get(name.split(".")[0], 0) + _bytes(v)
+    lines.append("totals: " + ", ".join(f"{g} {_human(b)}" for g, b in sorted(groups.items())))
+    data = sorted(p.name for p in (step_dir / "data").glob("process_*.json"))
+    if data:
+        states = [json.loads((step_dir / "data" / n).read_text()) for n in data]
+        batches = [s.get("batches") for s in states if isinstance(s, dict)]
+        lines.append(f"data iterator: {len(data)} process file(s) ({', '.join(data)}); "
+                     f"batches consumed per process: {batches}")
+    elif not exported:
+        lines.append("data iterator: none saved")
+    cfg = read_config(step_dir)
+    if config and cfg is not None:
+        lines.append("config:")
+        lines.extend("  " + l for l in yaml.safe_dump(cfg, sort_keys=False).splitlines())
+    return "\n".join(lines)
+
+
+def restore_params(path: str | Path, *, dtype: Any = None,
+                   sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
+    """The parameters of a training checkpoint or an export, as a nested dict of arrays.
+
+    dtype: cast floating arrays while reading (None keeps the stored dtype); sharding: where
+    every array goes (default: the first local device)."""
+    step_dir = resolve_step_dir(path)
+    item, exported = _item(step_dir)
+    meta = read_metadata(step_dir)
+    params_meta = meta if exported else meta.get("params")
+    if params_meta is None:
+        raise CheckpointError(f"checkpoint {step_dir}: no params in item {item.name}")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target(leaf):
+        cast = dtype is not None and np.issubdtype(np.dtype(leaf.dtype), np.floating)
+        return jax.ShapeDtypeStruct(leaf.shape, dtype if cast else leaf.dtype,
+                                    sharding=sharding)
+
+    abstract = jax.tree.map(target, params_meta)
+    if not exported:
+        abstract = {"params": abstract}
+    args = ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=not exported)
+    try:
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+            out = checkpointer.restore(epath.Path(item), args=args)
+    except Exception as e:
+        raise explain(e, step_dir, item.name) from e
+    return out if exported else out["params"]
+
+
+def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:
+    """Writes the parameters of the checkpoint at `path` to `out` (which must not exist).
+
+    The export is assembled in a sibling temporary folder and renamed into place, so `out`
+    either holds a complete export or does not exist."""
+    out = Path(out).absolute()
+    if out.exists():
+        raise CheckpointError(f"{out}: already exists; choose a new output directory")
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise CheckpointError(f"--dtype {dtype}: expected float32, bfloat16 or float16")
+    step_dir = resolve_step_dir(path)
+    params = restore_params(step_dir, dtype=None if dtype is None else jax.numpy.dtype(dtype))
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True)
+        with ocp.Checkpointer(handler) as checkpointer:
+            checkpointer.save(epath.Path(tmp / "params"), args=ocp.args.PyTreeSave(params))
+        cfg = read_config(step_dir)
+        if cfg is not None:
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+        header = {"source": str(step_dir), "step": int(step_dir.name) if
+                  step_dir.name.isdigit() else None, "dtype": dtype or "as stored"}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(header, indent=1))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,177 @@
+"""Checkpointing policy of one training run: resume, periodic async saves, preemption.
+
+The training loop calls, in order:
+    ckpt = RunCheckpointer(run_dir, cfg)          # logs and removes unfinished saves
+    state, start = ckpt.restore_or_init(trainer, train_iter)
+    with PreemptionGuard() as guard:
+        for step in range(start + 1, steps + 1):
+            ...train...
+            ckpt.maybe_save(step, state, train_iter)     # every train.checkpoint_every (async)
+            if guard.should_stop(step):
+                ckpt.save(step, state, train_iter, wait=True); return
+    ckpt.save(steps, state, train_iter, wait=True); ckpt.close()
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxmoe import config as config_lib
+from jaxmoe.checkpoint import manager as ckpt
+from jaxmoe.checkpoint.damage import CheckpointError
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"checkpoint: {message}", flush=True)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`["train.steps: 10 -> 20", ...]`: the dotted keys whose values differ."""
+    # Through JSON first: the stored config went through it (tuples became lists).
+    a, b = _flat(json.loads(json.dumps(stored))), _flat(json.loads(json.dumps(current)))
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def abstract_state(trainer: Any) -> Any:
+    """ShapeDtypeStructs (with the trainer's shardings) of the state `trainer.init` builds."""
+    abstract = jax.eval_shape(trainer.init)
+    missing = [a for a in jax.tree.leaves(abstract) if getattr(a, "sharding", None) is None]
+    if missing:
+        raise CheckpointError(f"trainer.init: {len(missing)} outputs have no sharding; "
+                              "expected a jit with out_shardings")
+    return abstract
+
+
+class RunCheckpointer:
+    """Saves and restores the checkpoints of one run directory (`run_dir/checkpoints`)."""
+
+    def __init__(self, run_dir: str | Path, cfg: config_lib.Config, *,
+                 async_save: bool = True):
+        self.directory = ckpt.checkpoint_dir(run_dir)
+        self.cfg = cfg
+        self._config = config_lib.to_dict(cfg)
+        for path in ckpt.incomplete_checkpoints(self.directory):
+            _log(f"ignoring incomplete checkpoint {path} (its save never finished, e.g. the "
+                 "process was killed while writing); removing it")
+            if jax.process_index() == 0:  # now, not in orbax's background clean-up
+                shutil.rmtree(path, ignore_errors=True)
+        t = cfg.train
+        self.manager = ckpt.make_manager(self.directory, keep_last=t.keep_checkpoints,
+                                         keep_every=t.keep_every, async_save=async_save)
+        self.last_saved = self.manager.latest_step()
+
+    def path(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def restore_or_init(self, trainer: Any, train_iter: Any) -> tuple[Any, int]:
+        """(state, step): the latest complete checkpoint, or a fresh `trainer.init()` at 0.
+
+        The data iterator is moved to where the checkpointed run stood, so the resumed run
+        sees exactly the batches the uninterrupted run would have seen."""
+        step = self.manager.latest_step()
+        if step is None:
+            with trainer.context():
+                return trainer.init(), 0
+        restored = ckpt.restore(self.manager, step, abstract_state(trainer))
+        stored_step = int(np.asarray(jax.device_get(restored.state.step)))
+        if stored_step != step:
+            raise CheckpointError(f"checkpoint {self.path(step)}: array step holds "
+                                  f"{stored_step}, expected {step}; the checkpoint is damaged")
+        if restored.data_state is not None:
+            train_iter.set_state(restored.data_state)
+        else:
+            _log(f"{self.path(step)} has no data-iterator state for process "
+                 f"{jax.process_index()} of {jax.process_count()}; the data restarts from its "
+                 "beginning, so batches differ from the interrupted run")
+        diff = config_diff(restored.config, self._config)
+        if diff:
+            _log(f"config differs from the checkpoint's: {'; '.join(diff)}")
+        _log(f"resumed from {self.path(step)} (step {step})")
+        return restored.state, step
+
+    def maybe_save(self, step: int, state: Any, train_iter: Any) -> bool:
+        """Starts an async save when `step` is a multiple of train.checkpoint_every."""
+        every = self.cfg.train.checkpoint_every
+        if every and step % every == 0:
+            self.save(step, state, train_iter)
+            return True
+        return False
+
+    def save(self, step: int, state: Any, train_iter: Any, *, wait: bool = False) -> Path:
+        """Saves step `step` (unless it already is); `wait` blocks until it is on disk."""
+        if step != self.last_saved:
+            ckpt.save(self.manager, step, state, self._config, train_iter.get_state())
+            self.last_saved = step
+        if wait:
+            self.manager.wait_until_finished()
+        return self.path(step)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class PreemptionGuard:
+    """Turns SIGTERM / SIGINT into "save at the next step boundary and exit 0".
+
+    Single process: a signal handler sets a flag that `should_stop` reports; a second SIGINT
+    raises KeyboardInterrupt (a way out when saving hangs). Several processes must agree on
+    the step they stop at, so there SIGTERM goes through JAX's preemption service
+    (`reached_preemption_sync_point`, which picks one step for all) and SIGINT keeps its
+    default behaviour."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self.signals = signals
+        self.received: int | None = None
+        self._previous: dict[int, Callable | int | None] = {}
+        self._multi = False
+
+    def __enter__(self) -> PreemptionGuard:
+        self._multi = jax.process_count() > 1
+        if threading.current_thread() is threading.main_thread() and not self._multi:
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def should_stop(self, step: int) -> bool:
+        if self._multi:
+            from jax.experimental import multihost_utils
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    self.received = signal.SIGTERM
+            except RuntimeError:  # no preemption service (jax_enable_preemption_service off)
+                pass
+        return self.received is not None
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

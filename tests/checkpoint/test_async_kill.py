@@ -1,0 +1,65 @@
+"""A process SIGKILLed while an async save is being written leaves the previous checkpoint
+usable; the partial one is ignored (and removed) on resume, with a log line saying so.
+Also: SIGTERM / SIGINT handling of `PreemptionGuard` in this process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmoe.checkpoint import manager as ckpt
+from jaxmoe.checkpoint.run import PreemptionGuard, RunCheckpointer
+from tests.checkpoint._helpers import ROOT, subprocess_env, tiny_config
+
+WORKER = ROOT / "tests" / "checkpoint" / "_save_worker.py"
+
+
+def test_sigkill_during_async_save(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    directory = ckpt.checkpoint_dir(run_dir)
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(directory)], cwd=ROOT,
+                            env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "saved 1"
+        assert proc.stdout.readline().strip() == "saving 2"
+        proc.send_signal(signal.SIGKILL)  # while step 2's bytes are being written
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    partial = ckpt.incomplete_checkpoints(directory)
+    assert partial, "step 2 finished saving before the kill; make the worker's arrays larger"
+    assert not (directory / "2").exists()
+
+    checkpoints = RunCheckpointer(run_dir, tiny_config())
+    log = capsys.readouterr().out
+    assert f"ignoring incomplete checkpoint {partial[0]}" in log, log
+    assert not ckpt.incomplete_checkpoints(directory), "the partial save was not removed"
+    assert list(checkpoints.manager.all_steps()) == [1]
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"w": jax.ShapeDtypeStruct((4, 16 * 1024 * 1024), np.float32, sharding=sharding),
+              "step": jax.ShapeDtypeStruct((), np.int32, sharding=sharding)}
+    restored = ckpt.restore(checkpoints.manager, None, target)
+    assert restored.step == 1 and restored.data_state == {"batches": 1}
+    assert int(restored.state["step"]) == 1
+    w = np.asarray(restored.state["w"])
+    assert w.min() == w.max() == 1.0
+    checkpoints.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_guard(sig):
+    previous = signal.getsignal(sig)
+    with PreemptionGuard() as guard:
+        assert not guard.should_stop(1)
+        os.kill(os.getpid(), sig)
+        assert guard.should_stop(2) and guard.signal_name == signal.Signals(sig).name
+        if sig == signal.SIGINT:  # a second Ctrl-C interrupts at once
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+    assert signal.getsignal(sig) is previous

@@ -1,0 +1,71 @@
+"""`jaxmoe checkpoint inspect` and `jaxmoe checkpoint export-params`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmoe import cli
+from jaxmoe import config as config_lib
+from jaxmoe.checkpoint import manager as ckpt
+from jaxmoe.checkpoint.damage import flat_names
+from jaxmoe.checkpoint.inspect import restore_params
+from jaxmoe.train.loop import build_trainer
+from tests.checkpoint._helpers import host, perturbed, tiny_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(run directory with checkpoints 2 and 3, host copy of step 3's params)."""
+    trainer = build_trainer(tiny_config("mesh.data=1"), jax.devices()[:1])
+    with trainer.context():
+        state = perturbed(trainer.init())
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    manager = ckpt.make_manager(ckpt.checkpoint_dir(run_dir))
+    config = config_lib.to_dict(trainer.cfg)
+    ckpt.save(manager, 2, state, config, {"batches": 2})
+    ckpt.save(manager, 3, state, config, {"batches": 3})
+    manager.close()
+    return run_dir, flat_names(host(state.params))
+
+
+def test_inspect(run, capsys):
+    run_dir, params = run
+    assert cli.main(["checkpoint", "inspect", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"checkpoint {run_dir / 'checkpoints' / '3'}\nstep 3; ")
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("params.")}
+    assert rows.keys() == {f"params.{n}" for n in params}
+    for name, value in params.items():
+        row = rows[f"params.{name}"]
+        assert str(value.shape) in row and str(value.dtype) in row
+        assert row.endswith(f"{value.nbytes:,}")
+    assert "opt_state.1.0.mu.lm_head.value" in out and "rng" in out
+    total = sum(v.nbytes for v in params.values())
+    assert f"params {total / 1e6:.1f} MB" in out
+    assert "data iterator: 1 process file(s) (process_0-of-1.json); batches consumed per " \
+           "process: [3]" in out
+    assert "config:" in out and "  embed_dim: 128" in out
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_export_params(run, tmp_path, capsys, dtype):
+    run_dir, params = run
+    out = tmp_path / "export"
+    argv = ["checkpoint", "export-params", str(run_dir / "checkpoints" / "2"), str(out)]
+    assert cli.main(argv + (["--dtype", dtype] if dtype else [])) == 0
+    assert f"to {out}" in capsys.readouterr().out
+    exported = flat_names(restore_params(out))
+    assert exported.keys() == params.keys()
+    for name, value in params.items():
+        want = value if dtype is None else np.asarray(jnp.asarray(value).astype(dtype))
+        got = np.asarray(exported[name])
+        assert got.dtype == want.dtype, name
+        np.testing.assert_array_equal(got, want, err_msg=name)  # a cast is exact: no tolerance
+    assert cli.main(["checkpoint", "inspect", str(out), "--no-config"]) == 0
+    listing = capsys.readouterr().out
+    assert "(params-only export)" in listing and "step 2;" in listing
+    assert cli.main(argv) == 1  # the output exists: refused, nothing overwritten
+    assert "already exists" in capsys.readouterr().err

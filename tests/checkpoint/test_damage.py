@@ -1,0 +1,141 @@
+"""Damaged checkpoints and mismatched configs fail with one line naming the checkpoint, the
+array and the problem; nothing is unpickled while reading a checkpoint."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import jax
+import pytest
+
+from jaxmoe import cli
+from jaxmoe import config as config_lib
+from jaxmoe.checkpoint import manager as ckpt
+from jaxmoe.checkpoint.damage import CheckpointError, flat_names
+from jaxmoe.checkpoint.inspect import describe
+from jaxmoe.checkpoint.run import abstract_state
+from jaxmoe.train.loop import build_trainer
+from tests.checkpoint._helpers import assert_trees_equal, host, tiny_config
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(checkpoints dir, host copy of the state, the trainer) for a 1-device tiny model."""
+    trainer = build_trainer(tiny_config("mesh.data=1"), jax.devices()[:1])
+    with trainer.context():
+        state = trainer.init()
+    directory = tmp_path_factory.mktemp("damage") / "checkpoints"
+    manager = ckpt.make_manager(directory)
+    ckpt.save(manager, 3, state, config_lib.to_dict(trainer.cfg), {"batches": 3})
+    manager.close()
+    return directory, host(state), trainer
+
+
+def copy(saved, tmp_path: Path) -> Path:
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(saved[0], directory)
+    return directory
+
+
+def restore(directory: Path, target):
+    return ckpt.restore(ckpt.make_manager(directory, read_only=True), None, target)
+
+
+def data_files(directory: Path) -> list[Path]:
+    """The OCDBT data files of step 3's arrays, largest first."""
+    files = [p for p in (directory / "3" / "state").rglob("d/*") if p.is_file()]
+    assert files, "no OCDBT data files found"
+    return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+
+
+def assert_one_line(err: CheckpointError, *parts: str) -> None:
+    message = str(err)
+    assert "\n" not in message, message
+    for part in parts:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+def named_array(message: str, directory: Path) -> str:
+    """The array a message names, checked against the arrays the checkpoint holds."""
+    name = message.split("array ", 1)[1].split(":", 1)[0]
+    manager = ckpt.make_manager(directory, read_only=True)
+    stored = flat_names(ckpt.stored_metadata(manager, 3))
+    assert name in stored, f"{name} is not an array of the checkpoint"
+    return name
+
+
+def test_intact_copy_restores(saved, tmp_path):
+    directory = copy(saved, tmp_path)
+    restored = restore(directory, abstract_state(saved[2]))
+    assert_trees_equal(restored.state, saved[1])
+
+
+def test_truncated_array_file(saved, tmp_path):
+    directory = copy(saved, tmp_path)
+    victim = data_files(directory)[0]
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    with pytest.raises(CheckpointError) as err:
+        restore(directory, abstract_state(saved[2]))
+    assert_one_line(err.value, f"checkpoint {directory / '3'}: array ", "truncated")
+    named_array(str(err.value), directory)
+
+
+def test_missing_array_file(saved, tmp_path):
+    directory = copy(saved, tmp_path)
+    data_files(directory)[0].unlink()
+    with pytest.raises(CheckpointError) as err:
+        restore(directory, abstract_state(saved[2]))
+    assert_one_line(err.value, f"checkpoint {directory / '3'}: array ", "missing")
+    named_array(str(err.value), directory)
+
+
+def test_missing_metadata_file(saved, tmp_path):
+    directory = copy(saved, tmp_path)
+    (directory / "3" / "state" / "_METADATA").unlink()
+    with pytest.raises(CheckpointError) as err:
+        restore(directory, abstract_state(saved[2]))
+    assert_one_line(err.value, f"checkpoint {directory / '3'}: file state/_METADATA is "
+                               "missing")
+
+
+@pytest.mark.parametrize("override, array, stored, expected", [
+    ("model.embed_dim=64", "params.embedder.embedding.value", "(512, 128)", "(512, 64)"),
+    ("model.num_experts=8", "params.moe.units.block0.ffn.router.kernel.value",
+     "(1, 128, 4)", "(1, 128, 8)"),
+])
+def test_mismatched_config(saved, override, array, stored, expected):
+    other = build_trainer(tiny_config("mesh.data=1", override), jax.devices()[:1])
+    with pytest.raises(CheckpointError) as err:
+        restore(saved[0], abstract_state(other))
+    assert_one_line(err.value, f"checkpoint {saved[0] / '3'}: array {array}: stored shape "
+                               f"{stored} but the config expects {expected}",
+                    "more mismatches")
+
+
+def test_missing_array_in_checkpoint(saved):
+    """A model with an extra layer needs arrays the checkpoint does not have."""
+    other = build_trainer(tiny_config("mesh.data=1", "model.qk_norm=true"), jax.devices()[:1])
+    with pytest.raises(CheckpointError) as err:
+        restore(saved[0], abstract_state(other))
+    assert_one_line(err.value, "missing from the checkpoint", "norm")
+
+
+def test_cli_reports_one_line(saved, tmp_path, capsys):
+    directory = copy(saved, tmp_path)
+    (directory / "3" / "state" / "_METADATA").unlink()
+    assert cli.main(["checkpoint", "inspect", str(directory)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxmoe: checkpoint ") and "\n" not in err, err
+
+
+def test_nothing_is_unpickled(saved, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint read called pickle")
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    restored = restore(saved[0], abstract_state(saved[2]))
+    assert_trees_equal(restored.state, saved[1])
+    assert "params.lm_head.value" in describe(saved[0])
