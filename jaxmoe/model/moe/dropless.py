@@ -1,8 +1,15 @@
-"""Dropless dispatch: sort token copies by expert, grouped matmul (`ragged_dot`), un-sort.
+"""Dropless dispatch: sort token copies by expert, grouped matmuls, un-sort, combine.
 
 Only the chosen experts do work: FLOPs are tokens * k * 3 * 2 * embed * expert_mlp, with no
-one-hot dispatch tensors. On GPU/TPU a Pallas grouped-matmul kernel can stand behind
-`grouped_matmul` without changing callers.
+one-hot dispatch tensors. Two grouped-matmul implementations stand behind `expert_ffn`:
+
+- `ragged_dot`: `jax.lax.ragged_dot`, a native grouped matmul on TPU (the default there);
+- `blocks`: rows are scattered into fixed-size blocks that each belong to one expert
+  (every expert's group padded to a multiple of the block size), then one batched matmul
+  with per-block expert weights. XLA:CPU lowers `ragged_dot` to a dense masked matmul over
+  *all* experts (E x the FLOPs, measured in tools/bench_train.py), so `blocks` is the default
+  off TPU; its padding costs at most experts x block rows (block size ~ rows / (16 experts),
+  so <= ~6% extra expert FLOPs).
 """
 
 from __future__ import annotations
@@ -14,6 +21,53 @@ import jax.numpy as jnp
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """x [rows, in] sorted by group, w [groups, in, out], group_sizes [groups] -> [rows, out]."""
     return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def default_impl() -> str:
+    return "ragged_dot" if jax.default_backend() == "tpu" else "blocks"
+
+
+def block_size(rows: int, groups: int) -> int:
+    """Largest power of two <= rows / (16 groups), within [8, 256]."""
+    target = max(rows // (16 * groups), 1)
+    return int(min(256, max(8, 1 << (target.bit_length() - 1))))
+
+
+def block_layout(group_sizes: jax.Array, rows: int, block: int):
+    """Where each sorted row goes in the block buffer.
+
+    Returns (dest [rows] int32: slot in a [num_blocks * block] buffer, or num_blocks * block
+    for rows past sum(group_sizes); block_group [num_blocks]: the group of each block;
+    num_blocks: static upper bound sum_g ceil(size_g / block) <= (rows + G (block-1)) / block).
+    """
+    groups = group_sizes.shape[0]
+    num_blocks = (rows + groups * (block - 1)) // block
+    blocks_per = (group_sizes + block - 1) // block
+    block_end = jnp.cumsum(blocks_per)
+    row_end = jnp.cumsum(group_sizes)
+    r = jnp.arange(rows, dtype=jnp.int32)
+    group_of_row = jnp.searchsorted(row_end, r, side="right")  # == groups for unused rows
+    g = jnp.minimum(group_of_row, groups - 1)
+    dest = (block_end[g] - blocks_per[g]) * block + r - (row_end[g] - group_sizes[g])
+    dest = jnp.where(group_of_row < groups, dest, num_blocks * block).astype(jnp.int32)
+    block_group = jnp.minimum(
+        jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right"), groups - 1)
+    return dest, block_group, num_blocks
+
+
+def _expert_ffn_blocks(x_sorted, group_sizes, w_gate, w_up, w_down):
+    rows, d = x_sorted.shape
+    block = block_size(rows, w_gate.shape[0])
+    dest, block_group, nb = block_layout(group_sizes, rows, block)
+    xb = jnp.zeros((nb * block, d), x_sorted.dtype).at[dest].set(x_sorted, mode="drop")
+    xb = xb.reshape(nb, block, d)
+
+    def mm(a, w):  # [nb, block, in] x per-block expert weights -> [nb, block, out]
+        return jnp.einsum("nbi,nio->nbo", a, jnp.take(w, block_group, axis=0))
+
+    h = jax.nn.silu(mm(xb, w_gate)) * mm(xb, w_up)
+    yb = mm(h, w_down).reshape(nb * block, d)
+    return jnp.take(yb, dest, axis=0, mode="fill", fill_value=0)
 
 
 def sort_by_expert(indices: jax.Array, num_experts: int):
@@ -28,20 +82,29 @@ def sort_by_expert(indices: jax.Array, num_experts: int):
 
 
 def expert_ffn(x_sorted: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
-               w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """SwiGLU per expert over rows sorted by expert. x_sorted [rows, embed] -> [rows, embed]."""
+               w_up: jax.Array, w_down: jax.Array, impl: str | None = None) -> jax.Array:
+    """SwiGLU per expert over rows sorted by expert. x_sorted [rows, embed] -> [rows, embed].
+
+    Rows past sum(group_sizes) (padding) give zeros. impl: "ragged_dot" | "blocks" | None
+    (None: `default_impl()` for the current backend).
+    """
+    impl = impl or default_impl()
+    if impl == "blocks":
+        return _expert_ffn_blocks(x_sorted, group_sizes, w_gate, w_up, w_down)
+    if impl != "ragged_dot":
+        raise ValueError(f"impl={impl!r}: expected 'ragged_dot' or 'blocks'")
     h = jax.nn.silu(grouped_matmul(x_sorted, w_gate, group_sizes))
     h = h * grouped_matmul(x_sorted, w_up, group_sizes)
     return grouped_matmul(h, w_down, group_sizes)
 
 
 def dropless_moe(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.Array,
-                 w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+                 w_up: jax.Array, w_down: jax.Array, impl: str | None = None) -> jax.Array:
     """x [tokens, embed], weights/indices [tokens, k], w_* [experts, ...] -> [tokens, embed]."""
     t, k = indices.shape
     order, group_sizes = sort_by_expert(indices, w_gate.shape[0])
     x_sorted = jnp.take(x, order // k, axis=0)  # [tokens*k, embed]
-    y_sorted = expert_ffn(x_sorted, group_sizes, w_gate, w_up, w_down)
+    y_sorted = expert_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, impl)
     inverse = jnp.argsort(order)
     y = jnp.take(y_sorted, inverse, axis=0).reshape(t, k, -1)
     out = jnp.einsum("tkd,tk->td", y.astype(weights.dtype), weights)
