@@ -20,7 +20,8 @@ _API = {
 }
 FORMAT_NAMES = ("deepseek_v3", "mixtral", "qwen2_moe", "qwen3_moe")  # == sorted(hf.FORMATS)
 
-__all__ = sorted(_API) + ["FORMAT_NAMES"]
+__all__ = ["FORMATS", "FORMAT_NAMES", "ConversionError", "LoadedModel", "Report", "from_hf",
+           "hf_model_config", "load_checkpoint", "to_hf"]
 
 
 def __getattr__(name: str) -> Any:

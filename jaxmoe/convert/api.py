@@ -11,8 +11,9 @@ training checkpoint, or a params-only checkpoint written by `from-hf`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +90,7 @@ def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> LoadedMo
             raise config_lib.ConfigError(f"model.{key}: cannot be overridden when loading a "
                                          f"checkpoint (allowed: {', '.join(_NUMERIC_ONLY)})")
     if set(diff) - {"model"}:
-        raise config_lib.ConfigError(f"{sorted(set(diff) - {'model'})[0]}: only model.* "
+        raise config_lib.ConfigError(f"{min(set(diff) - {'model'})}: only model.* "
                                      "overrides apply when loading a checkpoint")
     cfg = config_lib.validate(config_lib._build(config_lib.Config,
                                                 config_lib._merge(values, diff)))

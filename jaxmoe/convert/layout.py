@@ -13,7 +13,8 @@ HF linear weights are `[out, in]`; jaxmoe's are `[in, out]` (with heads split ou
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from jaxmoe.config import Config, ModelConfig
 from jaxmoe.model.decoder import layer_groups

@@ -22,6 +22,7 @@ import ast
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from jaxmoe import config as config_lib
 from jaxmoe.model import MoETransformer
 
 STATE_ITEM, CONFIG_ITEM = "state", "config"
+CONFIG_FILE = "metadata"  # orbax JsonCheckpointHandler's file name inside the config item
 EXPORT_MARKER, EXPORT_CONFIG = "export.json", "config.json"  # params-only exports
 COLLECTIONS = ("params", "rest")  # export items, and the top-level keys inside `state`
 
@@ -42,11 +44,18 @@ class CheckpointFormatError(ValueError):
     """A path is not a jaxmoe checkpoint, or it lacks an array (one line)."""
 
 
-def _key_str(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+def array_name(path: Sequence[Any]) -> str:
+    """Orbax's name for the leaf at pytree `path`: its keys (dict keys, attribute names,
+    sequence indices) joined by dots."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return ".".join(parts)
 
 
 def abstract_params(cfg: config_lib.ModelConfig) -> tuple[Any, dict[str, Any]]:
@@ -55,7 +64,7 @@ def abstract_params(cfg: config_lib.ModelConfig) -> tuple[Any, dict[str, Any]]:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path({"params": params, "rest": rest})[0]:
-        flat[".".join(_key_str(k) for k in path)] = leaf
+        flat[array_name(path)] = leaf
     return graphdef, flat
 
 
@@ -65,7 +74,7 @@ def fill_state(cfg: config_lib.ModelConfig, arrays: dict[str, Any]) -> tuple[Any
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def take(path, leaf):
-        name = ".".join(_key_str(k) for k in path)
+        name = array_name(path)
         value = arrays[name]
         if tuple(value.shape) != tuple(leaf.shape):
             raise CheckpointFormatError(f"array {name}: shape {tuple(value.shape)}, the config "

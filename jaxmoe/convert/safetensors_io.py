@@ -15,8 +15,8 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import ml_dtypes
 import numpy as np
@@ -182,7 +182,8 @@ class ShardedWriter:
                                    f"{t.shape} next (writer order is the plan's order)")
         if shard != self._open_shard:
             self._close_file()
-            self._file = open(self.directory / self.files[shard], "wb")
+            # Kept open across write() calls: one shard receives many tensors.
+            self._file = open(self.directory / self.files[shard], "wb")  # noqa: SIM115
             self._file.write(_header_bytes(self.shards[shard], self.metadata))
             self._open_shard = shard
         data = np.ascontiguousarray(array, dtype=t.dtype)

@@ -4,19 +4,16 @@ routing is far from uniform and a wrong expert, bias or permutation shows in the
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import jax
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-from jaxmoe.config import Config, ModelConfig  # noqa: E402
-from jaxmoe.convert.orbax_io import ParamsWriter, _key_str  # noqa: E402
-from jaxmoe.model import MoETransformer  # noqa: E402
+from jaxmoe.config import Config, ModelConfig
+from jaxmoe.convert.orbax_io import ParamsWriter, array_name
+from jaxmoe.model import MoETransformer
 
 TOL = 1e-4  # float32 logits, max absolute difference (logits are O(10))
 VOCAB = 64
@@ -48,7 +45,7 @@ def random_params(cfg: Config, seed: int = 0, bias: bool = False) -> dict[str, n
     q/k/v biases, and (bias=True) a random router selection bias."""
     model = MoETransformer(cfg.model, nnx.Rngs(seed))
     _, params, rest = nnx.split(model, nnx.Param, ...)
-    flat = {".".join(_key_str(k) for k in path): np.asarray(leaf) for path, leaf in
+    flat = {array_name(path): np.asarray(leaf) for path, leaf in
             jax.tree_util.tree_flatten_with_path({"params": params, "rest": rest})[0]}
     rng = np.random.default_rng(seed)
     for name, value in flat.items():
@@ -117,21 +114,21 @@ def hf_config(fmt: str):
 
 
 def save_random_hf(fmt: str, out: Path, seed: int = 0, dtype=None) -> Path:
-    """A random transformers model (std 0.3 weights, norms 1 +- 0.3, random biases) saved
-    with save_pretrained."""
+    """A random transformers model (std 0.3 weights, norms 1 +- 0.3, random biases) in `dtype`
+    (default float32) saved with save_pretrained."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(fmt), attn_implementation="eager")
+    # from_config(dtype=...) keeps transformers' float32 modules (DeepSeek's router) float32.
+    model = AutoModelForCausalLM.from_config(hf_config(fmt), attn_implementation="eager",
+                                             dtype=dtype or torch.float32)
     with torch.no_grad():
         for name, p in model.state_dict().items():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            if name.endswith(("norm.weight", "layernorm.weight")):
                 p.copy_(1 + 0.3 * torch.randn_like(p))
             else:
                 p.copy_(0.3 * torch.randn_like(p))
-    if dtype is not None:
-        model = model.to(dtype)
     model.save_pretrained(out)
     return out
 
@@ -143,7 +140,7 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
     out = {}
     for f in sorted(Path(directory).glob("*.safetensors")):
         with safe_open(f, framework="pt") as st:
-            for name in st.keys():
+            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                 t = st.get_tensor(name).contiguous()
                 out[name] = (str(t.dtype), tuple(t.shape), t.view(-1).view(torch.uint8).numpy().tobytes())
     return out

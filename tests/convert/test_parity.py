@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 
 from jaxmoe.convert import from_hf, load_checkpoint, to_hf
-from tests.convert.helpers import (TOL, hf_logits, jaxmoe_config, load_hf, random_params,
-                                   read_tensors, save_random_hf, tokens, write_export)
+from tests.convert.helpers import (
+    TOL,
+    hf_logits,
+    jaxmoe_config,
+    load_hf,
+    random_params,
+    read_tensors,
+    save_random_hf,
+    tokens,
+    write_export,
+)
 
 FORMATS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 
@@ -48,7 +57,7 @@ def imported(request, tmp_path_factory):
 
 
 def test_transformers_to_jaxmoe_logits(imported):
-    fmt, hf_dir, ckpt = imported
+    _, hf_dir, ckpt = imported
     model, _ = load_hf(hf_dir)
     theirs = hf_logits(model, tokens(seed=2))
     ours = load_checkpoint(ckpt).logits(tokens(seed=2))

@@ -1,0 +1,126 @@
+"""What the converter refuses, each with one line naming the problem, and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxmoe import cli
+from jaxmoe.convert import ConversionError, from_hf, to_hf
+from jaxmoe.convert.safetensors_io import SafetensorsReader, ShardedWriter, TensorPlan
+from tests.convert.helpers import jaxmoe_config, random_params, save_random_hf, write_export
+
+
+def _export(tmp_path, fmt, name="ckpt", bias=False, **changes):
+    cfg = jaxmoe_config(fmt, **changes)
+    return write_export(cfg, random_params(cfg, bias=bias), tmp_path / name)
+
+
+def _refused(excinfo, *parts):
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    for part in parts:
+        assert part in msg, msg
+
+
+@pytest.mark.parametrize("source,changes,target,parts", [
+    ("mixtral", {}, "deepseek_v3", ["--format deepseek_v3", "model.attention='gqa'",
+                                    "set model.attention=mla"]),
+    ("qwen2_moe", {}, "mixtral", ["model.first_k_dense=1 cannot be represented"]),
+    ("mixtral", {"num_shared_experts": 1}, "mixtral", ["model.num_shared_experts=1"]),
+    ("mixtral", {}, "qwen3_moe", ["model.qk_norm=False", "qwen3_moe needs True"]),
+    ("mixtral", {}, "qwen2_moe", ["model.num_shared_experts=0", "qwen2_moe needs > 0"]),
+    ("deepseek_v3", {"router_scoring": "softmax"}, "deepseek_v3", ["model.router_scoring="]),
+    ("mixtral", {}, "llama", ["--format 'llama': expected one of"]),
+])
+def test_unrepresentable_models_are_refused(tmp_path, source, changes, target, parts):
+    ckpt = _export(tmp_path, source, **changes)
+    with pytest.raises(ConversionError) as e:
+        to_hf(ckpt, tmp_path / "out", target)
+    _refused(e, *parts)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nonzero_selection_bias_is_refused_without_a_bias_tensor(tmp_path):
+    ckpt = _export(tmp_path, "mixtral", bias=True)
+    with pytest.raises(ConversionError) as e:
+        to_hf(ckpt, tmp_path / "out", "mixtral")
+    _refused(e, "router selection bias", "is nonzero", "mixtral has no selection bias")
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    ckpt = _export(tmp_path, "mixtral")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(ConversionError) as e:
+        to_hf(ckpt, tmp_path / "out", "mixtral")
+    _refused(e, "exists and is not empty")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+
+
+@pytest.fixture(scope="module")
+def hf_mixtral(tmp_path_factory):
+    return save_random_hf("mixtral", tmp_path_factory.mktemp("hf") / "mixtral")
+
+
+def _rewrite(src, dst, drop=(), add=None):
+    """Copies an HF directory, dropping or adding tensors (one shard + index)."""
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    reader = SafetensorsReader(src)
+    tensors = {n: reader.get(n) for n in sorted(reader.names()) if n not in drop}
+    tensors.update(add or {})
+    writer = ShardedWriter(dst, [TensorPlan(n, a.dtype, a.shape) for n, a in tensors.items()],
+                           10**9)
+    for n, a in tensors.items():
+        writer.write(n, a)
+    writer.close()
+    return dst
+
+
+@pytest.mark.parametrize("drop,add,parts", [
+    (["model.layers.1.block_sparse_moe.experts.3.w2.weight"], None,
+     ["tensor model.layers.1.block_sparse_moe.experts.3.w2.weight is missing (1 missing)"]),
+    ([], {"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)},
+     ["unexpected tensor model.layers.0.self_attn.q_proj.bias"]),
+    (["model.norm.weight"], {"model.norm.weight": np.ones(65, np.float32)},
+     ["tensor model.norm.weight has shape (65,), config.json implies (64,)"]),
+])
+def test_bad_hf_weights_are_refused(hf_mixtral, tmp_path, drop, add, parts):
+    bad = _rewrite(hf_mixtral, tmp_path / "bad", drop, add)
+    with pytest.raises(ConversionError) as e:
+        from_hf(bad, tmp_path / "out")
+    _refused(e, *parts)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change,parts", [
+    ({"model_type": "llama"}, ["model_type 'llama' is not supported"]),
+    ({"hidden_act": "gelu"}, ["hidden_act='gelu' is not supported"]),
+    ({"sliding_window": 4096}, ["sliding_window=4096 is not supported"]),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}},
+     ["rope type 'linear' is not supported"]),
+])
+def test_unsupported_hf_configs_are_refused(hf_mixtral, tmp_path, change, parts):
+    bad = _rewrite(hf_mixtral, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ConversionError) as e:
+        from_hf(bad, tmp_path / "out")
+    _refused(e, *parts)
+
+
+def test_cli_converts_and_refuses_with_one_line(hf_mixtral, tmp_path, capsys):
+    out = tmp_path / "jaxmoe"
+    assert cli.main(["convert", "from-hf", str(hf_mixtral), str(out),
+                     "model.compute_dtype=float32"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert cli.main(["convert", "to-hf", str(out), str(tmp_path / "hf"), "--format", "mixtral",
+                     "--dtype", "bfloat16", "--max-shard-size", "100KB"]) == 0
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+    capsys.readouterr()
+    assert cli.main(["convert", "to-hf", str(out), str(tmp_path / "ds"), "--format",
+                     "deepseek_v3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxmoe convert: --format deepseek_v3: model.attention='gqa'")
+    assert "\n" not in err
