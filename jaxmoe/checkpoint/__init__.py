@@ -33,7 +33,7 @@ _API = {
     "restore_params": "inspect",
 }
 
-__all__ = sorted(_API)
+__all__ = list(_API)
 
 
 def __getattr__(name: str) -> Any:

@@ -115,7 +115,7 @@ def describe(path: str | Path, *, config: bool = True) -> str:
     lines.append(f"{'array':<{width}}{'shape':<22}{'dtype':<10}{'sharding':<30}{'bytes':>14}")
     for name in sorted(leaves):
         v = leaves[name]
-        lines.append(f"{name:<{width}}{str(tuple(v.shape)):<22}{str(np.dtype(v.dtype)):<10}"
+        lines.append(f"{name:<{width}}{tuple(v.shape)!s:<22}{np.dtype(v.dtype)!s:<10}"
                      f"{_spec(v):<30}{_bytes(v):>14,}")
     groups: dict[str, int] = {}
     for name, v in leaves.items():

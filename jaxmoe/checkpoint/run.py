@@ -18,8 +18,9 @@ import json
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Self
 
 import jax
 import numpy as np
@@ -97,7 +98,12 @@ class RunCheckpointer:
             raise CheckpointError(f"checkpoint {self.path(step)}: array step holds "
                                   f"{stored_step}, expected {step}; the checkpoint is damaged")
         if restored.data_state is not None:
-            train_iter.set_state(restored.data_state)
+            try:
+                train_iter.set_state(restored.data_state)
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(
+                    f"checkpoint {self.path(step)}: the data-iterator state does not fit "
+                    f"this data config ({type(e).__name__}: {e})") from e
         else:
             _log(f"{self.path(step)} has no data-iterator state for process "
                  f"{jax.process_index()} of {jax.process_count()}; the data restarts from its "
@@ -145,7 +151,7 @@ class PreemptionGuard:
         self._previous: dict[int, Callable | int | None] = {}
         self._multi = False
 
-    def __enter__(self) -> PreemptionGuard:
+    def __enter__(self) -> Self:
         self._multi = jax.process_count() > 1
         if threading.current_thread() is threading.main_thread() and not self._multi:
             for sig in self.signals:
@@ -171,7 +177,7 @@ class PreemptionGuard:
     def signal_name(self) -> str:
         return signal.Signals(self.received).name if self.received else ""
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

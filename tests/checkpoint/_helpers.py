@@ -7,8 +7,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -52,15 +53,15 @@ def train_command(run_dir: Path, *overrides: str) -> list[str]:
 
 
 def start_training(run_dir: Path, *overrides: str, log: Path | None = None) -> subprocess.Popen:
-    out = open(log or run_dir.with_suffix(".log"), "w")
-    return subprocess.Popen(train_command(run_dir, *overrides), cwd=ROOT, env=subprocess_env(),
-                            stdout=out, stderr=subprocess.STDOUT)
+    with open(log or run_dir.with_suffix(".log"), "w") as out:  # the child keeps its copy
+        return subprocess.Popen(train_command(run_dir, *overrides), cwd=ROOT,
+                                env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
 
 
 def run_training(run_dir: Path, *overrides: str, timeout: float = 240) -> str:
     """Runs a training subprocess to completion; returns its output (stdout + stderr)."""
     proc = subprocess.run(train_command(run_dir, *overrides), cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"training failed (rc {proc.returncode}):\n{proc.stdout}\n" \
                                  f"{proc.stderr[-4000:]}"
     return proc.stdout + proc.stderr

@@ -1,9 +1,11 @@
-"""One of two processes (2 CPU devices each) that save a sharded TrainState together and
-restore it onto another mesh. Usage: _multihost_worker.py PORT PROCESS_ID CHECKPOINT_DIR."""
+"""One of two processes (2 CPU devices each) that save a sharded TrainState together,
+restore it onto another mesh, then wait for a preemption notice (SIGTERM to one of them) and
+save at the step they agree on. Usage: _multihost_worker.py PORT PROCESS_ID CHECKPOINT_DIR."""
 
 from __future__ import annotations
 
 import sys
+import time
 
 import jax
 
@@ -18,7 +20,7 @@ def main(port: int, process_id: int, directory: str) -> None:
 
     from jaxmoe import config as config_lib
     from jaxmoe.checkpoint import manager as ckpt
-    from jaxmoe.checkpoint.run import abstract_state
+    from jaxmoe.checkpoint.run import PreemptionGuard, abstract_state
     from jaxmoe.train.loop import build_trainer
     from tests.checkpoint._helpers import perturbed, tiny_config
 
@@ -56,8 +58,23 @@ def main(port: int, process_id: int, directory: str) -> None:
         for shard in got.addressable_shards:  # this process's shards only
             np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
             checked += 1
-    manager.close()
     print(f"OK process {process_id}: {checked} shards equal", flush=True)
+
+    # Preemption: the test sends SIGTERM to process 1 only; JAX's preemption service must
+    # make both processes stop at the same step, where they save together.
+    with PreemptionGuard() as guard:
+        print("looping", flush=True)
+        for step in range(6, 6 + 30_000):
+            time.sleep(0.01)  # a "training step"; the processes are not in lock step
+            if guard.should_stop(step):
+                break
+        else:
+            raise AssertionError("no preemption notice within 300 s")
+    ckpt.save(manager, step, restored.state, config_lib.to_dict(saver.cfg),
+              {"process": process_id})
+    manager.wait_until_finished()
+    manager.close()
+    print(f"preempted by {guard.signal_name} at step {step}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 
 import jax
-import numpy as np
 import pytest
 
 import input_pipeline
