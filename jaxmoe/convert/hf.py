@@ -1,11 +1,11 @@
 """jaxmoe checkpoint <-> Hugging Face safetensors, streaming.
 
-`to_hf` reads one stored chunk at a time: for arrays chunked per layer (params-only
-checkpoints, or training checkpoints saved with per-layer chunks) that is one layer of one
-array; for arrays stored as a single chunk it is that array (TensorStore cannot read part of
-a chunk). Every output shape is known up front, so safetensors shards are written tensor by
+`to_hf` reads one stored chunk at a time: for arrays chunked per layer (the exports `from_hf`
+writes) that is one layer of one array; for arrays stored as a single chunk (a training
+checkpoint saved from one device, or `checkpoint export-params`) it is that whole stacked
+array, since TensorStore cannot decode part of a chunk. Every output shape is known up front, so safetensors shards are written tensor by
 tensor (`ShardedWriter`) and nothing else accumulates. `from_hf` reads one HF tensor at a time
-from memory-mapped shards and writes it into its layer of the stacked arrays.
+from its shard and writes it into its layer of the stacked arrays.
 
 Both write into a temporary sibling directory and rename it into place at the end.
 """
@@ -229,7 +229,8 @@ def from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str] = (),
     if missing:
         raise lo.ConversionError(f"{hf_dir}: tensor {missing[0]} is missing ({len(missing)} "
                                  "missing); config.json and the weights disagree")
-    unexpected = sorted(n for n in have - set(expected) if not form.ignored(n, m))
+    tied_head = {"lm_head.weight"} if m.tie_embeddings else set()  # transformers ignores it
+    unexpected = sorted(n for n in have - set(expected) - tied_head if not form.ignored(n, m))
     if unexpected:
         raise lo.ConversionError(f"{hf_dir}: unexpected tensor {unexpected[0]} ({len(unexpected)} "
                                  "unexpected); config.json does not describe these weights")

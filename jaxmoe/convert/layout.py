@@ -248,6 +248,10 @@ def hf_rope(fmt: str, hf: dict[str, Any]) -> dict[str, Any]:
 
 def base_model_fields(fmt: str, hf: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig fields every decoder format shares."""
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        refuse(fmt, f"quantized weights (quantization_config: {method}) are not supported; "
+               "dequantize to bfloat16 or float32 first")
     if hf.get("hidden_act", "silu") != "silu":
         refuse(fmt, f"hidden_act={hf['hidden_act']!r} is not supported (expected silu)")
     heads = hf["num_attention_heads"]

@@ -1,4 +1,4 @@
-"""Streaming safetensors: read tensors one at a time (memory-mapped), write sharded files
+"""Streaming safetensors: read tensors one at a time, write sharded files
 tensor by tensor without holding a shard in memory.
 
 The format (https://github.com/huggingface/safetensors): 8 bytes little-endian header length
@@ -14,7 +14,9 @@ import dataclasses
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -60,8 +62,8 @@ def read_header(path: Path) -> tuple[dict, int]:
 class SafetensorsReader:
     """All tensors of an HF checkpoint directory (an index + shards, or one model.safetensors).
 
-    `get(name)` copies one tensor out of a read-only memory map, so reading a model larger
-    than RAM touches only the pages of the tensors asked for."""
+    `get(name)` reads just that tensor's bytes with a positioned read (no memory map, whose
+    touched pages would stay in the process's resident set), so memory is one tensor."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -85,7 +87,6 @@ class SafetensorsReader:
             self.metadata[name] = header.pop("__metadata__", None) or {}
             for tensor, info in header.items():
                 self._where[tensor] = (path, info, offset)
-        self._maps: dict[Path, np.memmap] = {}
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -106,10 +107,12 @@ class SafetensorsReader:
         if end - begin != math.prod(shape) * dtype.itemsize:
             raise SafetensorsError(f"{path}: tensor {name} has {end - begin} bytes, expected "
                                    f"{math.prod(shape) * dtype.itemsize} for {shape} {dtype}")
-        if path not in self._maps:
-            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
-        raw = self._maps[path][offset + begin: offset + end]
-        return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+        out = np.empty(shape, dtype)
+        with open(path, "rb") as f:
+            f.seek(offset + begin)
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - begin:
+                raise SafetensorsError(f"{path}: truncated inside tensor {name}")
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +157,11 @@ class ShardedWriter:
     `directory`, tensor by tensor, in exactly the order of `plan`.
 
     Each `write(name, array)` must match the next planned tensor's name, dtype and shape
-    (arrays are cast to the planned dtype); `close()` checks every tensor arrived."""
+    (arrays are cast to the planned dtype); `close()` checks every tensor arrived. The caller's
+    thread makes each tensor contiguous (the transposes and casts); a background thread writes
+    them to disk meanwhile, at most `_DEPTH` tensors behind, so memory stays a few tensors."""
+
+    _DEPTH = 2
 
     def __init__(self, directory: str | Path, plan: list[TensorPlan], max_shard_bytes: int,
                  metadata: dict[str, str] | None = None):
@@ -167,29 +174,48 @@ class ShardedWriter:
         self.shards = plan_shards(plan, max_shard_bytes)
         n = len(self.shards)
         self.files = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-        self._queue = [(k, t) for k, shard in enumerate(self.shards) for t in shard]
+        self._order = [(k, t) for k, shard in enumerate(self.shards) for t in shard]
         self._next = 0
         self._file = None
         self._open_shard = -1
         self.bytes_written = 0
+        self._pending: queue.Queue = queue.Queue(maxsize=self._DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="safetensors-writer",
+                                        daemon=True)
+        self._thread.start()
 
     def write(self, name: str, array: np.ndarray) -> None:
-        if self._next >= len(self._queue):
+        if self._error is not None:
+            self._join()
+        if self._next >= len(self._order):
             raise SafetensorsError(f"tensor {name}: more tensors written than planned")
-        shard, t = self._queue[self._next]
+        shard, t = self._order[self._next]
         if name != t.name or tuple(array.shape) != t.shape:
             raise SafetensorsError(f"tensor {name} {tuple(array.shape)}: expected {t.name} "
                                    f"{t.shape} next (writer order is the plan's order)")
-        if shard != self._open_shard:
-            self._close_file()
-            # Kept open across write() calls: one shard receives many tensors.
-            self._file = open(self.directory / self.files[shard], "wb")  # noqa: SIM115
-            self._file.write(_header_bytes(self.shards[shard], self.metadata))
-            self._open_shard = shard
         data = np.ascontiguousarray(array, dtype=t.dtype)
-        self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
+        self._pending.put((shard, data))
         self.bytes_written += data.nbytes
         self._next += 1
+
+    def _drain(self) -> None:
+        """Background thread: appends queued tensors to their shard files."""
+        try:
+            while (item := self._pending.get()) is not None:
+                shard, data = item
+                if shard != self._open_shard:
+                    self._close_file()
+                    # Kept open across tensors: one shard receives many.
+                    self._file = open(self.directory / self.files[shard], "wb")  # noqa: SIM115
+                    self._file.write(_header_bytes(self.shards[shard], self.metadata))
+                    self._open_shard = shard
+                self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
+            self._close_file()
+        except BaseException as e:  # reported to the caller's thread by _join
+            self._error = e
+            while self._pending.get() is not None:  # unblock the producer until the end
+                pass
 
     def _close_file(self) -> None:
         if self._file is not None:
@@ -198,16 +224,31 @@ class ShardedWriter:
             self._file.close()
             self._file = None
 
+    def _join(self) -> None:
+        if self._thread.is_alive():
+            self._pending.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise SafetensorsError(f"writing {self.directory}: {self._error}") from self._error
+
     def close(self) -> None:
         """Finishes the last shard and writes the index (all planned tensors must be written)."""
-        if self._next != len(self._queue):
-            raise SafetensorsError(f"only {self._next} of {len(self._queue)} planned tensors "
-                                   f"were written (next: {self._queue[self._next][1].name})")
-        self._close_file()
+        if self._next != len(self._order):
+            self.abort()
+            raise SafetensorsError(f"only {self._next} of {len(self._order)} planned tensors "
+                                   f"were written (next: {self._order[self._next][1].name})")
+        self._join()
         total = sum(t.nbytes for shard in self.shards for t in shard)
         weight_map = {t.name: self.files[k] for k, shard in enumerate(self.shards) for t in shard}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        self._close_file()
+        """Stops the writer thread (files stay partial; the caller removes the directory)."""
+        try:
+            self._join()
+        except SafetensorsError:
+            pass
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -100,6 +100,8 @@ def test_bad_hf_weights_are_refused(hf_mixtral, tmp_path, drop, add, parts):
     ({"sliding_window": 4096}, ["sliding_window=4096 is not supported"]),
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}},
      ["rope type 'linear' is not supported"]),
+    ({"quantization_config": {"quant_method": "fp8"}},
+     ["quantized weights (quantization_config: fp8) are not supported"]),
 ])
 def test_unsupported_hf_configs_are_refused(hf_mixtral, tmp_path, change, parts):
     bad = _rewrite(hf_mixtral, tmp_path / "bad")

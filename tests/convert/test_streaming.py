@@ -156,3 +156,11 @@ def test_safetensors_writer_round_trip_and_order(tmp_path):
 
     loaded = load_file(str(tmp_path / "model-00001-of-00002.safetensors"))
     np.testing.assert_array_equal(loaded["a"], tensors["a"])
+
+
+def test_safetensors_writer_reports_disk_errors(tmp_path):
+    a = np.ones((4,), np.float32)
+    writer = ShardedWriter(tmp_path / "missing_dir", [TensorPlan("a", a.dtype, a.shape)], 10**6)
+    writer.write("a", a)
+    with pytest.raises(SafetensorsError, match="writing .*missing_dir: .*No such file"):
+        writer.close()

@@ -1,0 +1,150 @@
+"""Conversion throughput (GB/s of tensor data) and peak resident memory, jaxmoe <-> HF.
+
+    JAX_PLATFORMS=cpu python tools/bench_convert.py --layers 12 --dir /tmp/bench_convert
+
+Builds a Mixtral-shaped model (width 1024, 8 experts of width 2048 per layer, --layers layers;
+12 layers = 0.70B parameters = 2.8 GB in float32) twice on disk: as a per-layer-chunked export
+(what `from-hf` writes, streamed layer by layer) and as a training checkpoint (what the
+training loop's manager writes from one device: one chunk per array). Then runs each
+conversion in a fresh process and reports seconds, GB/s and the process's peak RSS, next to
+the RSS of a process that only imports the converter (the floor) and the sizes of one layer
+and of the largest stored array. Source files are in the page cache (just written), so this
+measures conversion cost, not disk speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODEL = dict(vocab_size=32000, embed_dim=1024, num_heads=16, num_kv_heads=4, head_dim=64,
+             num_experts=8, num_experts_per_tok=2, expert_mlp_dim=2048)
+
+
+def _config(layers: int):
+    from jaxmoe.config import Config, ModelConfig
+
+    return Config(model=ModelConfig(num_layers=layers, **MODEL))
+
+
+def build(layers: int, root: Path) -> dict[str, float]:
+    """Writes root/export (per-layer chunks, streamed) and root/run (training checkpoint)."""
+    import numpy as np
+
+    from jaxmoe.checkpoint.manager import make_manager, save
+    from jaxmoe.config import to_dict
+    from jaxmoe.convert.orbax_io import ParamsWriter, abstract_params, fill_state
+
+    cfg = _config(layers)
+    _, abstract = abstract_params(cfg.model)
+    rng = np.random.default_rng(0)
+    writer = ParamsWriter(root / "export", cfg)
+    arrays = {}
+    for name, leaf in abstract.items():
+        value = (0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(leaf.dtype)
+        if name.startswith("rest."):  # Mixtral has no router selection bias: keep it zero
+            value[...] = 0
+        arrays[name] = value
+        if ".units." in name:
+            for i in range(value.shape[0]):
+                writer.write(name, value[i], i)
+        else:
+            writer.write(name, value)
+    writer.finish()
+    sizes = [a.nbytes for a in arrays.values()]
+    layer = sum(a[0].nbytes for n, a in arrays.items() if ".units." in n)
+    largest_slice = max(a[0].nbytes if ".units." in n else a.nbytes for n, a in arrays.items())
+    _, params, rest = fill_state(cfg.model, arrays)
+    del arrays  # the JAX copies are enough for the save
+    manager = make_manager(root / "run" / "checkpoints", async_save=False)
+    save(manager, 1, {"step": np.int32(1), "params": params, "rest": rest}, to_dict(cfg))
+    manager.wait_until_finished()
+    manager.close()
+    return {"model_gb": sum(sizes) / 1e9, "largest_array_gb": max(sizes) / 1e9,
+            "one_layer_gb": layer / 1e9, "largest_layer_slice_gb": largest_slice / 1e9}
+
+
+def child(task: str, args: list[str]) -> None:
+    """Runs one conversion in this (fresh) process and prints a JSON line."""
+    start = time.perf_counter()
+    from jaxmoe.convert import hf
+
+    imported = time.perf_counter()
+    out: dict[str, float] = {}
+    if task == "to_hf":
+        r = hf.to_hf(args[0], args[1], "mixtral", dtype=args[2])
+    elif task == "from_hf":
+        r = hf.from_hf(args[0], args[1])
+    else:
+        r = None
+    if r is not None:
+        out = {"seconds": r.seconds, "gb": r.bytes / 1e9, "gb_per_s": r.gb_per_s}
+    out["import_s"] = imported - start
+    out["peak_rss_gb"] = _status_kb("VmHWM") * 1024 / 1e9
+    print(json.dumps(out))
+
+
+def _status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB. VmHWM is this process image's peak RSS (unlike
+    getrusage's ru_maxrss, which on Linux carries the forking parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def run(task: str, *args: str) -> dict[str, float]:
+    proc = subprocess.run([sys.executable, __file__, "--child", task, *args], check=True,
+                          capture_output=True, text=True, env={**os.environ,
+                                                               "JAX_PLATFORMS": "cpu"})
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--dir", default="/tmp/bench_convert")
+    parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1:])
+        return
+    root = Path(args.dir)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    try:
+        sizes = build(args.layers, root)
+        rows = [("import only (floor)", run("none"))]
+        rows.append(("to-hf float32, per-layer chunks",
+                     run("to_hf", str(root / "export"), str(root / "hf32"), "float32")))
+        rows.append(("to-hf bfloat16, per-layer chunks",
+                     run("to_hf", str(root / "export"), str(root / "hf16"), "bfloat16")))
+        rows.append(("to-hf float32, training checkpoint",
+                     run("to_hf", str(root / "run"), str(root / "hf_run"), "float32")))
+        rows.append(("from-hf float32", run("from_hf", str(root / "hf32"), str(root / "back"))))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"model: {args.layers} layers, {sizes['model_gb']:.2f} GB float32; one layer "
+          f"{sizes['one_layer_gb']:.3f} GB; largest per-layer slice "
+          f"{sizes['largest_layer_slice_gb']:.3f} GB; largest stored array "
+          f"{sizes['largest_array_gb']:.3f} GB")
+    print("| conversion | seconds | GB/s | peak RSS (GB) |")
+    print("|---|---:|---:|---:|")
+    for name, r in rows:
+        secs = f"{r['seconds']:.1f}" if "seconds" in r else "-"
+        rate = f"{r['gb_per_s']:.2f}" if "gb_per_s" in r else "-"
+        print(f"| {name} | {secs} | {rate} | {r['peak_rss_gb']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
