@@ -212,7 +212,7 @@ class ShardedWriter:
                     self._open_shard = shard
                 self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
             self._close_file()
-        except BaseException as e:  # reported to the caller's thread by _join
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread by _join)
             self._error = e
             while self._pending.get() is not None:  # unblock the producer until the end
                 pass

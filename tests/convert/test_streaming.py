@@ -16,10 +16,20 @@ import torch
 from jaxmoe.config import to_dict
 from jaxmoe.convert import from_hf, to_hf
 from jaxmoe.convert.orbax_io import ParamsReader, abstract_params, fill_state
-from jaxmoe.convert.safetensors_io import (SafetensorsError, SafetensorsReader, ShardedWriter,
-                                           TensorPlan)
-from tests.convert.helpers import (jaxmoe_config, load_hf, random_params, read_tensors,
-                                   save_random_hf, write_export)
+from jaxmoe.convert.safetensors_io import (
+    SafetensorsError,
+    SafetensorsReader,
+    ShardedWriter,
+    TensorPlan,
+)
+from tests.convert.helpers import (
+    jaxmoe_config,
+    load_hf,
+    random_params,
+    read_tensors,
+    save_random_hf,
+    write_export,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +55,7 @@ def _count_reads(monkeypatch) -> list[int]:
 
 
 def test_to_hf_reads_one_layer_of_one_array_at_a_time(deep, tmp_path, monkeypatch):
-    cfg, arrays, export = deep
+    _, arrays, export = deep
     assert ParamsReader(export).layers_per_chunk("params.moe.units.block0.ffn.w_gate.value") == 1
     sizes = _count_reads(monkeypatch)
     to_hf(export, tmp_path / "hf", "deepseek_v3")
@@ -90,7 +100,7 @@ def test_sharded_bfloat16_export(deep, tmp_path):
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == cfg.model.rope_theta
     assert config["num_local_experts"] == config["n_routed_experts"] == 8
     assert config["norm_topk_prob"] is True and config["torch_dtype"] == "bfloat16"
-    model, info = load_hf(tmp_path / "hf")
+    _, info = load_hf(tmp_path / "hf")
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
     tensors = read_tensors(tmp_path / "hf")
     want = arrays["params.moe.units.block0.ffn.w_gate.value"][1, 5].T  # layer 2, expert 5
