@@ -90,8 +90,7 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
     text = compiled.as_text()
     if hlo_out:
         _write_atomic(hlo_out, text)
-    slices = [getattr(d, "slice_index", 0) or 0 for d in trainer.mesh.devices.flat]
-    stats = hlo.analyse(text, slice_of=lambda i: slices[i] if i < len(slices) else 0)
+    stats = hlo.analyse(text, estimate.link_model(target.chip, list(trainer.mesh.devices.flat)))
     report = estimate.from_compiled(target, dict(trainer.mesh.shape),
                                     aot.memory_stats(compiled), stats,
                                     aot.cost_flops(compiled), model_flops)

@@ -70,8 +70,9 @@ CHIPS: dict[str, Chip] = {c.name: c for c in [
 ]}
 
 # Topology names count TensorCores for v4 and v5p ("v5p-128" = 64 chips) and chips for
-# the others ("v6e-256" = 256 chips), as Cloud TPU accelerator types do.
-CORES_IN_NAME = {"v4": 2, "v5p": 2}
+# the others ("v6e-256" = 256 chips), as Cloud TPU accelerator types do. TPU7x is
+# counted like v5p (two TensorCores per chip); give its shape ("tpu7x:4x4x4") to be sure.
+CORES_IN_NAME = {"v4": 2, "v5p": 2, "tpu7x": 2}
 
 
 def get_chip(name: str) -> Chip:

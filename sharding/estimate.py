@@ -71,13 +71,33 @@ class Report:
         return self.memory["total"] <= self.hbm_per_device
 
 
+def link_model(chip: Any, devices: list[Any]):
+    """`sharding.hlo.Link` for compiled programs on `devices` (the mesh's device order):
+    a group spanning k of the torus's dimensions runs bidirectional rings on all k of them
+    (2k links); groups across slices go at the DCN bandwidth. Devices of one chip share
+    its links."""
+    import numpy as np
+
+    def link(group):
+        devs = [devices[int(i)] for i in group if int(i) < len(devices)]
+        if len({getattr(d, "slice_index", 0) for d in devs}) > 1:
+            return chip.dcn_bw / chip.devices_per_chip, True
+        coords = np.asarray([getattr(d, "coords", (0,)) for d in devs])
+        spanned = int((coords.max(0) != coords.min(0)).sum()) if len(devs) else 1
+        dims = max(chip.torus_dims, 1)
+        return chip.ici_bw * max(spanned, 1) / dims / chip.devices_per_chip, False
+
+    return link
+
+
 def comm_times(colls: dict[str, CollectiveStats], chip: Any) -> tuple[float, float]:
-    """(overlapped, exposed) seconds for one device's collectives."""
+    """(overlapped, exposed) seconds for one device's collectives (analysed `seconds`, or
+    one ring per collective when the HLO reader had no device layout)."""
     share = chip.devices_per_chip  # devices of one chip share its links
     over = exp = 0.0
     for kind, s in colls.items():
-        t = ((s.wire_bytes - s.dcn_wire_bytes) / chip.ring_bw()
-             + s.dcn_wire_bytes / chip.dcn_bw) * share
+        t = s.seconds or ((s.wire_bytes - s.dcn_wire_bytes) / chip.ring_bw()
+                          + s.dcn_wire_bytes / chip.dcn_bw) * share
         if kind in EXPOSED:
             exp += t
         else:

@@ -43,7 +43,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from sharding.mesh import MeshError
-from sharding.rules import Rules, mesh_axes_of
+from sharding.rules import Rules, logical_to_spec, mesh_axes_of
 
 IMPLS = ("auto", "padded", "ragged", "ragged_emulated")
 Ffn = Callable[..., jax.Array]  # ffn(x_sorted [rows, embed], group_sizes [experts], w_gate,
@@ -60,6 +60,8 @@ class Layout:
     tensor: tuple[str, ...]
     impl: str
     buffer_factor: float
+    matmul: str = "model"  # "model" (the block's ffn) | "megablox" | "megablox_interpret"
+    embed: tuple[str, ...] = ()  # axes sharding the experts' embed dimension (FSDP)
 
     def size(self, axes: tuple[str, ...]) -> int:
         return math.prod(self.mesh.shape[a] for a in axes)
@@ -67,6 +69,10 @@ class Layout:
 
 def _axis(axes: tuple[str, ...]) -> Any:
     return axes[0] if len(axes) == 1 else axes
+
+
+def _as_tuple(axes: Any) -> tuple[str, ...]:
+    return () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
 
 
 def _spec(axes: tuple[str, ...]) -> Any:
@@ -148,6 +154,29 @@ def _exchange_ragged(x_sorted, e_sorted, group_sizes, ws, ffn, lay: Layout):
     return y_sorted, rows - jnp.sum(kept[me])
 
 
+def megablox_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, interpret: bool = False):
+    """`jaxmoe.model.moe.dropless.expert_ffn` (SwiGLU per expert over rows sorted by expert)
+    with the Pallas TPU grouped matmul (megablox `gmm`). Its backward computes the weight
+    gradient group by group (`tgmm`); XLA:TPU lowers `ragged_dot`'s weight gradient to a
+    dense product over every local expert, E_local times the work. Rows beyond the groups
+    are 0. `interpret=True` runs the kernels on CPU (tests)."""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    m, k = x_sorted.shape
+    f = w_gate.shape[-1]
+
+    def mm(lhs, rhs, n_in, n_out):  # positional: gmm's non-differentiable arguments
+        tiling = (min(512, m), min(1024, n_in), min(1024, n_out))
+        return gmm(lhs, rhs, group_sizes, lhs.dtype, tiling, None, None, False, interpret)
+
+    # The kernels leave rows outside every group (and their input gradients) unwritten:
+    # select them away on the way in and out, so neither garbage nor NaN can leak.
+    valid = (jnp.arange(m) < jnp.sum(group_sizes))[:, None]
+    x = jnp.where(valid, x_sorted, 0)
+    h = jnp.where(valid, jax.nn.silu(mm(x, w_gate, k, f)) * mm(x, w_up, k, f), 0)
+    return jnp.where(valid, mm(h, w_down, f, k), 0)
+
+
 def _local_experts(rows, rid, ws, ffn):
     """rows [m, d] with local expert ids rid [m] (e_local = empty) -> ffn outputs [m, d]."""
     e_local = ws[0].shape[0]
@@ -216,25 +245,36 @@ def _capacity_local(x, weights, indices, mask, w_gate, w_up, w_down, *, ffn, lay
 def _dispatch(x, weights, indices, w_gate, w_up, w_down, *, dispatch: str,
               capacity_factor: float, token_mask, ffn: Ffn, lay: Layout):
     """The `jaxmoe.model.moe.block.ExpertDispatch` for `lay` (shapes there, global)."""
+    if lay.matmul != "model":
+        ffn = functools.partial(megablox_ffn, interpret=lay.matmul == "megablox_interpret")
     if dispatch == "dropless":
         local = functools.partial(_dropless_local, ffn=ffn, lay=lay)
     else:
         local = functools.partial(_capacity_local, ffn=ffn, lay=lay,
                                   capacity_factor=capacity_factor)
 
-    def body(*args):
-        out, dropped = local(*args)
+    def body(x, weights, indices, mask, w_gate, w_up, w_down):
+        if lay.size(lay.embed) > 1:
+            # FSDP: gather the embed dimension inside the map, so that its transpose is a
+            # reduce-scatter of the gradients rather than a psum of whole replicated ones.
+            ax = _axis(lay.embed)
+            w_gate, w_up = (lax.all_gather(w, ax, axis=1, tiled=True) for w in (w_gate, w_up))
+            w_down = lax.all_gather(w_down, ax, axis=2, tiled=True)
+        out, dropped = local(x, weights, indices, mask, w_gate, w_up, w_down)
         if lay.tensor:  # each tensor device summed over its slice of the MLP width
             out = lax.psum(out, _axis(lay.tensor))
         dropped = lax.psum(dropped, _axis(lay.batch)) if lay.batch else dropped
         return out.astype(x.dtype), dropped.astype(jnp.float32)
 
     tok = P(_spec(lay.batch))
-    w_in = P(_spec(lay.expert), None, _spec(lay.tensor))
-    w_out = P(_spec(lay.expert), _spec(lay.tensor), None)
+    w_in = P(_spec(lay.expert), _spec(lay.embed), _spec(lay.tensor))
+    w_out = P(_spec(lay.expert), _spec(lay.tensor), _spec(lay.embed))
     mapped = jax.shard_map(body, mesh=lay.mesh,
                            in_specs=(tok, tok, tok, tok, w_in, w_in, w_out),
-                           out_specs=(tok, P()))
+                           out_specs=(tok, P()),
+                           # Pallas kernels carry no varying-axes types; their body is
+                           # checked by the tests instead (megablox_interpret on CPU).
+                           check_vma=lay.matmul == "model")
     return mapped(x, weights, indices, token_mask.astype(bool), w_gate, w_up, w_down)
 
 
@@ -248,8 +288,11 @@ def resolve_impl(impl: str, mesh: Mesh) -> str:
 
 
 def make_expert_dispatch(mesh: Mesh, rules: Rules, impl: str = "auto",
-                         buffer_factor: float = 0.0) -> Callable | None:
-    """The dispatch for MoE blocks on `mesh`, or None on a single device (built-in path)."""
+                         buffer_factor: float = 0.0, matmul: str = "auto") -> Callable | None:
+    """The dispatch for MoE blocks on `mesh`, or None on a single device (built-in path).
+
+    `matmul`: "auto" (megablox on TPU, the model's ragged_dot FFN elsewhere), "model",
+    "megablox" or "megablox_interpret"."""
     if mesh.size == 1:
         return None
     if buffer_factor < 0:
@@ -261,5 +304,13 @@ def make_expert_dispatch(mesh: Mesh, rules: Rules, impl: str = "auto",
                         "(each expert device brings its own tokens)")
     if set(tensor) & set(batch):
         raise MeshError(f"rules: 'mlp' axes {tensor} must not shard 'batch' {batch}")
-    lay = Layout(mesh, batch, expert, tensor, resolve_impl(impl, mesh), buffer_factor)
+    if matmul == "auto":
+        matmul = "megablox" if mesh.devices.flat[0].platform == "tpu" else "model"
+    w_spec = logical_to_spec(("expert", "embed", "mlp"), rules)
+    if tuple(mesh_axes_of("expert", rules)) != _as_tuple(w_spec[0]) or \
+            tuple(tensor) != _as_tuple(w_spec[2]):
+        raise MeshError(f"rules: expert weights map to {w_spec}; expected the expert axes "
+                        f"{expert} on experts and the 'mlp' axes {tensor} on their width")
+    lay = Layout(mesh, batch, expert, tensor, resolve_impl(impl, mesh), buffer_factor, matmul,
+                 _as_tuple(w_spec[1]))
     return functools.partial(_dispatch, lay=lay)

@@ -244,6 +244,10 @@ def _ragged_dot_flops(ins: Instr) -> float:
 
 
 def instr_flops(ins: Instr, comp: Computation) -> float:
+    if ins.opcode == "custom-call":  # Pallas kernels state their cost (e.g. megablox gmm)
+        stated = re.search(r'"flops":"?(\d+)', ins.attrs)
+        if stated:
+            return float(stated.group(1))
     if ins.opcode == "dot":
         return _dot_flops(ins, comp)
     if ins.opcode == "convolution":
@@ -300,6 +304,7 @@ class CollectiveStats:
     bytes: float = 0.0  # result bytes (operand bytes for reduce-scatter)
     wire_bytes: float = 0.0  # bytes sent by one device (ring / pairwise algorithms)
     dcn_wire_bytes: float = 0.0  # the part whose groups span slices
+    seconds: float = 0.0  # wire bytes / the bandwidth of each op's group (when given)
 
 
 def _wire(kind: str, size: float, n: int) -> float:
@@ -328,11 +333,14 @@ def _collective(ins: Instr) -> tuple[str, float] | None:
     return kind, nbytes(arrays)
 
 
-def analyse(text: str, slice_of: Callable[[int], int] | None = None,
-            scan_once: bool = False) -> dict:
+Link = Callable[[np.ndarray], tuple[float, bool]]  # device ids -> (bytes/s, crosses DCN)
+
+
+def analyse(text: str, link: Link | None = None, scan_once: bool = False) -> dict:
     """{"flops": matmul FLOPs per device per step, "collectives": {kind: CollectiveStats},
-    "unknown_loops": [...]} for one device's program. `slice_of(device id)` marks DCN groups;
-    `scan_once` counts loop bodies once (to compare with XLA's cost analysis)."""
+    "unknown_loops": [...]} for one device's program. `link(group of device ids)` gives the
+    bandwidth a group communicates at and whether it crosses slices (DCN); `scan_once`
+    counts loop bodies once (to compare with XLA's cost analysis)."""
     comps, entry = parse_module(text)
     mult, unknown = multiplicities(comps, entry, scan_once)
     flops = 0.0
@@ -356,7 +364,9 @@ def analyse(text: str, slice_of: Callable[[int], int] | None = None,
             s.count += m
             s.bytes += m * size
             s.wire_bytes += m * wire
-            if slice_of is not None and groups is not None and any(
-                    len({slice_of(int(d)) for d in g}) > 1 for g in groups[:64]):
-                s.dcn_wire_bytes += m * wire
+            if link is not None and groups is not None and wire:
+                bw, dcn = link(groups[0])
+                s.seconds += m * wire / bw
+                if dcn:
+                    s.dcn_wire_bytes += m * wire
     return {"flops": flops, "collectives": dict(colls), "unknown_loops": unknown}

@@ -144,9 +144,10 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
     writer = MetricsWriter(run_dir, cfg.train.tensorboard, enabled=is_main)
     seq_len = cfg.data.seq_len
     flops_per_token = training_flops_per_token(cfg.model, seq_len)["total"]
-    print(f"model: {total_params(cfg.model) / 1e6:.2f}M parameters, "
-          f"{active_params(cfg.model) / 1e6:.2f}M active; mesh {dict(trainer.mesh.shape)}; "
-          f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
+    if is_main:  # multi-host: one process speaks for all
+        print(f"model: {total_params(cfg.model) / 1e6:.2f}M parameters, "
+              f"{active_params(cfg.model) / 1e6:.2f}M active; mesh {dict(trainer.mesh.shape)}; "
+              f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
 
     train_iter = input_pipeline.make_dataset(
         cfg.data, split="train", batch_size=per_process, seed=cfg.train.seed,
@@ -194,7 +195,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
                 eval_loss = evaluate(trainer, state, eval_data)
                 writer.write(step, "eval", {"loss": eval_loss})
                 eval_history.append({"step": step, "loss": eval_loss})
-                bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+                if is_main:
+                    bar.write(f"step {step}: eval loss {eval_loss:.4f}")
                 last_time = time.perf_counter()  # eval time is not step time
             bar.update(1)
             checkpoints.maybe_save(step, state, train_iter)  # async: training continues

@@ -1,0 +1,78 @@
+"""What the compiled train step does on 8 CPU devices (XLA:CPU partitions as TPUs do).
+
+* Expert parallelism (dp2 x ep4): tokens move by all-to-all, and no expert weight is ever
+  all-gathered (it is, over `fsdp`, under FSDP: the check can see such gathers).
+* FSDP (fsdp8): per-device argument bytes of the compiled step (parameters + Adam moments,
+  memory analysis) are 1/8 of the single-device ones, up to the replicated norm scales.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmoe.train.loop import build_trainer
+from sharding import aot, hlo
+from tests.sharding._helpers import tiny_config
+
+LAYOUTS = {"one": ["mesh.data=1"], "fsdp8": ["mesh.data=1", "mesh.fsdp=8"],
+           "dp2_ep4": ["mesh.data=2", "mesh.expert=4"]}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    out = {}
+    for name, overrides in LAYOUTS.items():
+        devices = jax.devices()[:1] if name == "one" else jax.devices()
+        trainer = build_trainer(tiny_config(*overrides), devices)
+        out[name] = (trainer, aot.compile_train_step(trainer))
+    return out
+
+
+def expert_weight_gathers(text: str, d: int, f: int) -> list[str]:
+    """All-gathers whose result ends in an expert matrix [.., embed, mlp] or [.., mlp, embed]."""
+    comps, _ = hlo.parse_module(text)
+    found = []
+    for comp in comps.values():
+        for ins in comp.instrs:
+            if ins.opcode in ("all-gather", "all-gather-start") and any(
+                    s[1][-2:] in ((d, f), (f, d)) for s in ins.result):
+                found.append(f"{ins.name} {ins.result}")
+    return found
+
+
+def test_expert_parallel_uses_all_to_all_and_never_gathers_experts(compiled):
+    cfg = compiled["dp2_ep4"][0].cfg
+    d, f = cfg.model.embed_dim, cfg.model.expert_mlp_dim
+    text = compiled["dp2_ep4"][1].as_text()
+    stats = hlo.analyse(text)["collectives"]
+    assert stats["all-to-all"].count >= 4  # dispatch + combine, forward and backward
+    assert expert_weight_gathers(text, d, f) == []
+    assert expert_weight_gathers(compiled["fsdp8"][1].as_text(), d, f)  # the check can fail
+
+
+def _state_bytes(trainer, per_device: bool) -> tuple[float, float]:
+    """(bytes of every TrainState leaf, bytes of the replicated ones), whole or per device."""
+    state = jax.eval_shape(trainer.init)
+    total = replicated = 0.0
+    for leaf in jax.tree.leaves(state):
+        shape = leaf.sharding.shard_shape(leaf.shape) if per_device else leaf.shape
+        size = float(np.prod(shape)) * leaf.dtype.itemsize
+        total += size
+        if leaf.sharding.is_fully_replicated:
+            replicated += size
+    return total, replicated
+
+
+def test_fsdp_parameter_bytes_are_one_nth(compiled):
+    one, fsdp = compiled["one"], compiled["fsdp8"]
+    args_one = one[1].memory_analysis().argument_size_in_bytes
+    args_fsdp = fsdp[1].memory_analysis().argument_size_in_bytes
+    total, replicated = _state_bytes(fsdp[0], per_device=False)
+    batch = 4 * 16 * 32 * 4  # inputs, targets, segment_ids, positions [16, 32] int32
+    assert args_one == pytest.approx(total + batch, rel=1e-3)
+    expected = (total - replicated) / 8 + replicated + batch / 8
+    assert args_fsdp == pytest.approx(expected, rel=1e-3), (args_fsdp, expected)
+    assert replicated < 0.01 * total  # norm scales, step, RNG key: the rest is split 8 ways
+    assert args_fsdp < 1.01 * args_one / 8
