@@ -33,9 +33,6 @@ TMP_MARKER = ".orbax-checkpoint-tmp"
 class PerProcessJsonHandler(ocp.JsonCheckpointHandler):
     """Every process writes its own `process_<i>-of-<n>.json` (its data shard's position)."""
 
-    def __init__(self):
-        super().__init__()
-
     @staticmethod
     def filename() -> str:
         return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
