@@ -73,6 +73,9 @@ class ModelConfig:
     first_k_dense: int = 0  # DeepSeek: the first k layers are dense
     moe_every: int = 1  # layer i (after first_k_dense) is MoE if (i - k + 1) % moe_every == 0
     dispatch: str = "dropless"  # "dropless" | "capacity"
+    # Dropless grouped matmul: "auto" (ragged_dot on TPU, blocks elsewhere), "ragged_dot",
+    # "blocks" (see jaxmoe/model/moe/dropless.py for why XLA:CPU needs blocks).
+    grouped_matmul: str = "auto"
     capacity_factor: float = 1.25
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
     z_loss_coef: float = 0.001  # router z-loss
@@ -159,6 +162,7 @@ class Config:
 _CHOICES = {
     "model.router_scoring": ("softmax", "sigmoid"),
     "model.dispatch": ("dropless", "capacity"),
+    "model.grouped_matmul": ("auto", "ragged_dot", "blocks"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16", "float16"),

@@ -201,7 +201,7 @@ def test_grouped_matmul_implementations_agree(sizes):
 def test_block_layout_bound_and_padding():
     from jaxmoe.model.moe.dropless import block_layout, block_size
 
-    assert block_size(2048, 4) == 32 and block_size(10**6, 384) == 128 and block_size(40, 6) == 8
+    assert block_size(2048, 4) == 64 and block_size(10**6, 384) == 256 and block_size(40, 6) == 8
     gs = jnp.asarray([5, 0, 17, 3], jnp.int32)
     dest, block_group, nb = block_layout(gs, 30, 8)
     assert nb == (30 + 4 * 7) // 8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Callable, Iterator
 
 import jax
@@ -59,6 +60,7 @@ class MoEBlock(nnx.Module):
                             if cfg.num_shared_experts and cfg.shared_expert_gate else None)
         self.num_experts = e
         self.dispatch = cfg.dispatch
+        self.gmm_impl = None if cfg.grouped_matmul == "auto" else cfg.grouped_matmul
         self.capacity_factor = cfg.capacity_factor
         self.precision = precision
 
@@ -74,9 +76,9 @@ class MoEBlock(nnx.Module):
         if override is not None:
             y, dropped = override(xt, r.weights, r.indices, *w, dispatch=self.dispatch,
                                   capacity_factor=self.capacity_factor, token_mask=mask,
-                                  ffn=expert_ffn)
+                                  ffn=functools.partial(expert_ffn, impl=self.gmm_impl))
         elif self.dispatch == "dropless":
-            y, dropped = dropless_moe(xt, r.weights, r.indices, *w), None
+            y, dropped = dropless_moe(xt, r.weights, r.indices, *w, self.gmm_impl), None
         else:
             y, dropped = capacity_moe(xt, r.weights, r.indices, *w, self.capacity_factor, mask)
         if self.shared is not None:

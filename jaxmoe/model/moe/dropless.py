@@ -8,8 +8,9 @@ one-hot dispatch tensors. Two grouped-matmul implementations stand behind `exper
   (every expert's group padded to a multiple of the block size), then one batched matmul
   with per-block expert weights. XLA:CPU lowers `ragged_dot` to a dense masked matmul over
   *all* experts (E x the FLOPs, measured in tools/bench_train.py), so `blocks` is the default
-  off TPU; its padding costs at most experts x block rows (block size ~ rows / (16 experts),
-  so <= ~6% extra expert FLOPs).
+  off TPU; its padding costs at most experts x block rows (block size ~ rows / (8 experts),
+  so <= 12.5% extra expert FLOPs; smaller blocks cost less padding but gather expert weights
+  per block more often, which measured slower in tools/bench_train.py).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def default_impl() -> str:
 
 
 def block_size(rows: int, groups: int) -> int:
-    """Largest power of two <= rows / (16 groups), within [8, 256]."""
-    target = max(rows // (16 * groups), 1)
+    """Largest power of two <= rows / (8 groups), within [8, 256]."""
+    target = max(rows // (8 * groups), 1)
     return int(min(256, max(8, 1 << (target.bit_length() - 1))))
 
 
