@@ -80,10 +80,10 @@ def jaxmoe_step(dispatch: str, steps: int, extra: list[str] = ()) -> dict:
     return {"cfg": cfg, "seconds": seconds, "tokens_per_s": BATCH * SEQ / seconds}
 
 
-def compiled_flops(dispatch: str) -> tuple[float, float]:
+def compiled_flops(dispatch: str, extra: list[str] = ()) -> tuple[float, float]:
     """(XLA-counted FLOPs of one step, analytic model FLOPs of one step)."""
     cfg = load_config(None, BENCH + [f"model.dispatch={dispatch}", "model.scan_layers=false",
-                                     "model.remat=none"])
+                                     "model.remat=none", *extra])
     trainer = build_trainer(cfg, devices=jax.devices()[:1])
     with trainer.context():
         state = jax.eval_shape(trainer.init)
@@ -132,15 +132,18 @@ def main() -> None:
     peak = matmul_flops_per_s()
     print(f"bf16 2048^2 matmul: {peak / 1e9:,.0f} GFLOP/s")
     rows = []
-    for dispatch in ("dropless", "capacity"):
-        r = jaxmoe_step(dispatch, args.steps)
-        flops, analytic = compiled_flops(dispatch)
+    variants = [("dropless", [], "dropless, blocks"),
+                ("dropless", ["model.grouped_matmul=ragged_dot"], "dropless, lax.ragged_dot"),
+                ("capacity", [], "capacity 1.25")]
+    for dispatch, extra, name in variants:
+        r = jaxmoe_step(dispatch, args.steps, extra)
+        flops, analytic = compiled_flops(dispatch, extra)
         model_flops = training_flops_per_token(r["cfg"].model, SEQ)["total"] * r["tokens_per_s"]
-        rows.append((f"jaxmoe {dispatch} (bf16)", r["tokens_per_s"], r["seconds"],
+        rows.append((f"jaxmoe {name} (bf16)", r["tokens_per_s"], r["seconds"],
                      flops / analytic, model_flops / peak))
     r = jaxmoe_step("dropless", args.steps, ["model.remat=none"])
     model_flops = training_flops_per_token(r["cfg"].model, SEQ)["total"] * r["tokens_per_s"]
-    rows.append(("jaxmoe dropless (bf16, no remat)", r["tokens_per_s"], r["seconds"], None,
+    rows.append(("jaxmoe dropless, blocks (bf16, no remat)", r["tokens_per_s"], r["seconds"], None,
                  model_flops / peak))
     torch_best = None
     if not args.no_torch:
