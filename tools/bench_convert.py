@@ -7,9 +7,10 @@ Builds a Mixtral-shaped model (width 1024, 8 experts of width 2048 per layer, --
 (what `from-hf` writes, streamed layer by layer) and as a training checkpoint (what the
 training loop's manager writes from one device: one chunk per array). Then runs each
 conversion in a fresh process and reports seconds, GB/s and the process's peak RSS, next to
-the RSS of a process that only imports the converter (the floor) and the sizes of one layer
-and of the largest stored array. Source files are in the page cache (just written), so this
-measures conversion cost, not disk speed.
+the RSS of a process that only imports the converter (the floor), a plain copy of the same
+bytes (the I/O ceiling under the same load), and the sizes of one layer and of the largest
+stored array. Source files are in the page cache (just written), so this measures conversion
+cost more than disk speed.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def child(task: str, args: list[str]) -> None:
         r = hf.to_hf(args[0], args[1], "mixtral", dtype=args[2])
     elif task == "from_hf":
         r = hf.from_hf(args[0], args[1])
+    elif task == "copy":
+        r = _copy(Path(args[0]), Path(args[1]))
     else:
         r = None
     if r is not None:
@@ -90,6 +93,23 @@ def child(task: str, args: list[str]) -> None:
     out["import_s"] = imported - start
     out["peak_rss_gb"] = _status_kb("VmHWM") * 1024 / 1e9
     print(json.dumps(out))
+
+
+def _copy(src: Path, dst: Path):
+    """The I/O ceiling under the same load: copy the files byte for byte (read + write +
+    fsync), no conversion."""
+    from jaxmoe.convert.hf import Report
+
+    start = time.perf_counter()
+    dst.mkdir()
+    total = 0
+    for f in sorted(src.iterdir()):
+        with open(f, "rb") as fin, open(dst / f.name, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 64 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        total += f.stat().st_size
+    return Report(dst, 0, total, time.perf_counter() - start)
 
 
 def _status_kb(field: str) -> int:
@@ -131,6 +151,8 @@ def main() -> None:
         rows.append(("to-hf float32, training checkpoint",
                      run("to_hf", str(root / "run"), str(root / "hf_run"), "float32")))
         rows.append(("from-hf float32", run("from_hf", str(root / "hf32"), str(root / "back"))))
+        rows.append(("plain file copy of the HF files (I/O ceiling)",
+                     run("copy", str(root / "hf32"), str(root / "copy"))))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -108,24 +108,32 @@ def _queries(rows_in: int, n: int, nope: int, rope: int) -> tuple[lo.Fn, lo.Fn]:
         return [w.reshape(rows_in, n * qk).T]
 
     def from_hf(t, xp):
-        w = t[0].T.reshape(rows_in, n, qk)
+        w = lo.tr(t[0], xp).reshape(rows_in, n, qk)
         return [xp.concatenate([w[..., :nope], w[..., nope:][..., perm]], axis=-1)]
 
     return to_hf, from_hf
 
 
 def _kv_a(rkv: int, rope: int) -> tuple[lo.Fn, lo.Fn]:
-    """(kv_a [embed, kv_lora], k_rope [embed, rope]) <-> kv_a_proj_with_mqa [kv_lora + rope, embed]."""
+    """(kv_a [embed, kv_lora], k_rope [embed, rope]) <-> kv_a_proj_with_mqa
+    [kv_lora + rope, embed] (rope rows interleaved)."""
     perm, inv = _rope_rows(0, rope)
-    return ((lambda a, xp: [xp.concatenate([a[0].T, a[1][:, inv].T], axis=0)]),
-            (lambda t, xp: [t[0][:rkv].T, t[0][rkv:].T[:, perm]]))
+    return ((lambda a, xp: [xp.concatenate([lo.tr(a[0], xp), lo.tr(a[1][:, inv], xp)], axis=0)]),
+            (lambda t, xp: [lo.tr(t[0][:rkv], xp), lo.tr(t[0][rkv:], xp)[:, perm]]))
 
 
 def _kv_b(rkv: int, n: int, nope: int, vd: int) -> tuple[lo.Fn, lo.Fn]:
-    """(k_b [kv_lora, heads, nope], v_b [kv_lora, heads, vd]) <-> kv_b_proj [heads*(nope+vd), kv_lora]."""
-    return ((lambda a, xp: [xp.concatenate([a[0], a[1]], axis=-1).reshape(rkv, n * (nope + vd)).T]),
-            (lambda t, xp: [t[0].T.reshape(rkv, n, nope + vd)[..., :nope],
-                            t[0].T.reshape(rkv, n, nope + vd)[..., nope:]]))
+    """(k_b [kv_lora, heads, nope], v_b [kv_lora, heads, vd]) <-> kv_b_proj
+    [heads * (nope + vd), kv_lora] (per head: its nope key rows, then its value rows)."""
+
+    def to_hf(a, xp):
+        return [xp.concatenate([a[0], a[1]], axis=-1).reshape(rkv, n * (nope + vd)).T]
+
+    def from_hf(t, xp):
+        w = lo.tr(t[0], xp).reshape(rkv, n, nope + vd)
+        return [w[..., :nope], w[..., nope:]]
+
+    return to_hf, from_hf
 
 
 def _attention_rules(m: ModelConfig, b: lo.Block) -> list[lo.Rule]:

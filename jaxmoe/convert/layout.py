@@ -16,7 +16,10 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from jaxmoe.config import Config, ModelConfig
+from jaxmoe.convert.safetensors_io import transpose_copy
 from jaxmoe.model.decoder import layer_groups
 
 Fn = Callable[[Sequence[Any], Any], list[Any]]
@@ -96,25 +99,31 @@ def blocks(cfg: ModelConfig) -> list[Block]:
 
 # ----------------------------------------------------------------------------- rule kits
 
+def tr(x: Any, xp: Any) -> Any:
+    """x.T of a 2-D array; with NumPy, a contiguous copy made by the fast strip transpose
+    (from-HF direction; HF-bound views are made contiguous the same way by the writer)."""
+    return transpose_copy(x) if xp is np else x.T
+
+
 def identity() -> tuple[Fn, Fn]:
     return (lambda a, xp: [a[0]]), (lambda h, xp: [h[0]])
 
 
 def transposed() -> tuple[Fn, Fn]:
     """jaxmoe [in, out] <-> HF [out, in]."""
-    return (lambda a, xp: [a[0].T]), (lambda h, xp: [h[0].T])
+    return (lambda a, xp: [a[0].T]), (lambda h, xp: [tr(h[0], xp)])
 
 
 def heads_in(d: int, n: int, h: int) -> tuple[Fn, Fn]:
     """jaxmoe [d, heads, head_dim] <-> HF [heads * head_dim, d]."""
     return ((lambda a, xp: [a[0].reshape(d, n * h).T]),
-            (lambda t, xp: [t[0].T.reshape(d, n, h)]))
+            (lambda t, xp: [tr(t[0], xp).reshape(d, n, h)]))
 
 
 def heads_out(n: int, h: int, d: int) -> tuple[Fn, Fn]:
     """jaxmoe [heads, head_dim, d] <-> HF [d, heads * head_dim]."""
     return ((lambda a, xp: [a[0].reshape(n * h, d).T]),
-            (lambda t, xp: [t[0].T.reshape(n, h, d)]))
+            (lambda t, xp: [tr(t[0], xp).reshape(n, h, d)]))
 
 
 def flat_heads(n: int, h: int) -> tuple[Fn, Fn]:
@@ -124,8 +133,15 @@ def flat_heads(n: int, h: int) -> tuple[Fn, Fn]:
 
 def per_expert(num_experts: int) -> tuple[Fn, Fn]:
     """jaxmoe [experts, in, out] <-> one HF [out, in] tensor per expert."""
-    return ((lambda a, xp: [a[0][e].T for e in range(num_experts)]),
-            (lambda t, xp: [xp.stack([w.T for w in t])]))
+    def from_hf(t, xp):
+        if xp is not np:
+            return [xp.stack([w.T for w in t])]
+        out = np.empty((len(t),) + t[0].shape[::-1], t[0].dtype)
+        for e, w in enumerate(t):  # straight into place: no per-expert copy, then a stack
+            transpose_copy(w, out=out[e])
+        return [out]
+
+    return (lambda a, xp: [a[0][e].T for e in range(num_experts)]), from_hf
 
 
 def norm_rules(b: Block) -> list[Rule]:

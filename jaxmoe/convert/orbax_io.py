@@ -19,6 +19,7 @@ complete, so a crash never leaves a half-written checkpoint.
 from __future__ import annotations
 
 import ast
+import collections
 import json
 import os
 import shutil
@@ -197,6 +198,10 @@ class ParamsWriter:
         _, self.abstract = abstract_params(cfg.model)
         self._stores: dict[str, Any] = {}
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+        self._in_flight: collections.deque = collections.deque()
+        self._pending_bytes = 0
+
+    _IN_FLIGHT_BYTES = 128 << 20
 
     def _open(self, name: str) -> Any:
         if name not in self._stores:
@@ -226,7 +231,18 @@ class ParamsWriter:
             where = "" if index is None else f"[{index}]"
             raise CheckpointFormatError(f"array {name}{where}: shape {tuple(value.shape)}, "
                                         f"expected {tuple(target.shape)}")
-        target.write(np.asarray(value, dtype=self.abstract[name].dtype)).result()
+        # Asynchronous: the write (and its fsync) overlaps reading the next tensors, with at
+        # most _IN_FLIGHT_BYTES of buffers pending (the oldest writes are waited for first).
+        data = np.ascontiguousarray(value, dtype=self.abstract[name].dtype)
+        while self._in_flight and self._pending_bytes + data.nbytes > self._IN_FLIGHT_BYTES:
+            self._wait_oldest()
+        self._in_flight.append((target.write(data), data.nbytes))
+        self._pending_bytes += data.nbytes
+
+    def _wait_oldest(self) -> None:
+        future, nbytes = self._in_flight.popleft()
+        self._pending_bytes -= nbytes
+        future.result()
 
     def _write_metadata(self, collection: str) -> None:
         tree = {}
@@ -245,6 +261,8 @@ class ParamsWriter:
 
     def finish(self) -> Path:
         """Checks every array was written, writes the metadata files and renames into place."""
+        while self._in_flight:
+            self._wait_oldest()
         missing = sorted(set(self.abstract) - set(self._stores))
         if missing:
             raise CheckpointFormatError(f"array {missing[0]}: never written ({len(missing)} "
@@ -262,4 +280,10 @@ class ParamsWriter:
         return self.out_dir
 
     def abort(self) -> None:
+        for future, _ in self._in_flight:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001, S110 (the directory is being discarded)
+                pass
+        self._in_flight.clear()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)

