@@ -117,16 +117,17 @@ def check_model_fits(mesh_sizes: dict[str, int], rules: Rules, model: Any,
     def size(name: str) -> tuple[int, str]:
         axes = logical_to_spec((name,), rules)[0]
         n = _axes_size(mesh_sizes, axes)
-        shown = "x".join(axes) if isinstance(axes, tuple) else str(axes)
+        names = axes if isinstance(axes, tuple) else (axes,)
+        shown = "*".join(f"mesh.{a}" for a in names) if axes is not None else "1"
         return n, shown
 
     n_exp, exp_axes = size("expert")
     if model.num_experts == 0 and n_exp > 1:
-        raise MeshError(f"mesh.{exp_axes}={n_exp}: expert parallelism needs an MoE model "
+        raise MeshError(f"{exp_axes}={n_exp}: expert parallelism needs an MoE model "
                         f"(model.num_experts=0)")
     if model.num_experts % n_exp:
         raise MeshError(f"model.num_experts={model.num_experts} is not divisible by the "
-                        f"expert axis mesh.{exp_axes}={n_exp}")
+                        f"expert axis {exp_axes}={n_exp}")
     checks = [("heads", "model.num_heads", model.num_heads),
               ("kv_heads", "model.num_kv_heads", model.num_kv_heads),
               ("mlp", "model.mlp_dim", model.mlp_dim),
@@ -139,14 +140,14 @@ def check_model_fits(mesh_sizes: dict[str, int], rules: Rules, model: Any,
     for logical, key, value in checks:
         n, axes = size(logical)
         if value % n:
-            raise MeshError(f"{key}={value} is not divisible by mesh.{axes}={n} "
+            raise MeshError(f"{key}={value} is not divisible by {axes}={n} "
                             f"(the mesh axes sharding logical axis {logical!r})")
     n_batch, batch_axes = size("batch")
     micro = batch_size // max(grad_accum_steps, 1)
     if micro % n_batch:
         what = (f"train.batch_size={batch_size}" if grad_accum_steps == 1 else
                 f"the micro-batch train.batch_size/grad_accum_steps={micro}")
-        raise MeshError(f"{what} is not divisible by the batch axes mesh.{batch_axes}="
+        raise MeshError(f"{what} is not divisible by the batch axes {batch_axes}="
                         f"{n_batch} (each device needs whole sequences)")
 
 

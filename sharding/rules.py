@@ -4,6 +4,13 @@ Rules are (logical name, mesh axes) pairs in order of precedence (Flax's convent
 dimension takes the first rule whose mesh axes are still free in that array, so an
 activation `[batch, length, embed]` gives `fsdp` to `batch` and leaves `embed` whole, while a
 weight `[embed, mlp]` gets FSDP on `embed` and tensor parallelism on `mlp`.
+
+The defaults: batch over data x fsdp x expert (expert devices each bring their own tokens);
+Megatron tensor parallelism over `tensor`: column-parallel q/k/v [embed, heads, head_dim]
+and gate/up [embed, mlp], row-parallel o [heads, head_dim, embed] and down [mlp, embed],
+heads and vocab split; experts over `expert`; the `embed` dimension of every weight over
+fsdp x expert (FSDP; expert weights: fsdp only). `mesh.rules` in a config overrides single
+names (`mesh.rules={embed: [fsdp, data]}` replaces both embed rules).
 """
 
 from __future__ import annotations
@@ -29,11 +36,17 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("expert", "expert"),
+    # FSDP: weights split their embed dimension over fsdp and expert together (the expert
+    # devices hold distinct tokens, so they are data-parallel for every non-expert weight);
+    # expert weights, whose expert dimension already took `expert`, fall to the next rule.
+    ("embed", ("fsdp", "expert")),
     ("embed", "fsdp"),
     ("layers", None),
     ("length", None),
     ("head_dim", None),
     ("norm", None),
+    ("q_lora", None),  # MLA latent widths: small, kept whole
+    ("kv_lora", None),
 )
 
 

@@ -1,11 +1,12 @@
 """Three training steps of the tiny model give the same losses and parameters on every
 mesh layout as on one device (float32 compute).
 
-Tolerance: losses 1e-5 relative; parameters 1e-4 absolute. The layouts differ only in the
-order of float32 sums (losses agree to ~1e-7), but Adam divides each update by its running
-RMS, so an element whose gradient is ~0 turns that noise into a visible fraction of a step:
-1e-4 is 3% of one step at lr 3e-3 (measured worst: 3.5e-5). Sending tokens to the wrong
-experts moves the losses by ~3e-2 and the parameters by ~1e-2.
+Tolerance: losses 1e-5 relative, parameters 5e-6 absolute (measured: 2e-7 and 4e-7; the
+layouts differ only in the order of float32 sums). Adam's eps is raised to 1e-3 here so that
+an update is a smooth function of its gradient: with eps=1e-8 an element whose gradient
+cancels to ~0 turns summation-order noise into a visible fraction of lr (1e-4 measured),
+which would hide real differences. Sending tokens to the wrong experts moves the losses by
+~3e-2 and the parameters by ~1e-2.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from jaxmoe.train.loop import build_trainer
 from tests.sharding._helpers import batches, tiny_config
 
 LOSS_RTOL = 1e-5
-PARAM_ATOL = 1e-4
+PARAM_ATOL = 5e-6
+SMOOTH_ADAM = ["train.optimizer.eps=1e-3"]
 
 MESHES = {
     "dp8": ["mesh.data=8"],
@@ -30,7 +32,7 @@ MESHES = {
 
 
 def run(overrides: list[str], devices) -> tuple[list[float], dict]:
-    cfg = tiny_config(*overrides)
+    cfg = tiny_config(*overrides, *SMOOTH_ADAM)
     trainer = build_trainer(cfg, devices)
     with trainer.context():
         state = trainer.init()
