@@ -1,10 +1,23 @@
 """Meshes, logical-axis rules and parallelism strategies (the only package naming mesh axes)."""
 
 from sharding.expert_parallel import make_expert_dispatch
-from sharding.mesh import (MeshError, check_model_fits, config_degrees, make_mesh,
-                           mesh_from_config, mesh_shape)
-from sharding.rules import (DEFAULT_RULES, MESH_AXES, batch_sharding, logical_to_spec,
-                            make_rules, mesh_axes_of, state_shardings)
+from sharding.mesh import (
+                           MeshError,
+                           check_model_fits,
+                           config_degrees,
+                           make_mesh,
+                           mesh_from_config,
+                           mesh_shape,
+)
+from sharding.rules import (
+                           DEFAULT_RULES,
+                           MESH_AXES,
+                           batch_sharding,
+                           logical_to_spec,
+                           make_rules,
+                           mesh_axes_of,
+                           state_shardings,
+)
 
 __all__ = ["DEFAULT_RULES", "MESH_AXES", "MeshError", "batch_sharding", "check_model_fits",
            "config_degrees", "logical_to_spec", "make_expert_dispatch", "make_mesh",

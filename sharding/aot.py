@@ -105,7 +105,8 @@ def topology_devices(target: Target) -> list[Any] | None:
         else:
             topo = topologies.get_topology_desc(platform="cuda",
                                                 topology_name=target.name)
-    except Exception:  # no libtpu / no GPU plugin / unknown shape: analytic estimate only
+    # No libtpu, no GPU plugin, or a shape libtpu refuses: the analytic estimate only.
+    except (RuntimeError, ValueError, NotImplementedError, ImportError):
         return None
     return list(topo.devices)
 

@@ -18,7 +18,7 @@ Numbers are per chip, as published by the vendor (sources below, checked 2026-11
   A100 SXM https://www.nvidia.com/en-us/data-center/a100/ (312 TFLOP/s bf16, 80 GB,
            2.04 TB/s; NVLink 600 GB/s).
   B200     https://www.nvidia.com/en-us/data-center/dgx-b200/ (2.25 PFLOP/s dense bf16 per
-           GPU = 18 PFLOP/s sparse FP16 per 8 GPUs / 2 / 4, 180 GB, 8 TB/s; NVLink 1800 GB/s).
+           GPU, 180 GB, 8 TB/s; NVLink 1800 GB/s).
 DCN / inter-node bandwidth for GPUs is taken as 400 Gb/s per GPU (one InfiniBand NDR port
 per GPU, the usual H100/H200 cluster design); TPU v4/v5e/v6e/7x DCN as 25-50 Gb/s per chip
 is a planning assumption, not a published figure (only v5p's 50 Gb/s is).

@@ -198,8 +198,8 @@ def _gb(x: float) -> str:
 
 def format_report(r: Report) -> str:
     mesh = " x ".join(f"{a}={v}" for a, v in r.mesh.items() if v > 1) or "1 device"
-    lines = [f"target: {r.target} ({r.topology}; {r.chips} chips, {r.devices} devices); "
-             f"mesh {mesh}; source: {r.source}"]
+    lines = [(f"target: {r.target} ({r.topology}; {r.chips} chips, {r.devices} devices); "
+              f"mesh {mesh}; source: {r.source}")]
     mem = r.memory
     lines.append(f"memory per device: arguments {_gb(mem['arguments'])}, outputs "
                  f"{_gb(mem['outputs'])} ({_gb(mem['aliased'])} aliased to donated "

@@ -22,7 +22,7 @@ import dataclasses
 import math
 import re
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -322,7 +322,7 @@ def _collective(ins: Instr) -> tuple[str, float] | None:
     op = ins.opcode
     if op.endswith("-done"):
         return None
-    kind = op[:-len("-start")] if op.endswith("-start") else op
+    kind = op.removesuffix("-start")
     if kind not in COLLECTIVES:
         return None
     arrays = ins.result

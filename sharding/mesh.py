@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -129,10 +130,11 @@ def check_model_fits(mesh_sizes: dict[str, int], rules: Rules, model: Any,
         raise MeshError(f"model.num_experts={model.num_experts} is not divisible by the "
                         f"expert axis {exp_axes}={n_exp}")
     checks = [("heads", "model.num_heads", model.num_heads),
-              ("kv_heads", "model.num_kv_heads", model.num_kv_heads),
               ("mlp", "model.mlp_dim", model.mlp_dim),
               ("vocab", "model.vocab_size", model.vocab_size),
               ("embed", "model.embed_dim", model.embed_dim)]
+    if getattr(model, "attention", "gqa") != "mla":  # MLA has no separate kv heads
+        checks.append(("kv_heads", "model.num_kv_heads", model.num_kv_heads))
     if model.num_experts:
         checks.append(("mlp", "model.expert_mlp_dim", model.expert_mlp_dim))
         if model.resolved_shared_mlp_dim:

@@ -15,7 +15,8 @@ names (`mesh.rules={embed: [fsdp, data]}` replaces both embed rules).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 from flax import nnx
