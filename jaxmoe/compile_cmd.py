@@ -57,8 +57,8 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
     import jax
 
     import sharding
-    from sharding import aot, estimate, hlo
     from jaxmoe.train.loop import build_trainer
+    from sharding import aot, estimate, hlo
 
     target = aot.target_from_name(topology, num_slices)
     devices = aot.topology_devices(target)
@@ -91,9 +91,12 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
     if hlo_out:
         _write_atomic(hlo_out, text)
     stats = hlo.analyse(text, estimate.link_model(target.chip, list(trainer.mesh.devices.flat)))
+    n_ep = trainer.mesh.shape["expert"]
+    factor = cfg.mesh.expert_buffer_factor or n_ep  # 0: worst-case buffers, n_ep x
     report = estimate.from_compiled(target, dict(trainer.mesh.shape),
                                     aot.memory_stats(compiled), stats,
-                                    aot.cost_flops(compiled), model_flops)
+                                    aot.cost_flops(compiled), model_flops,
+                                    buffer_fill=1.0 / factor if n_ep > 1 else 1.0)
     report.notes.append(f"compiled in {seconds:.0f} s on this host")
     return report
 

@@ -337,20 +337,24 @@ Link = Callable[[np.ndarray], tuple[float, bool]]  # device ids -> (bytes/s, cro
 
 
 def analyse(text: str, link: Link | None = None, scan_once: bool = False) -> dict:
-    """{"flops": matmul FLOPs per device per step, "collectives": {kind: CollectiveStats},
-    "unknown_loops": [...]} for one device's program. `link(group of device ids)` gives the
+    """{"flops": matmul FLOPs per device per step, "kernel_flops": the part in custom-call
+    kernels (grouped matmuls), "collectives": {kind: CollectiveStats}, "unknown_loops": [...]}
+    for one device's program. `link(group of device ids)` gives the
     bandwidth a group communicates at and whether it crosses slices (DCN); `scan_once`
     counts loop bodies once (to compare with XLA's cost analysis)."""
     comps, entry = parse_module(text)
     mult, unknown = multiplicities(comps, entry, scan_once)
-    flops = 0.0
+    flops = kernel_flops = 0.0
     colls: dict[str, CollectiveStats] = defaultdict(CollectiveStats)
     for name, comp in comps.items():
         m = mult.get(name, 0.0)
         if not m:
             continue
         for ins in comp.instrs:
-            flops += m * instr_flops(ins, comp)
+            f = m * instr_flops(ins, comp)
+            flops += f
+            if ins.opcode == "custom-call":
+                kernel_flops += f
             c = _collective(ins)
             if c is None:
                 continue
@@ -369,4 +373,5 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False) -> dic
                 s.seconds += m * wire / bw
                 if dcn:
                     s.dcn_wire_bytes += m * wire
-    return {"flops": flops, "collectives": dict(colls), "unknown_loops": unknown}
+    return {"flops": flops, "kernel_flops": kernel_flops, "collectives": dict(colls),
+            "unknown_loops": unknown}
