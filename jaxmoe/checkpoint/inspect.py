@@ -3,7 +3,8 @@
 `describe(DIR)` lists every stored array (shape, dtype, sharding, bytes), the step, the data
 iterator files and the config, from metadata only (no array bytes are read).
 `export_params(DIR, OUT, dtype)` writes the parameters alone (optionally cast, e.g. to
-bfloat16 for inference) as `OUT/params/` (same OCDBT + zarr3 format) plus `OUT/config.json`;
+bfloat16 for inference) as `OUT/params/` (same OCDBT + zarr3 format), the router selection
+biases as `OUT/rest/` (never cast) and `OUT/config.json`;
 `restore_params(PATH)` reads either kind back as a nested dict of arrays.
 """
 
@@ -55,9 +56,9 @@ def _item(step_dir: Path) -> tuple[Path, bool]:
     return step_dir / ("params" if exported else "state"), exported
 
 
-def read_metadata(step_dir: Path) -> dict[str, Any]:
+def read_metadata(step_dir: Path, item: Path | None = None) -> dict[str, Any]:
     """The stored array metadata (a nested dict; leaves have shape, dtype, sharding)."""
-    item, _ = _item(step_dir)
+    item = item or _item(step_dir)[0]
     if not (item / "_METADATA").is_file():
         raise CheckpointError(f"checkpoint {step_dir}: file {item.name}/_METADATA is missing; "
                               "the checkpoint is incomplete or damaged")
@@ -137,17 +138,25 @@ def describe(path: str | Path, *, config: bool = True) -> str:
 
 
 def restore_params(path: str | Path, *, dtype: Any = None,
-                   sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
+                   sharding: jax.sharding.Sharding | None = None,
+                   collection: str = "params") -> dict[str, Any] | None:
     """The parameters of a training checkpoint or an export, as a nested dict of arrays.
 
     dtype: cast floating arrays while reading (None keeps the stored dtype); sharding: where
-    every array goes (default: the first local device)."""
+    every array goes (default: the first local device); collection: "params" or "rest" (the
+    router selection biases; None when the checkpoint has none)."""
     step_dir = resolve_step_dir(path)
     item, exported = _item(step_dir)
-    meta = read_metadata(step_dir)
-    params_meta = meta if exported else meta.get("params")
+    if exported:
+        item = step_dir / collection
+        if collection != "params" and not item.is_dir():
+            return None
+    meta = read_metadata(step_dir, item)
+    params_meta = meta if exported else meta.get(collection)
+    if not params_meta and collection != "params":
+        return None
     if params_meta is None:
-        raise CheckpointError(f"checkpoint {step_dir}: no params in item {item.name}")
+        raise CheckpointError(f"checkpoint {step_dir}: no {collection} in item {item.name}")
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def target(leaf):
@@ -157,7 +166,7 @@ def restore_params(path: str | Path, *, dtype: Any = None,
 
     abstract = jax.tree.map(target, params_meta)
     if not exported:
-        abstract = {"params": abstract}
+        abstract = {collection: abstract}
     args = ocp.args.PyTreeRestore(
         item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=not exported)
@@ -166,7 +175,7 @@ def restore_params(path: str | Path, *, dtype: Any = None,
             out = checkpointer.restore(epath.Path(item), args=args)
     except Exception as e:
         raise explain(e, step_dir, item.name) from e
-    return out if exported else out["params"]
+    return out if exported else out[collection]
 
 
 def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:
@@ -181,6 +190,7 @@ def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None
         raise CheckpointError(f"--dtype {dtype}: expected float32, bfloat16 or float16")
     step_dir = resolve_step_dir(path)
     params = restore_params(step_dir, dtype=None if dtype is None else jax.numpy.dtype(dtype))
+    rest = restore_params(step_dir, collection="rest")  # router biases: never cast
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -188,6 +198,8 @@ def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None
         handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True)
         with ocp.Checkpointer(handler) as checkpointer:
             checkpointer.save(epath.Path(tmp / "params"), args=ocp.args.PyTreeSave(params))
+            if rest:
+                checkpointer.save(epath.Path(tmp / "rest"), args=ocp.args.PyTreeSave(rest))
         cfg = read_config(step_dir)
         if cfg is not None:
             (tmp / "config.json").write_text(json.dumps(cfg, indent=1))

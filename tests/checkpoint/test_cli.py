@@ -28,11 +28,11 @@ def run(tmp_path_factory):
     ckpt.save(manager, 2, state, config, {"batches": 2})
     ckpt.save(manager, 3, state, config, {"batches": 3})
     manager.close()
-    return run_dir, flat_names(host(state.params))
+    return run_dir, flat_names(host(state.params)), flat_names(host(state.rest))
 
 
 def test_inspect(run, capsys):
-    run_dir, params = run
+    run_dir, params, _ = run
     assert cli.main(["checkpoint", "inspect", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"checkpoint {run_dir / 'checkpoints' / '3'}\nstep 3; ")
@@ -52,7 +52,7 @@ def test_inspect(run, capsys):
 
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
 def test_export_params(run, tmp_path, capsys, dtype):
-    run_dir, params = run
+    run_dir, params, rest = run
     out = tmp_path / "export"
     argv = ["checkpoint", "export-params", str(run_dir / "checkpoints" / "2"), str(out)]
     assert cli.main(argv + (["--dtype", dtype] if dtype else [])) == 0
@@ -64,6 +64,12 @@ def test_export_params(run, tmp_path, capsys, dtype):
         got = np.asarray(exported[name])
         assert got.dtype == want.dtype, name
         np.testing.assert_array_equal(got, want, err_msg=name)  # a cast is exact: no tolerance
+    # the router selection biases travel too, never cast (DeepSeek routing depends on them)
+    exported_rest = flat_names(restore_params(out, collection="rest"))
+    assert exported_rest.keys() == rest.keys() and rest
+    for name, value in rest.items():
+        assert np.asarray(exported_rest[name]).dtype == value.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(exported_rest[name]), value, err_msg=name)
     assert cli.main(["checkpoint", "inspect", str(out), "--no-config"]) == 0
     listing = capsys.readouterr().out
     assert "(params-only export)" in listing and "step 2;" in listing
