@@ -398,6 +398,11 @@ def _merge(base: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Defaults <- nested `values` (e.g. a stored config) <- `key=value` overrides, validated."""
+    return validate(_build(Config, _merge(values, parse_overrides(overrides or []))))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- `key=value` overrides, then `validate`."""
     values: dict[str, Any] = {}
@@ -409,8 +414,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
         values = loaded
-    values = _merge(values, parse_overrides(overrides or []))
-    return validate(_build(Config, values))
+    return config_from_dict(values, overrides)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -92,8 +92,7 @@ def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> LoadedMo
     if set(diff) - {"model"}:
         raise config_lib.ConfigError(f"{min(set(diff) - {'model'})}: only model.* "
                                      "overrides apply when loading a checkpoint")
-    cfg = config_lib.validate(config_lib._build(config_lib.Config,
-                                                config_lib._merge(values, diff)))
+    cfg = config_lib.config_from_dict(values, list(overrides))
     _, abstract = abstract_params(cfg.model)
     arrays = {name: jnp.asarray(reader.read(name)) for name in abstract}
     graphdef, params, rest = fill_state(cfg.model, arrays)

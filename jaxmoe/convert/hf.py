@@ -203,8 +203,7 @@ def hf_model_config(hf_dir: str | Path, overrides: Sequence[str] = (),
     fields = form.model_fields(hf)
     if param_dtype is not None:
         fields["param_dtype"] = param_dtype
-    values = config_lib._merge({"model": fields}, config_lib.parse_overrides(list(overrides)))
-    cfg = config_lib.validate(config_lib._build(config_lib.Config, values))
+    cfg = config_lib.config_from_dict({"model": fields}, list(overrides))
     form.check(cfg.model)
     return form, cfg
 

@@ -103,7 +103,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _config_from_dict(values: dict[str, Any]) -> config_lib.Config:
-    return config_lib.validate(config_lib._build(config_lib.Config, values))
+    return config_lib.config_from_dict(values)
 
 
 def _read_tree_names(item_dir: Path) -> tuple[list[str], bool, bool]:
