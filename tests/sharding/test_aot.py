@@ -30,7 +30,7 @@ def test_bad_topology_names(name):
 
 
 def mfu(out: str) -> float:
-    m = re.search(r"^estimated MFU: ([0-9.]+)%$", out, re.M)
+    m = re.search(r"^estimated MFU: ([0-9.]+)%$", out, re.MULTILINE)
     assert m, out
     return float(m.group(1))
 

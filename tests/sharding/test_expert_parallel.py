@@ -9,7 +9,6 @@ Tolerance: 1e-5 absolute on outputs of size ~1 and on gradients (float32).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -156,20 +155,12 @@ def test_expert_axis_must_shard_batch():
 
 
 def test_megablox_ffn_equals_expert_ffn():
-    ks = jax.random.split(jax.random.key(3), 5)
+    """Forward only: its gradients are checked inside EP above (padded rows included)."""
+    ks = jax.random.split(jax.random.key(3), 4)
     x = jax.random.normal(ks[0], (40, D))
     gs = jnp.array([10, 0, 17, 8], jnp.int32)  # 35 of 40 rows in groups, one group empty
     ws = [0.3 * jax.random.normal(k, s) for k, s in
           zip(ks[1:4], [(4, D, F), (4, D, F), (4, F, D)])]
-    cot = jax.random.normal(ks[4], (40, D))
-
-    def loss(f, x, *ws):
-        return jnp.sum(f(x, gs, *ws) * cot)
-
-    mb = functools.partial(megablox_ffn, interpret=True)
-    np.testing.assert_allclose(mb(x, gs, *ws), expert_ffn(x, gs, *ws), atol=TOL)
-    assert float(jnp.abs(mb(x, gs, *ws)[35:]).max()) == 0.0
-    g = jax.grad(functools.partial(loss, mb), argnums=(0, 1, 2, 3))(x, *ws)
-    g_ref = jax.grad(functools.partial(loss, expert_ffn), argnums=(0, 1, 2, 3))(x, *ws)
-    for a, b in zip(g, g_ref):
-        np.testing.assert_allclose(a, b, atol=TOL)
+    y = megablox_ffn(x, gs, *ws, interpret=True)
+    np.testing.assert_allclose(y, expert_ffn(x, gs, *ws), atol=TOL)
+    assert float(jnp.abs(y[35:]).max()) == 0.0

@@ -22,8 +22,8 @@ def build(*overrides: str):
 @pytest.mark.parametrize("overrides, expected", [
     (["mesh.data=3"], "product 3 != 8 devices"),
     (["mesh.data=-1", "mesh.fsdp=3"], "8 devices are not divisible by the fixed degrees"),
-    (["mesh.data=1", "mesh.expert=8"], "model.num_experts=4 is not divisible by the expert "
-                                       "axis mesh.expert=8"),
+    (["mesh.data=1", "mesh.expert=8"],
+     "model.num_experts=4 is not divisible by the expert axis mesh.expert=8"),
     (["mesh.data=1", "mesh.tensor=8"], "model.num_heads=4 is not divisible by mesh.tensor=8"),
     (["mesh.data=2", "mesh.tensor=4", "model.num_kv_heads=2"],
      "model.num_kv_heads=2 is not divisible by mesh.tensor=4"),
@@ -38,8 +38,8 @@ def build(*overrides: str):
     (["mesh.data=8", "train.batch_size=12"],
      "train.batch_size=12 is not divisible by the batch axes mesh.data*mesh.fsdp*mesh.expert=8"),
     (["mesh.data=2", "mesh.expert=4", "train.batch_size=16", "train.grad_accum_steps=4"],
-     "micro-batch train.batch_size/grad_accum_steps=4 is not divisible by the batch axes "
-     "mesh.data*mesh.fsdp*mesh.expert=8"),
+     ("micro-batch train.batch_size/grad_accum_steps=4 is not divisible by the batch axes "
+      "mesh.data*mesh.fsdp*mesh.expert=8")),
     (["mesh.data=4", "mesh.dcn_data=2"], "!= 1 processes holding the devices"),
     (["mesh.data=1", "mesh.expert=8", "model.num_experts=0"],
      "expert parallelism needs an MoE model"),
