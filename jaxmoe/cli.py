@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: auto-detect the cluster (TPU pods, SLURM, MPI)")
     command("info", cmd_info, "parameter counts and FLOPs, without allocating the model")
-    from jaxmoe.compile_cmd import add_arguments as add_compile_arguments, cmd_compile
+    from jaxmoe.compile_cmd import add_arguments as add_compile_arguments
+    from jaxmoe.compile_cmd import cmd_compile
 
     add_compile_arguments(command("compile", cmd_compile, "compile the train step for a TPU "
                                   "topology on this host; memory, FLOPs, collectives, MFU"))

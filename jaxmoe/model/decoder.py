@@ -19,8 +19,8 @@ from flax import nnx
 from jaxmoe.config import ModelConfig
 from jaxmoe.model import logical as L
 from jaxmoe.model.attention import Attention
-from jaxmoe.model.mla import MLAttention
 from jaxmoe.model.layers import Embedder, RMSNorm, param
+from jaxmoe.model.mla import MLAttention
 from jaxmoe.model.mlp import MLP
 from jaxmoe.model.moe import MoEBlock, MoEStats
 from jaxmoe.model.precision import Precision

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -10,10 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import contextlib
-
 from flax.core import spmd as flax_spmd
 from tqdm.auto import tqdm
 
@@ -170,7 +168,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
     eval_history: list[dict[str, float]] = []
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main),
                dynamic_ncols=True, desc="train")
-    last_time, last_step, pending = time.perf_counter(), start, None
+    last_time, last_step = time.perf_counter(), start
     with PreemptionGuard() as guard:  # SIGTERM/SIGINT: save this step, then return
         for step in range(start + 1, cfg.train.steps + 1):
             batch = trainer.put_batch(next(train_iter))

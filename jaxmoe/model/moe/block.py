@@ -20,7 +20,6 @@ from jaxmoe.model.moe.dropless import dropless_moe, expert_ffn
 from jaxmoe.model.moe.router import MoEStats, Router, routing_stats
 from jaxmoe.model.precision import Precision
 
-
 # A replacement for the routed-expert computation, installed by a parallelism strategy (the
 # `sharding` package's expert parallelism) while a step is traced. Called as
 # fn(x [tokens, embed], weights [tokens, k], indices [tokens, k], w_gate, w_up, w_down, *,
