@@ -20,9 +20,11 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxmoe.checkpoint.damage import CheckpointError, check_shapes, explain
+from jaxmoe.model import logical as L
 
 ITEMS = ("state", "data", "config")
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -103,6 +105,20 @@ def incomplete_checkpoints(directory: str | Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if TMP_MARKER in p.name)
 
 
+def _save_args(state: Any) -> Any:
+    """Arrays stacked on a leading `layers` axis (parameters of scanned layer groups and their
+    optimizer moments) are stored one layer per chunk, so converters and inspectors can read
+    a single layer without reading (or holding) the whole stack."""
+    def one(leaf):
+        if isinstance(leaf, nnx.Variable):
+            axes = tuple(leaf.get_metadata().get("out_sharding") or ())
+            stacked = bool(axes) and axes[0] == L.LAYERS and leaf[...].ndim >= 2
+            return jax.tree.map(lambda _: ocp.SaveArgs(shard_axes=(0,) if stacked else ()),
+                                leaf)
+        return ocp.SaveArgs()
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, config: dict[str, Any],
          data_state: dict[str, Any] | None = None) -> None:
     """Starts saving `state` (and the data iterator state, config) as step `step`.
@@ -110,7 +126,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, config: dict[str
     With an async manager this returns once the arrays are on the host; the write continues
     in the background (`manager.wait_until_finished()` waits for it). `data_state` is copied
     through JSON now, so the iterator may move on immediately."""
-    items = {"state": ocp.args.PyTreeSave(state),
+    items = {"state": ocp.args.PyTreeSave(state, save_args=_save_args(state)),
              "config": ocp.args.JsonSave(json.loads(json.dumps(config)))}
     if data_state is not None:
         items["data"] = PerProcessJsonSave(json.loads(json.dumps(data_state)))
