@@ -45,7 +45,3 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) ->
     model = MoETransformer(cfg, nnx.Rngs(params=init_key))
     _, params, rest = split_model(model)
     return TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params), rng)
-
-
-def merge_model(graphdef, state: TrainState) -> MoETransformer:
-    return nnx.merge(graphdef, state.params, state.rest)

@@ -16,10 +16,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from jaxmoe.config import Config
 from jaxmoe.model.decoder import DecoderOutput
-from jaxmoe.train.state import TrainState, merge_model, split_model
+from jaxmoe.train.state import TrainState, split_model
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: [batch, length] int32
 
@@ -33,7 +34,7 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array):
 
 
 def forward(graphdef, params, rest, batch: Batch) -> DecoderOutput:
-    model = merge_model(graphdef, TrainState(None, params, rest, None, None))
+    model = nnx.merge(graphdef, params, rest)
     return model(batch["inputs"], batch["segment_ids"], batch["positions"])
 
 
@@ -91,7 +92,7 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation,
         params = optax.apply_updates(state.params, updates)
         rest = state.rest
         if rate > 0:
-            model = merge_model(graphdef, TrainState(None, params, rest, None, None))
+            model = nnx.merge(graphdef, params, rest)
             model.update_router_biases(stats["loads"], rate)
             _, _, rest = split_model(model)
         metrics = {
