@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from jaxmoe.checkpoint import manager as ckpt
+from jaxmoe.checkpoint import priority
 from jaxmoe.checkpoint.run import abstract_state
 from jaxmoe.config import load_config, to_dict
 from jaxmoe.train.loop import build_trainer
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="async saves measured")
     parser.add_argument("--every", type=int, default=100, help="save interval to amortise")
     parser.add_argument("--compression", action="store_true", help="zstd on every chunk")
+    parser.add_argument("--writer-priority", choices=("idle", "normal", "both"), default="both",
+                        help="SCHED_IDLE writer threads (what jaxmoe train does), normal, or both")
     args = parser.parse_args()
 
     root = Path(args.dir)
@@ -128,32 +131,51 @@ def main() -> None:
     manager = ckpt.make_manager(root, keep_last=2, compression=args.compression)
     config = to_dict(cfg)
 
-    baseline, during, blocking, async_wall = [], [], [], []
-    for r in range(args.repeats):
-        baseline += [step() for _ in range(args.steps)]
-        t0 = time.perf_counter()
-        ckpt.save(manager, 10 * (r + 1), holder["state"], config, {"batches": r})
-        blocking.append(time.perf_counter() - t0)
-        done: list[float] = []
-        # A side thread notes when the bytes are on disk; the loop keeps training meanwhile.
-        watcher = threading.Thread(target=lambda done=done: (manager.wait_until_finished(),
-                                                             done.append(time.perf_counter())))
-        watcher.start()
-        overlapped = []
-        while watcher.is_alive():
-            overlapped.append(step())
-        watcher.join()
-        async_wall.append(done[0] - t0)
-        during += overlapped
-        print(f"async save {r + 1}: blocked {blocking[-1]:.3f} s, on disk after "
-              f"{async_wall[-1]:.2f} s, {len(overlapped)} steps ran meanwhile", flush=True)
+    modes = ["normal", "idle"] if args.writer_priority == "both" else [args.writer_priority]
+    baseline = []
+    results = {}
+    for mode in modes:  # "normal" first: threads moved to SCHED_IDLE cannot be moved back
+        during, blocking, async_wall = [], [], []
+        for r in range(args.repeats):
+            baseline += [step() for _ in range(args.steps)]
+            t0 = time.perf_counter()
+            ckpt.save(manager, 10 * (len(results) * args.repeats + r + 1), holder["state"],
+                      config, {"batches": r}, writer_priority=mode)
+            blocking.append(time.perf_counter() - t0)
+            done: list[float] = []
+            # A side thread notes when the bytes are on disk; the loop keeps training meanwhile.
+            watcher = threading.Thread(target=lambda done=done: (
+                manager.wait_until_finished(), done.append(time.perf_counter())))
+            watcher.start()
+            overlapped = []
+            while watcher.is_alive():
+                if mode == "idle":
+                    priority.deprioritize_writers()  # as the training loop does every step
+                overlapped.append(step())
+            watcher.join()
+            async_wall.append(done[0] - t0)
+            during += overlapped
+            print(f"async save ({mode} writers) {r + 1}: blocked {blocking[-1]:.3f} s, on disk "
+                  f"after {async_wall[-1]:.2f} s, {len(overlapped)} steps ran meanwhile",
+                  flush=True)
+        results[mode] = (during, blocking, async_wall)
     base = statistics.median(baseline)
-    busy = statistics.median(during) if during else float("nan")
-    n_over = len(during) / args.repeats
-    window_slowdown = (n_over * busy + statistics.mean(blocking)) / (n_over * base) - 1 \
-        if during else float("nan")
-    extra = n_over * (busy - base) + statistics.mean(blocking)
-    amortised = extra / (args.every * base)
+    async_rows = []
+    for mode, (during, blocking, async_wall) in results.items():
+        busy = statistics.median(during) if during else float("nan")
+        n_over = len(during) / args.repeats
+        window_slowdown = (n_over * busy + statistics.mean(blocking)) / (n_over * base) - 1 \
+            if during else float("nan")
+        extra = n_over * (busy - base) + statistics.mean(blocking)
+        amortised = extra / (args.every * base)
+        async_rows += [
+            (f"[{mode}] step time while an async save runs", f"{busy:.3f} s"),
+            (f"[{mode}] save() blocks the loop for (mean)", f"{statistics.mean(blocking):.3f} s"),
+            (f"[{mode}] async save, start -> on disk", f"{statistics.mean(async_wall):.2f} s"),
+            (f"[{mode}] async save throughput", f"{gb / statistics.mean(async_wall):.2f} GB/s"),
+            (f"[{mode}] slowdown of the steps during the save", f"{100 * window_slowdown:.1f} %"),
+            (f"[{mode}] slowdown amortised over {args.every} steps", f"{100 * amortised:.2f} %"),
+        ]
 
     t0 = time.perf_counter()
     ckpt.save(manager, 1000, holder["state"], config, {"batches": 0})
@@ -177,22 +199,17 @@ def main() -> None:
 
     print(f"\ncheckpoint: {gb:.2f} GB of arrays, {on_disk:.2f} GB on disk"
           f"{' (zstd)' if args.compression else ''}")
-    print(f"{'measure':<44}{'value':>16}")
+    print(f"{'measure':<52}{'value':>12}")
     rows = [
         ("baseline step time (median)", f"{base:.3f} s"),
-        ("step time while an async save runs (median)", f"{busy:.3f} s"),
-        ("save() blocks the loop for (mean)", f"{statistics.mean(blocking):.3f} s"),
-        ("async save, start -> on disk (mean)", f"{statistics.mean(async_wall):.2f} s"),
-        ("async save throughput", f"{gb / statistics.mean(async_wall):.2f} GB/s"),
-        ("slowdown of the steps during the save", f"{100 * window_slowdown:.1f} %"),
-        (f"slowdown amortised over {args.every} steps", f"{100 * amortised:.2f} %"),
+        *async_rows,
         ("synchronous save throughput", f"{gb / sync_s:.2f} GB/s"),
         ("raw write + fsync of the same bytes", f"{gb / raw_s:.2f} GB/s"),
         ("restore throughput, cold page cache", f"{gb / restores['cold']:.2f} GB/s"),
         ("restore throughput, warm page cache", f"{gb / restores['warm']:.2f} GB/s"),
     ]
     for name, value in rows:
-        print(f"{name:<44}{value:>16}")
+        print(f"{name:<52}{value:>12}")
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -7,7 +7,8 @@ Measured side by side in one process (the machine is shared and noisy; compare r
   2. compiled FLOPs of one step (XLA cost analysis, layers unrolled and no remat so nothing is
      counted once or twice) over the analytic model FLOPs (6 x active params x tokens +
      attention), per dispatch path;
-  3. achieved model FLOP/s over a 2048^2 bf16 matmul's FLOP/s measured in the same run;
+  3. achieved model FLOP/s over a 2048^2 bf16 matmul's FLOP/s (float32 accumulation) measured
+     in the same run;
   4. the same model trained in transformers (torch CPU, float32 and bfloat16 autocast).
 
 Usage: JAX_PLATFORMS=cpu python tools/bench_train.py [--steps 20] [--no-torch]
@@ -59,8 +60,10 @@ def time_it(fn, steps: int) -> float:
 
 
 def matmul_flops_per_s(n: int = 2048, steps: int = 10) -> float:
+    """FLOP/s of an n x n bfloat16 matmul accumulated in float32 (the fast library path; with a
+    bfloat16 *result* XLA:CPU takes a ~6x slower path, which an earlier version used)."""
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.bfloat16)
-    f = jax.jit(lambda a: a @ a)
+    f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
     return 2 * n ** 3 / time_it(lambda: f(a).block_until_ready(), steps)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxmoe import config as config_lib
 from jaxmoe.checkpoint import manager as ckpt
+from jaxmoe.checkpoint import priority
 from jaxmoe.checkpoint.damage import CheckpointError
 
 
@@ -115,7 +116,10 @@ class RunCheckpointer:
         return restored.state, step
 
     def maybe_save(self, step: int, state: Any, train_iter: Any) -> bool:
-        """Starts an async save when `step` is a multiple of train.checkpoint_every."""
+        """Starts an async save when `step` is a multiple of train.checkpoint_every (and keeps
+        the writer threads of one in flight at idle CPU priority)."""
+        if self.manager.is_saving_in_progress():
+            priority.deprioritize_writers()
         every = self.cfg.train.checkpoint_every
         if every and step % every == 0:
             self.save(step, state, train_iter)

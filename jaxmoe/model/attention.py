@@ -9,6 +9,7 @@ from flax import nnx
 from jaxmoe.config import ModelConfig
 from jaxmoe.model import logical as L
 from jaxmoe.model.layers import RMSNorm, apply_rope, const_param, param
+from jaxmoe.model.matmul import accumulation_dtype, einsum
 from jaxmoe.model.precision import Precision
 
 
@@ -27,17 +28,22 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """q [b, t, heads, d], k/v [b, s, kv_heads, d], mask [b, 1, t, s] -> [b, t, heads, d].
 
-    Softmax statistics in float32; query heads are grouped over the kv heads (GQA).
+    Softmax statistics in float32; query heads are grouped over the kv heads (GQA). The
+    contractions are batched over (batch, kv head) with the query group folded into the
+    query rows, [b, kv, group * t, d]: plain batched matmuls, which XLA runs as library calls.
     """
     b, t, n, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, n // kv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (d ** -0.5)
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, n, d)
+    s, kv = k.shape[1], k.shape[2]
+    g = n // kv
+    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    k = k.transpose(0, 2, 1, 3)  # [b, kv, s, d]
+    v = v.transpose(0, 2, 1, 3)
+    acc = accumulation_dtype(q.dtype, k.dtype)
+    logits = einsum("bkqd,bksd->bkqs", q, k, out_dtype=acc).reshape(b, kv, g, t, s)
+    logits = jnp.where(mask[:, :, None], logits * (d ** -0.5), jnp.finfo(acc).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
+    out = einsum("bkqs,bksd->bkqd", probs, v)  # [b, kv, g * t, d]
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
 class Attention(nnx.Module):
@@ -62,9 +68,9 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
         """x [batch, length, embed] -> [batch, length, embed]."""
         c = self.precision.cast
-        q = jnp.einsum("ble,enh->blnh", x, c(self.q[...]))
-        k = jnp.einsum("ble,ekh->blkh", x, c(self.k[...]))
-        v = jnp.einsum("ble,ekh->blkh", x, c(self.v[...]))
+        q = einsum("ble,enh->blnh", x, c(self.q[...]))
+        k = einsum("ble,ekh->blkh", x, c(self.k[...]))
+        v = einsum("ble,ekh->blkh", x, c(self.v[...]))
         if self.qkv_bias:
             q, k, v = q + c(self.q_bias[...]), k + c(self.k_bias[...]), v + c(self.v_bias[...])
         if self.qk_norm:
@@ -75,5 +81,5 @@ class Attention(nnx.Module):
                         (L.BATCH, L.LENGTH, L.KV_HEADS, L.HEAD_DIM))
         v = L.constrain(v, (L.BATCH, L.LENGTH, L.KV_HEADS, L.HEAD_DIM))
         out = dot_product_attention(q, k, v, attention_mask(segment_ids))
-        out = jnp.einsum("blnh,nhe->ble", out, c(self.o[...]))
+        out = einsum("blnh,nhe->ble", out, c(self.o[...]))
         return L.constrain(out, (L.BATCH, L.LENGTH, L.EMBED))

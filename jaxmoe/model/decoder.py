@@ -20,6 +20,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.model import logical as L
 from jaxmoe.model.attention import Attention
 from jaxmoe.model.layers import Embedder, RMSNorm, param
+from jaxmoe.model.matmul import einsum
 from jaxmoe.model.mla import MLAttention
 from jaxmoe.model.mlp import MLP
 from jaxmoe.model.moe import MoEBlock, MoEStats
@@ -193,8 +194,8 @@ class MoETransformer(nnx.Module):
         if self.cfg.tie_embeddings:
             logits = self.embedder.attend(x)
         else:
-            logits = jnp.einsum("ble,ev->blv", x, self.precision.cast(self.lm_head[...]),
-                                preferred_element_type=jnp.float32)
+            logits = einsum("ble,ev->blv", x, self.precision.cast(self.lm_head[...]),
+                            out_dtype=jnp.float32)
         logits = L.constrain(logits, (L.BATCH, L.LENGTH, L.VOCAB))
         return DecoderOutput(logits, moe)
 

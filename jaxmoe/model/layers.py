@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.model import logical as L
+from jaxmoe.model.matmul import einsum
 from jaxmoe.model.precision import Precision
 
 
@@ -52,7 +53,7 @@ class Embedder(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """x [batch, length, embed] -> logits [batch, length, vocab] in float32."""
         w = self.precision.cast(self.embedding[...])
-        return jnp.einsum("ble,ve->blv", x, w, preferred_element_type=jnp.float32)
+        return einsum("ble,ve->blv", x, w, out_dtype=jnp.float32)
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:

@@ -7,7 +7,14 @@ from flax import nnx
 
 from jaxmoe.model import logical as L
 from jaxmoe.model.layers import param
+from jaxmoe.model.matmul import einsum
 from jaxmoe.model.precision import Precision
+
+
+def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] (up to 3 leading dims) times w [in, out]."""
+    lead = "abc"[:x.ndim - 1]
+    return einsum(f"{lead}i,io->{lead}o", x, w)
 
 
 class MLP(nnx.Module):
@@ -23,7 +30,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.precision.cast
-        h = jax.nn.silu(x @ c(self.gate[...])) * (x @ c(self.up[...]))
+        h = jax.nn.silu(_mm(x, c(self.gate[...]))) * _mm(x, c(self.up[...]))
         if h.ndim == 3:
             h = L.constrain(h, (L.BATCH, L.LENGTH, L.MLP))
-        return h @ c(self.down[...])
+        return _mm(h, c(self.down[...]))

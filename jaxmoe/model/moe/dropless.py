@@ -4,19 +4,25 @@ Only the chosen experts do work: FLOPs are tokens * k * 3 * 2 * embed * expert_m
 one-hot dispatch tensors. Two grouped-matmul implementations stand behind `expert_ffn`:
 
 - `ragged_dot`: `jax.lax.ragged_dot`, a native grouped matmul on TPU (the default there);
-- `blocks`: rows are scattered into fixed-size blocks that each belong to one expert
-  (every expert's group padded to a multiple of the block size), then one batched matmul
-  with per-block expert weights. XLA:CPU lowers `ragged_dot` to a dense masked matmul over
-  *all* experts (E x the FLOPs, measured in tools/bench_train.py), so `blocks` is the default
-  off TPU; its padding costs at most experts x block rows (block size ~ rows / (8 experts),
-  so <= 12.5% extra expert FLOPs; smaller blocks cost less padding but gather expert weights
-  per block more often, which measured slower in tools/bench_train.py).
+- `blocks`: token copies are gathered straight into fixed-size row blocks that each belong
+  to one expert (every expert's group padded to a multiple of the block size), then batched
+  matmuls with per-block expert weights (`block_swiglu.py`, explicit backward pass), then
+  gathered back (`gather_rows.py`: the gradients are gathers too, not scatter-adds).
+  XLA:CPU lowers `ragged_dot` to a dense masked matmul over *all* experts (E x the FLOPs,
+  measured in tools/bench_train.py), so `blocks` is the default off TPU. Its padding costs
+  at most experts x block rows: block size ~ rows / (8 experts) keeps that <= 12.5% of the
+  expert FLOPs (compiled/analytic FLOPs <= 1.1). Larger blocks run faster on XLA:CPU
+  (block 256 instead of 64: step 0.124 s instead of 0.158 s on the benchmark model) but
+  would pad up to 50%; the FLOP bound was kept.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jaxmoe.model.moe.block_swiglu import block_swiglu
+from jaxmoe.model.moe.gather_rows import gather_rows
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -56,19 +62,37 @@ def block_layout(group_sizes: jax.Array, rows: int, block: int):
     return dest, block_group, num_blocks
 
 
+def _slots(group_sizes: jax.Array, rows: int, experts: int):
+    """(block, dest [rows] slot of each sorted row, src [slots] row of each slot or `rows`,
+    block_group [num_blocks])."""
+    block = block_size(rows, experts)
+    dest, block_group, nb = block_layout(group_sizes, rows, block)
+    src = jnp.full((nb * block,), rows, jnp.int32).at[dest].set(
+        jnp.arange(rows, dtype=jnp.int32), mode="drop")
+    return block, dest, src, block_group
+
+
 def _expert_ffn_blocks(x_sorted, group_sizes, w_gate, w_up, w_down):
     rows, d = x_sorted.shape
-    block = block_size(rows, w_gate.shape[0])
-    dest, block_group, nb = block_layout(group_sizes, rows, block)
-    xb = jnp.zeros((nb * block, d), x_sorted.dtype).at[dest].set(x_sorted, mode="drop")
-    xb = xb.reshape(nb, block, d)
+    block, dest, src, block_group = _slots(group_sizes, rows, w_gate.shape[0])
+    xb = gather_rows(x_sorted, src, dest[:, None]).reshape(-1, block, d)
+    yb = block_swiglu(xb, block_group, w_gate, w_up, w_down).reshape(-1, d)
+    return gather_rows(yb, dest, src[:, None])
 
-    def mm(a, w):  # [nb, block, in] x per-block expert weights -> [nb, block, out]
-        return jnp.einsum("nbi,nio->nbo", a, jnp.take(w, block_group, axis=0))
 
-    h = jax.nn.silu(mm(xb, w_gate)) * mm(xb, w_up)
-    yb = mm(h, w_down).reshape(nb * block, d)
-    return jnp.take(yb, dest, axis=0, mode="fill", fill_value=0)
+def _dropless_blocks(x, weights, indices, w_gate, w_up, w_down):
+    """Token copies go straight to their block slots (and back) by gathers."""
+    t, k = indices.shape
+    d = x.shape[-1]
+    order, group_sizes = sort_by_expert(indices, w_gate.shape[0])
+    block, dest, src, block_group = _slots(group_sizes, t * k, w_gate.shape[0])
+    slot_of_copy = jnp.zeros((t * k,), jnp.int32).at[order].set(dest)  # copy c = token * k + j
+    copy_of_slot = jnp.where(src < t * k, order[jnp.minimum(src, t * k - 1)], t * k)
+    token_of_slot = jnp.where(copy_of_slot < t * k, copy_of_slot // k, t)
+    xb = gather_rows(x, token_of_slot, slot_of_copy.reshape(t, k)).reshape(-1, block, d)
+    yb = block_swiglu(xb, block_group, w_gate, w_up, w_down).reshape(-1, d)
+    y = gather_rows(yb, slot_of_copy, copy_of_slot[:, None]).reshape(t, k, d)
+    return jnp.einsum("tkd,tk->td", y.astype(weights.dtype), weights).astype(x.dtype)
 
 
 def sort_by_expert(indices: jax.Array, num_experts: int):
@@ -102,6 +126,8 @@ def expert_ffn(x_sorted: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
 def dropless_moe(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.Array,
                  w_up: jax.Array, w_down: jax.Array, impl: str | None = None) -> jax.Array:
     """x [tokens, embed], weights/indices [tokens, k], w_* [experts, ...] -> [tokens, embed]."""
+    if (impl or default_impl()) == "blocks":
+        return _dropless_blocks(x, weights, indices, w_gate, w_up, w_down)
     t, k = indices.shape
     order, group_sizes = sort_by_expert(indices, w_gate.shape[0])
     x_sorted = jnp.take(x, order // k, axis=0)  # [tokens*k, embed]
