@@ -11,7 +11,8 @@ Measured:
   2. async save: how long `save` blocks the loop, the wall time until the bytes are on disk
      (-> GB/s), and the median time of the steps that ran while the write was in flight;
      slowdown = (their time + the blocking time) / (as many baseline steps) - 1, and the same
-     amortised over --every steps (a save every N steps);
+     amortised over --every steps (a save every N steps); for TensorStore writer threads at
+     normal priority and moved to SCHED_IDLE (what `jaxmoe train` does), in one run;
   3. synchronous save (GB/s), next to one plain file write + fsync of the same bytes (what
      the disk itself sustains);
   4. restore onto the same sharding, warm (files in the page cache) and cold (their pages
@@ -19,6 +20,7 @@ Measured:
 
 Usage: JAX_PLATFORMS=cpu python tools/bench_checkpoint.py [--dir /tmp/bench_ckpt]
        [--layers 8] [--width 1024] [--steps 4] [--repeats 2] [--every 100] [--compression]
+       [--writer-priority idle|normal|both]
 """
 
 from __future__ import annotations

@@ -156,6 +156,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
     # router biases and the data iterator's position), or start fresh.
     checkpoints = RunCheckpointer(run_dir, cfg)
     state, start = checkpoints.restore_or_init(trainer, train_iter)
+    if start:
+        writer.resume_at(start)  # rows past the checkpoint are replayed, not duplicated
     if start >= cfg.train.steps:
         checkpoints.close()
         writer.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,31 @@ class MetricsWriter:
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def resume_at(self, step: int) -> int:
+        """Drops rows of steps after `step` (logged by a run that died before checkpointing
+        them; the resumed run logs them again) and a torn last line. The file is rewritten
+        atomically (temp file + rename). Returns how many rows were dropped."""
+        if not self.enabled or not self.path.exists():
+            return 0
+        self._file.close()
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # torn by a kill mid-write
+                dropped += 1
+                continue
+            if row.get("step", 0) > step:
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a", buffering=1)
+        return dropped
 
     def write(self, step: int, split: str, values: dict[str, Any]) -> None:
         if not self.enabled:

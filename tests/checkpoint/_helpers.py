@@ -83,6 +83,11 @@ def wait_for(predicate: Callable[[], Any], proc: subprocess.Popen, timeout: floa
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def metric_rows(run_dir: Path) -> list[dict]:
+    text = (run_dir / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss from metrics.jsonl; a step logged twice (by a killed run and
     again by its resumption) keeps its last value."""

@@ -16,6 +16,7 @@ import pytest
 
 from tests.checkpoint._helpers import (
     logged_steps,
+    metric_rows,
     run_training,
     start_training,
     train_losses,
@@ -76,6 +77,8 @@ def test_sigkill_after_checkpoint_then_resume(reference, tmp_path):
     output = run_training(run_dir, *overrides)
     start = resumed_step(output)
     assert 4 <= start < STEPS and start % 4 == 0
+    train_steps = [r["step"] for r in metric_rows(run_dir) if r["split"] == "train"]
+    assert train_steps == list(range(1, STEPS + 1))  # replayed steps are not logged twice
     losses, expected = train_losses(run_dir), reference.losses()
     assert losses == expected, {s: (losses.get(s), expected[s]) for s in expected
                                 if losses.get(s) != expected[s]}
