@@ -20,7 +20,7 @@ Measured:
 
 Usage: JAX_PLATFORMS=cpu python tools/bench_checkpoint.py [--dir /tmp/bench_ckpt]
        [--layers 8] [--width 1024] [--steps 4] [--repeats 2] [--every 100] [--compression]
-       [--writer-priority idle|normal|both]
+       [--writer-priority idle|normal|both] [--batch 2] [--seq 256]
 """
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ from jaxmoe.checkpoint.run import abstract_state
 from jaxmoe.config import load_config, to_dict
 from jaxmoe.train.loop import build_trainer
 
-BATCH, SEQ = 2, 256
-
 
 def overrides(args: argparse.Namespace) -> list[str]:
     heads = args.width // 128
@@ -53,16 +51,16 @@ def overrides(args: argparse.Namespace) -> list[str]:
             f"model.num_layers={args.layers}", f"model.num_heads={heads}",
             f"model.num_kv_heads={heads}", "model.head_dim=128",
             f"model.mlp_dim={4 * args.width}", "model.num_experts=0",
-            f"train.batch_size={BATCH}", f"data.seq_len={SEQ}", "train.steps=1000",
+            f"train.batch_size={args.batch}", f"data.seq_len={args.seq}", "train.steps=1000",
             "mesh.data=1"]
 
 
-def random_batch(vocab: int, seed: int) -> dict[str, np.ndarray]:
+def random_batch(vocab: int, seed: int, batch: int, seq: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, vocab, (BATCH, SEQ + 1)).astype(np.int32)
+    tokens = rng.integers(3, vocab, (batch, seq + 1)).astype(np.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "segment_ids": np.ones((BATCH, SEQ), np.int32),
-            "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy()}
+            "segment_ids": np.ones((batch, seq), np.int32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
 
 
 def drop_page_cache(directory: Path) -> None:
@@ -101,6 +99,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--batch", type=int, default=2, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=4, help="baseline steps per repeat")
     parser.add_argument("--repeats", type=int, default=2, help="async saves measured")
     parser.add_argument("--every", type=int, default=100, help="save interval to amortise")
@@ -114,7 +114,7 @@ def main() -> None:
     cfg = load_config(None, overrides(args))
     trainer = build_trainer(cfg, devices=jax.devices()[:1])
     holder = {}
-    batch = trainer.put_batch(random_batch(args.vocab, 0))
+    batch = trainer.put_batch(random_batch(args.vocab, 0, args.batch, args.seq))
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -127,7 +127,8 @@ def main() -> None:
         holder["state"] = trainer.init()
     size = state_bytes(holder["state"])
     gb = size / 1e9
-    print(f"model: {args.layers} layers, width {args.width}; checkpoint {gb:.2f} GB "
+    print(f"model: {args.layers} layers, width {args.width}; {args.batch}x{args.seq} tokens per "
+          f"step; checkpoint {gb:.2f} GB "
           f"({len(jax.tree.leaves(holder['state']))} arrays); dir {root}", flush=True)
     step()  # compile
     manager = ckpt.make_manager(root, keep_last=2, compression=args.compression)
