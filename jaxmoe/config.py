@@ -76,6 +76,9 @@ class ModelConfig:
     # Dropless grouped matmul: "auto" (ragged_dot on TPU, blocks elsewhere), "ragged_dot",
     # "blocks" (see jaxmoe/model/moe/dropless.py for why XLA:CPU needs blocks).
     grouped_matmul: str = "auto"
+    # Rows per block of the "blocks" grouped matmul; 0 = auto (rows / (8 experts), so padding
+    # stays <= 12.5% of expert FLOPs). Larger blocks run faster on XLA:CPU but pad more.
+    gmm_block_size: int = 0
     capacity_factor: float = 1.25
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
     z_loss_coef: float = 0.001  # router z-loss
@@ -209,6 +212,9 @@ def validate(cfg: Config) -> Config:
             _fail("model.expert_mlp_dim", m.expert_mlp_dim, "a positive integer")
         if m.capacity_factor <= 0:
             _fail("model.capacity_factor", m.capacity_factor, "> 0")
+        if m.gmm_block_size < 0 or m.gmm_block_size % 8:
+            _fail("model.gmm_block_size", m.gmm_block_size,
+                  "0 (auto) or a positive multiple of 8")
         if not 0 <= m.first_k_dense <= m.num_layers:
             _fail("model.first_k_dense", m.first_k_dense,
                   f"between 0 and model.num_layers={m.num_layers}")

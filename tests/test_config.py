@@ -39,6 +39,8 @@ BAD = [
     (["model.num_expert=4"], "model.num_expert: unknown key"),
     (["modle.num_experts=4"], "modle: unknown key"),
     (["model.capacity_factor=0"], "model.capacity_factor=0.0: expected > 0"),
+    (["model.gmm_block_size=12"], "model.gmm_block_size=12: expected 0 (auto) or a positive"),
+    (["model.gmm_block_size=-8"], "model.gmm_block_size=-8: expected 0 (auto) or a positive"),
     (["model.num_layers=4", "model.moe_every=3"], "model.moe_every=3: expected a divisor of num_layers - first_k_dense = 4"),
     (["model.first_k_dense=7"], "model.first_k_dense=7: expected between 0 and model.num_layers=2"),
     (["train.grad_accum_steps=3"], "train.grad_accum_steps=3: expected a divisor of train.batch_size=16"),

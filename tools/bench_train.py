@@ -136,6 +136,7 @@ def main() -> None:
     print(f"bf16 2048^2 matmul: {peak / 1e9:,.0f} GFLOP/s")
     rows = []
     variants = [("dropless", [], "dropless, blocks"),
+                ("dropless", ["model.gmm_block_size=256"], "dropless, blocks of 256 rows"),
                 ("dropless", ["model.grouped_matmul=ragged_dot"], "dropless, lax.ragged_dot"),
                 ("capacity", [], "capacity 1.25")]
     for dispatch, extra, name in variants:

@@ -60,6 +60,7 @@ class MoEBlock(nnx.Module):
         self.num_experts = e
         self.dispatch = cfg.dispatch
         self.gmm_impl = None if cfg.grouped_matmul == "auto" else cfg.grouped_matmul
+        self.gmm_block = cfg.gmm_block_size
         self.capacity_factor = cfg.capacity_factor
         self.precision = precision
 
@@ -75,9 +76,11 @@ class MoEBlock(nnx.Module):
         if override is not None:
             y, dropped = override(xt, r.weights, r.indices, *w, dispatch=self.dispatch,
                                   capacity_factor=self.capacity_factor, token_mask=mask,
-                                  ffn=functools.partial(expert_ffn, impl=self.gmm_impl))
+                                  ffn=functools.partial(expert_ffn, impl=self.gmm_impl,
+                                                        block=self.gmm_block))
         elif self.dispatch == "dropless":
-            y, dropped = dropless_moe(xt, r.weights, r.indices, *w, self.gmm_impl), None
+            y = dropless_moe(xt, r.weights, r.indices, *w, self.gmm_impl, self.gmm_block)
+            dropped = None
         else:
             y, dropped = capacity_moe(xt, r.weights, r.indices, *w, self.capacity_factor, mask)
         if self.shared is not None:

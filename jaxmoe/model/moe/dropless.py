@@ -11,9 +11,9 @@ one-hot dispatch tensors. Two grouped-matmul implementations stand behind `exper
   XLA:CPU lowers `ragged_dot` to a dense masked matmul over *all* experts (E x the FLOPs,
   measured in tools/bench_train.py), so `blocks` is the default off TPU. Its padding costs
   at most experts x block rows: block size ~ rows / (8 experts) keeps that <= 12.5% of the
-  expert FLOPs (compiled/analytic FLOPs <= 1.1). Larger blocks run faster on XLA:CPU
-  (block 256 instead of 64: step 0.124 s instead of 0.158 s on the benchmark model) but
-  would pad up to 50%; the FLOP bound was kept.
+  expert FLOPs (compiled/analytic FLOPs <= 1.1). Larger blocks (`model.gmm_block_size`)
+  run faster on XLA:CPU but pad more: 256 rows on the benchmark model gave 1.29x the
+  tokens/s at 1.25x the analytic FLOPs (tools/bench_train.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ def default_impl() -> str:
     return "ragged_dot" if jax.default_backend() == "tpu" else "blocks"
 
 
-def block_size(rows: int, groups: int) -> int:
-    """Largest power of two <= rows / (8 groups), within [8, 256]."""
+def block_size(rows: int, groups: int, requested: int = 0) -> int:
+    """`requested` if > 0, else the largest power of two <= rows / (8 groups), in [8, 256]."""
+    if requested:
+        return requested
     target = max(rows // (8 * groups), 1)
     return int(min(256, max(8, 1 << (target.bit_length() - 1))))
 
@@ -62,30 +64,30 @@ def block_layout(group_sizes: jax.Array, rows: int, block: int):
     return dest, block_group, num_blocks
 
 
-def _slots(group_sizes: jax.Array, rows: int, experts: int):
+def _slots(group_sizes: jax.Array, rows: int, experts: int, block: int = 0):
     """(block, dest [rows] slot of each sorted row, src [slots] row of each slot or `rows`,
     block_group [num_blocks])."""
-    block = block_size(rows, experts)
+    block = block_size(rows, experts, block)
     dest, block_group, nb = block_layout(group_sizes, rows, block)
     src = jnp.full((nb * block,), rows, jnp.int32).at[dest].set(
         jnp.arange(rows, dtype=jnp.int32), mode="drop")
     return block, dest, src, block_group
 
 
-def _expert_ffn_blocks(x_sorted, group_sizes, w_gate, w_up, w_down):
+def _expert_ffn_blocks(x_sorted, group_sizes, w_gate, w_up, w_down, block=0):
     rows, d = x_sorted.shape
-    block, dest, src, block_group = _slots(group_sizes, rows, w_gate.shape[0])
+    block, dest, src, block_group = _slots(group_sizes, rows, w_gate.shape[0], block)
     xb = gather_rows(x_sorted, src, dest[:, None]).reshape(-1, block, d)
     yb = block_swiglu(xb, block_group, w_gate, w_up, w_down).reshape(-1, d)
     return gather_rows(yb, dest, src[:, None])
 
 
-def _dropless_blocks(x, weights, indices, w_gate, w_up, w_down):
+def _dropless_blocks(x, weights, indices, w_gate, w_up, w_down, block=0):
     """Token copies go straight to their block slots (and back) by gathers."""
     t, k = indices.shape
     d = x.shape[-1]
     order, group_sizes = sort_by_expert(indices, w_gate.shape[0])
-    block, dest, src, block_group = _slots(group_sizes, t * k, w_gate.shape[0])
+    block, dest, src, block_group = _slots(group_sizes, t * k, w_gate.shape[0], block)
     slot_of_copy = jnp.zeros((t * k,), jnp.int32).at[order].set(dest)  # copy c = token * k + j
     copy_of_slot = jnp.where(src < t * k, order[jnp.minimum(src, t * k - 1)], t * k)
     token_of_slot = jnp.where(copy_of_slot < t * k, copy_of_slot // k, t)
@@ -107,15 +109,16 @@ def sort_by_expert(indices: jax.Array, num_experts: int):
 
 
 def expert_ffn(x_sorted: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
-               w_up: jax.Array, w_down: jax.Array, impl: str | None = None) -> jax.Array:
+               w_up: jax.Array, w_down: jax.Array, impl: str | None = None,
+               block: int = 0) -> jax.Array:
     """SwiGLU per expert over rows sorted by expert. x_sorted [rows, embed] -> [rows, embed].
 
     Rows past sum(group_sizes) (padding) give zeros. impl: "ragged_dot" | "blocks" | None
-    (None: `default_impl()` for the current backend).
+    (None: `default_impl()` for the current backend); block: rows per block (0: default).
     """
     impl = impl or default_impl()
     if impl == "blocks":
-        return _expert_ffn_blocks(x_sorted, group_sizes, w_gate, w_up, w_down)
+        return _expert_ffn_blocks(x_sorted, group_sizes, w_gate, w_up, w_down, block)
     if impl != "ragged_dot":
         raise ValueError(f"impl={impl!r}: expected 'ragged_dot' or 'blocks'")
     h = jax.nn.silu(grouped_matmul(x_sorted, w_gate, group_sizes))
@@ -124,10 +127,13 @@ def expert_ffn(x_sorted: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
 
 
 def dropless_moe(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.Array,
-                 w_up: jax.Array, w_down: jax.Array, impl: str | None = None) -> jax.Array:
-    """x [tokens, embed], weights/indices [tokens, k], w_* [experts, ...] -> [tokens, embed]."""
+                 w_up: jax.Array, w_down: jax.Array, impl: str | None = None,
+                 block: int = 0) -> jax.Array:
+    """x [tokens, embed], weights/indices [tokens, k], w_* [experts, ...] -> [tokens, embed].
+
+    block: rows per block of the "blocks" implementation (0: `block_size`'s default)."""
     if (impl or default_impl()) == "blocks":
-        return _dropless_blocks(x, weights, indices, w_gate, w_up, w_down)
+        return _dropless_blocks(x, weights, indices, w_gate, w_up, w_down, block)
     t, k = indices.shape
     order, group_sizes = sort_by_expert(indices, w_gate.shape[0])
     x_sorted = jnp.take(x, order // k, axis=0)  # [tokens*k, embed]
