@@ -65,3 +65,19 @@ def test_bad_spec_is_one_line(spec):
     with pytest.raises(ValueError, match="einsum spec") as err:
         einsum(spec, jnp.ones((2, 2)), jnp.ones((2, 2)))
     assert "\n" not in str(err.value)
+
+
+def test_contraction_split_only_in_programs_lowered_for_cpu():
+    """The weight gradient x^T dy contracts [0, 1] x [0, 1] (split) when lowered for CPU and
+    [0] x [0] (plain) when lowered for TPU from this CPU host."""
+    x = jnp.ones((1024, 256), jnp.bfloat16)
+    w = jnp.ones((256, 512), jnp.bfloat16)
+    g = jax.jit(jax.grad(lambda x, w: jnp.sum(einsum("ti,io->to", x, w, jnp.float32) ** 2),
+                         argnums=1))
+    dims = {}
+    for platform in ("cpu", "tpu"):
+        text = g.trace(x, w).lower(lowering_platforms=(platform,)).as_text()
+        dims[platform] = set(re.findall(r"contracting_dims = \[[0-9, ]*\] x \[[0-9, ]*\]", text))
+    assert "contracting_dims = [0, 1] x [0, 1]" in dims["cpu"], dims
+    assert "contracting_dims = [0] x [0]" in dims["tpu"], dims
+    assert "contracting_dims = [0, 1] x [0, 1]" not in dims["tpu"], dims
