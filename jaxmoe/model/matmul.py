@@ -46,21 +46,21 @@ def _check(spec: str) -> None:
                          "terms (no index summed out of a single operand)")
 
 
-def _split_contraction(spec: str, x: jax.Array, y: jax.Array):
-    """If one index is contracted and it is the minor dim of neither operand, split it in two."""
+def _split_contraction(spec: str, x_shape: tuple, y_shape: tuple):
+    """(spec, x_shape, y_shape) with a lone contracted index that is the minor dim of neither
+    operand split in two; None when there is nothing to split."""
     a, b, out = _parse(spec)
     summed = [c for c in a if c in b and c not in out]
     if len(summed) != 1:
-        return spec, x, y
-    c = summed[0]
-    i, j = a.index(c), b.index(c)
-    n = x.shape[i]
+        return None
+    i, j = a.index(summed[0]), b.index(summed[0])
+    n = x_shape[i]
     if i == len(a) - 1 or j == len(b) - 1 or n % 2 or n < 32:
-        return spec, x, y
+        return None
     new = next(ch for ch in string.ascii_letters if ch not in a + b + out)
-    x = x.reshape(*x.shape[:i], 2, n // 2, *x.shape[i + 1:])
-    y = y.reshape(*y.shape[:j], 2, n // 2, *y.shape[j + 1:])
-    return f"{a[:i]}{new}{a[i:]},{b[:j]}{new}{b[j:]}->{out}", x, y
+    return (f"{a[:i]}{new}{a[i:]},{b[:j]}{new}{b[j:]}->{out}",
+            (*x_shape[:i], 2, n // 2, *x_shape[i + 1:]),
+            (*y_shape[:j], 2, n // 2, *y_shape[j + 1:]))
 
 
 def accumulation_dtype(*dtypes) -> jnp.dtype:
@@ -74,12 +74,13 @@ def _contract(spec: str, x: jax.Array, y: jax.Array, out_dtype) -> jax.Array:
     def plain(x, y):
         return jnp.einsum(spec, x, y, preferred_element_type=acc).astype(out_dtype)
 
-    split_spec, xs, ys = _split_contraction(spec, x, y)
-    if split_spec == spec:
+    split_form = _split_contraction(spec, x.shape, y.shape)
+    if split_form is None:
         return plain(x, y)
+    split_spec, x_shape, y_shape = split_form
 
     def split(x, y):
-        return jnp.einsum(split_spec, x.reshape(xs.shape), y.reshape(ys.shape),
+        return jnp.einsum(split_spec, x.reshape(x_shape), y.reshape(y_shape),
                           preferred_element_type=acc).astype(out_dtype)
 
     # The split helps XLA:CPU only; the platform is chosen when the program is lowered, so a
