@@ -9,7 +9,8 @@ Measured side by side in one process (the machine is shared and noisy; compare r
      attention), per dispatch path;
   3. achieved model FLOP/s over a 2048^2 bf16 matmul's FLOP/s (float32 accumulation) measured
      in the same run;
-  4. the same model trained in transformers (torch CPU, float32 and bfloat16 autocast).
+  4. the same model trained in transformers (torch CPU, float32 and bfloat16 autocast);
+  5. for reference, the model with a dense MLP of the active expert width instead of the MoE.
 
 Usage: JAX_PLATFORMS=cpu python tools/bench_train.py [--steps 20] [--no-torch]
 """
@@ -67,9 +68,16 @@ def matmul_flops_per_s(n: int = 2048, steps: int = 10) -> float:
     return 2 * n ** 3 / time_it(lambda: f(a).block_until_ready(), steps)
 
 
-def jaxmoe_step(dispatch: str, steps: int, extra: list[str] = ()) -> dict:
-    cfg = load_config(None, BENCH + [f"model.dispatch={dispatch}", "model.capacity_factor=1.25",
-                                     *extra])
+# The same model with one dense SwiGLU MLP of the active expert width (2 x 512) in place of
+# the MoE: what the step would cost if routing and grouped matmuls were free.
+DENSE = [o for o in BENCH if not o.startswith(("model.num_experts", "model.expert_mlp_dim",
+                                                "model.aux_loss_coef"))]
+DENSE += ["model.num_experts=0", "model.mlp_dim=1024"]
+
+
+def jaxmoe_step(dispatch: str, steps: int, extra: list[str] = (), base: list[str] = BENCH) -> dict:
+    cfg = load_config(None, base + [f"model.dispatch={dispatch}", "model.capacity_factor=1.25",
+                                    *extra])
     trainer = build_trainer(cfg, devices=jax.devices()[:1])
     with trainer.context():
         state = trainer.init()
@@ -149,6 +157,10 @@ def main() -> None:
     model_flops = training_flops_per_token(r["cfg"].model, SEQ)["total"] * r["tokens_per_s"]
     rows.append(("jaxmoe dropless, blocks (bf16, no remat)", r["tokens_per_s"], r["seconds"], None,
                  model_flops / peak))
+    r = jaxmoe_step("dropless", args.steps, base=DENSE)
+    model_flops = training_flops_per_token(r["cfg"].model, SEQ)["total"] * r["tokens_per_s"]
+    rows.append(("reference: dense MLP of the active width (bf16)", r["tokens_per_s"],
+                 r["seconds"], None, model_flops / peak))
     torch_best = None
     if not args.no_torch:
         for dtype in ("float32", "bfloat16"):

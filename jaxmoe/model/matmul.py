@@ -1,13 +1,14 @@
 """Two-operand contractions with low-precision inputs and float32 accumulation, both ways.
 
-Every matmul of the model goes through `einsum`: inputs in the compute dtype (bfloat16 by
-default), accumulation in float32, result cast back to the compute dtype. Its backward pass
-is written out (`jax.custom_vjp`) so that the two gradient contractions also take
-compute-dtype inputs with float32 accumulation. Autodiff of
+The matmuls of GQA attention, the MLPs, the blocked experts and the output head go through
+`einsum` (MLA attention and the capacity path do not yet): inputs in the compute dtype
+(bfloat16 by default), accumulation in float32, result cast back to the compute dtype. Its
+backward pass is written out (`jax.custom_vjp`) so that the two gradient contractions also
+take compute-dtype inputs with float32 accumulation. Autodiff of
 `einsum(..., preferred_element_type=float32)` instead feeds a float32 cotangent into the
 gradient matmuls, which then run in float32.
 
-Why this matters on XLA:CPU (measured, tools/bench_train.py and docs/benchmarks.md): dots
+Why this matters on XLA:CPU (measured by tools/bench_matmul.py, docs/benchmarks.md): dots
 with bfloat16 inputs and a float32 result run in a fast library kernel (~650 GFLOP/s on 2
 cores for [1024, 256] x [256, 512]); a bfloat16 result or float32 inputs fall back to a
 ~200 GFLOP/s path, and so does a dot whose single contracted dimension is the minor one of
