@@ -39,7 +39,8 @@ def test_matches_jnp_einsum_float64(spec, xs, ys):
 
 
 def test_bfloat16_inputs_accumulate_in_float32():
-    """A bf16 contraction over 4096 ones: a bf16 accumulator would stop at 256 (ulp 2)."""
+    """4096 products of 1/64 sum to exactly 64 in float32; a bfloat16 accumulator stalls at 4
+    (there 1/64 is half an ulp and rounds away)."""
     x = jnp.ones((1, 4096), jnp.bfloat16) * 1.0
     y = jnp.ones((4096, 1), jnp.bfloat16) / 64
     assert float(einsum("ij,jk->ik", x, y, out_dtype=jnp.float32)[0, 0]) == 64.0
