@@ -8,9 +8,22 @@ from flax import nnx
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.model import logical as L
-from jaxmoe.model.layers import RMSNorm, apply_rope, const_param, param
+from jaxmoe.model.layers import (
+    RMSNorm,
+    Rotary,
+    apply_rope,
+    const_param,
+    param,
+    rope_frequencies,
+    rotary_tables,
+)
 from jaxmoe.model.matmul import accumulation_dtype, einsum
 from jaxmoe.model.precision import Precision
+
+
+def rotary(cfg: ModelConfig, positions: jax.Array) -> Rotary:
+    """Rotary tables for grouped-query attention: positions [batch, length] -> [b, l, hd / 2]."""
+    return rotary_tables(positions, rope_frequencies(cfg.head_dim, cfg.rope_theta))
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -26,24 +39,25 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [b, t, heads, d], k/v [b, s, kv_heads, d], mask [b, 1, t, s] -> [b, t, heads, d].
+    """Heads-major: q [b, heads, t, d], k/v [b, kv_heads, s, d], mask [b, 1, t, s]
+    -> [b, heads, t, d].
 
-    Softmax statistics in float32; query heads are grouped over the kv heads (GQA). The
-    contractions are batched over (batch, kv head) with the query group folded into the
-    query rows, [b, kv, group * t, d]: plain batched matmuls, which XLA runs as library calls.
+    Softmax statistics in float32; query heads are grouped over the kv heads (GQA: head
+    i * group + j reads kv head i), folded into the query rows, [b, kv, group * t, d], so the
+    contractions are plain batched matmuls with no transpose in front of them. (On XLA:CPU a
+    transpose between the bfloat16 cast and the matmul made XLA move the cast behind the
+    transpose and run the matmul in float32, several times slower.)
     """
-    b, t, n, d = q.shape
-    s, kv = k.shape[1], k.shape[2]
+    b, n, t, d = q.shape
+    s, kv = k.shape[2], k.shape[1]
     g = n // kv
-    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
-    k = k.transpose(0, 2, 1, 3)  # [b, kv, s, d]
-    v = v.transpose(0, 2, 1, 3)
+    q = q.reshape(b, kv, g * t, d)
     acc = accumulation_dtype(q.dtype, k.dtype)
     logits = einsum("bkqd,bksd->bkqs", q, k, out_dtype=acc).reshape(b, kv, g, t, s)
     logits = jnp.where(mask[:, :, None], logits * (d ** -0.5), jnp.finfo(acc).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
     out = einsum("bkqs,bksd->bkqd", probs, v)  # [b, kv, g * t, d]
-    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
+    return out.reshape(b, n, t, d)
 
 
 class Attention(nnx.Module):
@@ -62,24 +76,27 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, cfg.norm_eps, precision, L.HEAD_DIM)
             self.k_norm = RMSNorm(h, cfg.norm_eps, precision, L.HEAD_DIM)
         self.qkv_bias, self.qk_norm = cfg.qkv_bias, cfg.qk_norm
-        self.rope_theta = cfg.rope_theta
         self.precision = precision
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
-        """x [batch, length, embed] -> [batch, length, embed]."""
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, rope: Rotary) -> jax.Array:
+        """x [batch, length, embed], segment_ids [batch, length], rope: `rotary(cfg, positions)`
+        -> [batch, length, embed]."""
         c = self.precision.cast
-        q = einsum("ble,enh->blnh", x, c(self.q[...]))
-        k = einsum("ble,ekh->blkh", x, c(self.k[...]))
-        v = einsum("ble,ekh->blkh", x, c(self.v[...]))
+        # Heads-major [batch, heads, length, head_dim] straight out of the projections.
+        q = einsum("ble,enh->bnlh", x, c(self.q[...]))
+        k = einsum("ble,ekh->bklh", x, c(self.k[...]))
+        v = einsum("ble,ekh->bklh", x, c(self.v[...]))
         if self.qkv_bias:
-            q, k, v = q + c(self.q_bias[...]), k + c(self.k_bias[...]), v + c(self.v_bias[...])
+            q = q + c(self.q_bias[...])[:, None]
+            k = k + c(self.k_bias[...])[:, None]
+            v = v + c(self.v_bias[...])[:, None]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = L.constrain(apply_rope(q, positions, self.rope_theta),
-                        (L.BATCH, L.LENGTH, L.HEADS, L.HEAD_DIM))
-        k = L.constrain(apply_rope(k, positions, self.rope_theta),
-                        (L.BATCH, L.LENGTH, L.KV_HEADS, L.HEAD_DIM))
-        v = L.constrain(v, (L.BATCH, L.LENGTH, L.KV_HEADS, L.HEAD_DIM))
+        q = L.constrain(apply_rope(q, rope, length_axis=2),
+                        (L.BATCH, L.HEADS, L.LENGTH, L.HEAD_DIM))
+        k = L.constrain(apply_rope(k, rope, length_axis=2),
+                        (L.BATCH, L.KV_HEADS, L.LENGTH, L.HEAD_DIM))
+        v = L.constrain(v, (L.BATCH, L.KV_HEADS, L.LENGTH, L.HEAD_DIM))
         out = dot_product_attention(q, k, v, attention_mask(segment_ids))
-        out = einsum("blnh,nhe->ble", out, c(self.o[...]))
+        out = einsum("bnlh,nhe->ble", out, c(self.o[...]))
         return L.constrain(out, (L.BATCH, L.LENGTH, L.EMBED))

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.config import ModelConfig
+from jaxmoe.model import attention, mla
 from jaxmoe.model import logical as L
 from jaxmoe.model.attention import Attention
-from jaxmoe.model.layers import Embedder, RMSNorm, param
+from jaxmoe.model.layers import Embedder, RMSNorm, Rotary, param
 from jaxmoe.model.matmul import einsum
 from jaxmoe.model.mla import MLAttention
 from jaxmoe.model.mlp import MLP
@@ -31,6 +32,11 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+def rotary(cfg: ModelConfig, positions: jax.Array) -> Rotary:
+    """The rotary tables of the configured attention for positions [batch, length]."""
+    return (mla.rotary if cfg.attention == "mla" else attention.rotary)(cfg, positions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +72,8 @@ class DecoderBlock(nnx.Module):
                     else MLP(cfg.embed_dim, cfg.mlp_dim, cfg.init_std, precision, rngs))
         self.is_moe = is_moe
 
-    def __call__(self, x, segment_ids, positions, token_mask):
-        x = x + self.attn(self.attn_norm(x), segment_ids, positions)
+    def __call__(self, x, segment_ids, rope: Rotary, token_mask):
+        x = x + self.attn(self.attn_norm(x), segment_ids, rope)
         h = self.ffn_norm(x)
         stats = None
         if self.is_moe:
@@ -90,10 +96,10 @@ class Unit(nnx.Module):
     def blocks(self) -> list[DecoderBlock]:
         return [getattr(self, f"block{i}") for i in range(self.size)]
 
-    def __call__(self, x, segment_ids, positions, token_mask):
+    def __call__(self, x, segment_ids, rope: Rotary, token_mask):
         all_stats = []
         for block in self.blocks():
-            x, stats = block(x, segment_ids, positions, token_mask)
+            x, stats = block(x, segment_ids, rope, token_mask)
             if stats is not None:
                 all_stats.append(stats)
         return x, tuple(all_stats)
@@ -111,13 +117,13 @@ class LayerGroup(nnx.Module):
         self.remat = cfg.remat
         self.scan = cfg.scan_layers
 
-    def __call__(self, x, segment_ids, positions, token_mask):
+    def __call__(self, x, segment_ids, rope: Rotary, token_mask):
         """x [batch, length, embed] -> (x, stats: tuple of MoEStats stacked on [repeats])."""
         graphdef, state = nnx.split(self.units)
 
         def body(x, unit_state):
             unit = nnx.merge(graphdef, unit_state)
-            return unit(x, segment_ids, positions, token_mask)
+            return unit(x, segment_ids, rope, token_mask)
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat])
@@ -186,9 +192,10 @@ class MoETransformer(nnx.Module):
             raise ValueError(f"segment_ids {segment_ids.shape} and positions {positions.shape}: "
                              f"expected {x.shape[:2]} (prefix + tokens)")
         token_mask = segment_ids > 0
+        rope = rotary(self.cfg, positions)  # once per forward, read by every layer
         moe = {}
         for name, group in zip(self.group_names, self.groups()):
-            x, stats = group(x, segment_ids, positions, token_mask)
+            x, stats = group(x, segment_ids, rope, token_mask)
             moe[name] = stats
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:

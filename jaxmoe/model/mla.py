@@ -29,7 +29,7 @@ from flax import nnx
 from jaxmoe.config import ModelConfig
 from jaxmoe.model import logical as L
 from jaxmoe.model.attention import attention_mask
-from jaxmoe.model.layers import RMSNorm, param
+from jaxmoe.model.layers import RMSNorm, Rotary, apply_rope, param, rotary_tables
 from jaxmoe.model.precision import Precision
 
 
@@ -81,15 +81,11 @@ def softmax_scale(cfg: ModelConfig) -> float:
     return scale
 
 
-def rotate(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: float) -> jax.Array:
-    """Rotate-half rotary embedding with cos/sin multiplied by `scale` (YaRN's factor).
-
-    x: [batch, length, ..., dim]; positions: [batch, length]."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, dim/2]
-    angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])
-    cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+def rotary(cfg: ModelConfig, positions: jax.Array) -> Rotary:
+    """Rotary tables for MLA's rotary part: positions [batch, length] -> [b, l, rope / 2],
+    cos/sin multiplied by the YaRN scale."""
+    inv_freq, scale = rope_inv_freq(cfg)
+    return rotary_tables(positions, inv_freq, scale)
 
 
 def _softmax(logits: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
@@ -157,12 +153,10 @@ class MLAttention(nnx.Module):
         self.o = param(rngs, (n, vd, e), (L.HEADS, L.HEAD_DIM, L.EMBED), std, pd)
         self.q_lora = bool(rq)
         self.nope = nope
-        inv_freq, self.rope_scale = rope_inv_freq(cfg)
-        self.inv_freq = tuple(float(f) for f in inv_freq)  # static: no array state in the module
         self.scale = softmax_scale(cfg)
         self.precision = precision
 
-    def queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def queries(self, x: jax.Array, rope: Rotary) -> tuple[jax.Array, jax.Array]:
         """x [b, t, embed] -> (q_nope [b, t, n, nope], rotated q_rope [b, t, n, rope])."""
         c = self.precision.cast
         if self.q_lora:
@@ -172,22 +166,22 @@ class MLAttention(nnx.Module):
             q = jnp.einsum("bte,end->btnd", x, c(self.q[...]))
         q = L.constrain(q, (L.BATCH, L.LENGTH, L.HEADS, L.HEAD_DIM))
         q_nope, q_rope = q[..., :self.nope], q[..., self.nope:]
-        return q_nope, rotate(q_rope, positions, jnp.asarray(self.inv_freq), self.rope_scale)
+        return q_nope, apply_rope(q_rope, rope)
 
-    def latent(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def latent(self, x: jax.Array, rope: Rotary) -> tuple[jax.Array, jax.Array]:
         """x [b, s, embed] -> the cache entry (c_kv [b, s, kv_lora], rotated k_rope [b, s, rope])."""
         c = self.precision.cast
         c_kv = self.kv_a_norm(jnp.einsum("bse,er->bsr", x, c(self.kv_a[...])))
         k_rope = jnp.einsum("bse,er->bsr", x, c(self.k_rope[...]))
-        k_rope = rotate(k_rope, positions, jnp.asarray(self.inv_freq), self.rope_scale)
+        k_rope = apply_rope(k_rope, rope)
         return (L.constrain(c_kv, (L.BATCH, L.LENGTH, L.KV_LORA)),
                 L.constrain(k_rope, (L.BATCH, L.LENGTH, L.HEAD_DIM)))
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, rope: Rotary) -> jax.Array:
         """x [batch, length, embed] -> [batch, length, embed] (causal, within segments)."""
         c = self.precision.cast
-        q_nope, q_rope = self.queries(x, positions)
-        c_kv, k_rope = self.latent(x, positions)
+        q_nope, q_rope = self.queries(x, rope)
+        c_kv, k_rope = self.latent(x, rope)
         k_nope = jnp.einsum("bsr,rnd->bsnd", c_kv, c(self.k_b[...]))
         v = jnp.einsum("bsr,rnv->bsnv", c_kv, c(self.v_b[...]))
         k_nope = L.constrain(k_nope, (L.BATCH, L.LENGTH, L.HEADS, L.HEAD_DIM))

@@ -11,7 +11,7 @@ from flax import nnx
 
 import jaxmoe  # noqa: F401
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.attention import Attention
+from jaxmoe.model.attention import Attention, rotary
 from jaxmoe.model.precision import Precision
 from tests.reference.attention_reference import attention as ref_attention
 
@@ -26,8 +26,9 @@ def _attn(cfg=CFG):
     return Attention(cfg, F32, nnx.Rngs(0))
 
 
-def _run(attn, x, seg=SEGMENTS, pos=POSITIONS):
-    return np.asarray(attn(jnp.asarray(x, jnp.float32), jnp.asarray(seg), jnp.asarray(pos)))
+def _run(attn, x, seg=SEGMENTS, pos=POSITIONS, cfg=CFG):
+    rope = rotary(cfg, jnp.asarray(pos))
+    return np.asarray(attn(jnp.asarray(x, jnp.float32), jnp.asarray(seg), rope))
 
 
 @pytest.mark.parametrize("gqa", [1, 2, 4])
@@ -84,19 +85,19 @@ def test_gradients_match_autodiff_of_plain_softmax(gqa):
 
     from jaxmoe.model.attention import attention_mask, dot_product_attention
 
-    def plain(q, k, v, mask):
-        b, t, n, d = q.shape
-        rep = n // k.shape[2]
-        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-        logits = jnp.einsum("btnd,bsnd->bnts", q, k) * d ** -0.5
+    def plain(q, k, v, mask):  # heads-major [b, n, t, d]; kv head i serves heads i*g..i*g+g-1
+        b, n, t, d = q.shape
+        rep = n // k.shape[1]
+        k, v = jnp.repeat(k, rep, axis=1), jnp.repeat(v, rep, axis=1)
+        logits = jnp.einsum("bntd,bnsd->bnts", q, k) * d ** -0.5
         logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-        return jnp.einsum("bnts,bsnd->btnd", jax.nn.softmax(logits, axis=-1), v)
+        return jnp.einsum("bnts,bnsd->bntd", jax.nn.softmax(logits, axis=-1), v)
 
     rng = np.random.default_rng(3)
     mask = attention_mask(jnp.asarray(SEGMENTS))
     with jax.enable_x64(True):
-        q = jnp.asarray(rng.normal(size=(1, 12, 4, 8)))
-        k, v = (jnp.asarray(rng.normal(size=(1, 12, gqa, 8))) for _ in range(2))
+        q = jnp.asarray(rng.normal(size=(1, 4, 12, 8)))
+        k, v = (jnp.asarray(rng.normal(size=(1, gqa, 12, 8))) for _ in range(2))
         r = jnp.asarray(rng.normal(size=q.shape))
         np.testing.assert_allclose(dot_product_attention(q, k, v, mask), plain(q, k, v, mask),
                                    rtol=1e-10, atol=1e-12)
@@ -107,3 +108,12 @@ def test_gradients_match_autodiff_of_plain_softmax(gqa):
         want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_rotary_tables_that_do_not_fit_are_refused():
+    from jaxmoe.model.layers import apply_rope
+
+    rope = rotary(CFG, jnp.asarray(POSITIONS))
+    expected = r"rotary tables \(1, 12, 4\) do not fit x \(1, 12, 4, 6\)"
+    with pytest.raises(ValueError, match=expected):
+        apply_rope(jnp.zeros((1, 12, 4, 6)), rope)

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -108,3 +109,33 @@ def test_tied_embeddings_have_no_lm_head():
     total, _ = counted(cfg)
     assert total == total_params(cfg)
     assert total == total_params(TINY) - TINY.vocab_size * TINY.embed_dim
+
+
+def _primitives(jaxpr, inside_loop=False, found=None):
+    """{(primitive name, inside a scan/while body)} of a closed jaxpr, recursively."""
+    found = set() if found is None else found
+    for eqn in jaxpr.eqns:
+        found.add((eqn.primitive.name, inside_loop))
+        loop = inside_loop or eqn.primitive.name in ("scan", "while")
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _primitives(sub, loop, found)
+    return found
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_rotary_sin_cos_are_computed_once_outside_the_layer_loop(attention):
+    """The decoder builds the rotary tables once and the scanned layers only read them; sin/cos
+    inside the layer loop would be recomputed per head and per pass (fused into each use)."""
+    cfg = dataclasses.replace(TINY, remat="full")
+    if attention == "mla":
+        cfg = dataclasses.replace(cfg, attention="mla", kv_lora_rank=8, qk_nope_head_dim=4,
+                                  qk_rope_head_dim=4, v_head_dim=4)
+    graphdef, state = nnx.split(MoETransformer(cfg, nnx.Rngs(0)))
+    tokens, seg, pos = _inputs()
+
+    def loss(state):
+        return jnp.mean(nnx.merge(graphdef, state)(tokens, seg, pos).logits ** 2)
+    prims = _primitives(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+    assert ("cos", False) in prims and ("sin", False) in prims
+    assert ("cos", True) not in prims and ("sin", True) not in prims
+    assert ("scan", False) in prims  # the layers did run as a loop

@@ -19,6 +19,7 @@ from jaxmoe.model.mla import (
     absorbed_attention,
     mla_attention,
     rope_inv_freq,
+    rotary,
     softmax_scale,
 )
 from jaxmoe.model.moe.router import Router
@@ -53,7 +54,8 @@ def test_matches_loop_reference(q_lora, yarn):
     for norm in [attn.kv_a_norm] + ([attn.q_a_norm] if q_lora else []):
         norm.scale[...] = jnp.asarray(1 + 0.3 * rng.standard_normal(norm.scale.shape), jnp.float32)
     x = rng.normal(size=(1, 12, cfg.embed_dim))
-    got = np.asarray(attn(jnp.asarray(x, jnp.float32), jnp.asarray(SEGMENTS), jnp.asarray(POSITIONS)))
+    got = np.asarray(attn(jnp.asarray(x, jnp.float32), jnp.asarray(SEGMENTS),
+                          rotary(cfg, jnp.asarray(POSITIONS))))
     inv, rope_scale = rope_inv_freq(cfg)
     want = ref.mla(x[0], _weights(attn), SEGMENTS[0], POSITIONS[0], np.float64(inv), rope_scale,
                    softmax_scale(cfg), cfg.norm_eps)
@@ -64,8 +66,8 @@ def test_absorbed_latent_attention_equals_expanded():
     attn = MLAttention(CFG, F32, nnx.Rngs(1))
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 12, CFG.embed_dim)), jnp.float32)
     seg, pos = jnp.asarray(np.repeat(SEGMENTS, 2, 0)), jnp.asarray(np.repeat(POSITIONS, 2, 0))
-    q_nope, q_rope = attn.queries(x, pos)
-    c_kv, k_rope = attn.latent(x, pos)  # the whole inference cache: [b, s, kv_lora + rope]
+    q_nope, q_rope = attn.queries(x, rotary(CFG, pos))
+    c_kv, k_rope = attn.latent(x, rotary(CFG, pos))  # the whole inference cache: [b, s, kv_lora + rope]
     assert c_kv.shape[-1] + k_rope.shape[-1] == CFG.kv_lora_rank + CFG.qk_rope_head_dim
     mask = attention_mask(seg)
     k_nope = jnp.einsum("bsr,rnd->bsnd", c_kv, attn.k_b[...])
