@@ -1,13 +1,21 @@
-"""Metrics sinks: a JSONL file (one object per logged step) and TensorBoard event files."""
+"""Metrics sinks: a JSONL file (one object per logged step) and TensorBoard event files.
+
+On resume both forget the steps after the checkpoint, which the resumed run logs again:
+metrics.jsonl is rewritten without them, and the TensorBoard writer is reopened with
+`purge_step` (a SessionLog START event that makes TensorBoard hide the older events of
+those steps, as TensorFlow's summary writers do after a restart)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+_WRITERS = itertools.count()
 
 
 class MetricsWriter:
@@ -17,16 +25,31 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = open(self.path, "a", buffering=1) if enabled else None
-        self._tb = None
-        if enabled and tensorboard:
+        self._tb = None  # opened at the first write, after a possible resume_at
+        self._tb_dir = Path(run_dir) / "tensorboard" if enabled and tensorboard else None
+        self._purge_step: int | None = None
+
+    def _tensorboard(self):
+        if self._tb is None and self._tb_dir is not None:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            # Event file names carry only the second and the host: a writer opened in the
+            # same second would overwrite an earlier file, so the name also gets pid + count.
+            suffix = f".{os.getpid()}.{next(_WRITERS)}"
+            self._tb = SummaryWriter(str(self._tb_dir), purge_step=self._purge_step,
+                                     filename_suffix=suffix)
+        return self._tb
 
     def resume_at(self, step: int) -> int:
         """Drops rows of steps after `step` (logged by a run that died before checkpointing
         them; the resumed run logs them again) and a torn last line. The file is rewritten
-        atomically (temp file + rename). Returns how many rows were dropped."""
-        if not self.enabled or not self.path.exists():
+        atomically (temp file + rename); TensorBoard events of those steps are purged. Returns
+        how many rows were dropped."""
+        if not self.enabled:
+            return 0
+        if self._tb is not None:
+            raise RuntimeError("resume_at must come before the first write")
+        self._purge_step = step + 1
+        if not self.path.exists():
             return 0
         self._file.close()
         kept, dropped = [], 0
@@ -52,9 +75,10 @@ class MetricsWriter:
             return
         clean = {k: float(np.asarray(v)) for k, v in values.items()}
         self._file.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
-        if self._tb is not None:
+        tb = self._tensorboard()
+        if tb is not None:
             for k, v in clean.items():
-                self._tb.add_scalar(f"{split}/{k}", v, step)
+                tb.add_scalar(f"{split}/{k}", v, step)
 
     def close(self) -> None:
         if self._file is not None:

@@ -35,3 +35,39 @@ def test_resume_with_nothing_to_drop_leaves_the_file(tmp_path):
     assert w.resume_at(1) == 0
     w.close()
     assert (tmp_path / "metrics.jsonl").stat().st_mtime_ns == before
+
+
+def _tensorboard_events(directory):
+    """Every Event proto in the TFRecord files of `directory`."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in directory.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            events.append(Event.FromString(data[at + 12:at + 12 + length]))
+            at += 12 + length + 4
+    return events
+
+
+def test_resume_purges_tensorboard_steps_after_the_checkpoint(tmp_path):
+    """TensorBoard hides events at or after a SessionLog START's step that were written
+    before it; the resumed writer must emit one at checkpoint + 1."""
+    w = MetricsWriter(tmp_path)
+    for step in range(1, 6):
+        w.write(step, "train", {"loss": 10.0 - step})
+    w.close()
+    w = MetricsWriter(tmp_path)
+    w.resume_at(3)
+    w.write(4, "train", {"loss": 0.5})
+    w.close()
+    events = _tensorboard_events(tmp_path / "tensorboard")
+    starts = [e.step for e in events if e.HasField("session_log") and e.session_log.status == 1]
+    assert starts == [4]
+    scalars = [(e.step, e.summary.value[0].simple_value) for e in events
+               if e.HasField("summary") and e.summary.value]
+    assert sorted(scalars) == sorted([(s, 10.0 - s) for s in range(1, 6)] + [(4, 0.5)])
