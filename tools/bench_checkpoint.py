@@ -12,7 +12,8 @@ Measured:
      (-> GB/s), and the median time of the steps that ran while the write was in flight;
      slowdown = (their time + the blocking time) / (as many baseline steps) - 1, and the same
      amortised over --every steps (a save every N steps); for TensorStore writer threads at
-     normal priority and moved to SCHED_IDLE (what `jaxmoe train` does), in one run;
+     normal priority and moved to SCHED_IDLE (what `jaxmoe train` does), in one run; and
+     the CPU time (user / system) the writer threads spent per save;
   3. synchronous save (GB/s), next to one plain file write + fsync of the same bytes (what
      the disk itself sustains);
   4. restore onto the same sharding, warm (files in the page cache) and cold (their pages
@@ -88,6 +89,24 @@ def raw_write_seconds(directory: Path, arrays: list[np.ndarray]) -> float:
     return seconds
 
 
+def writer_cpu_seconds() -> tuple[float, float]:
+    """(user, system) CPU seconds so far of this process's TensorStore writer threads
+    (`ts_pool_worker`), from /proc/self/task/*/stat (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0.0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread exited
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        if name.startswith("ts_pool_worker"):
+            user += int(fields[11]) / tick
+            system += int(fields[12]) / tick
+    return user, system
+
+
 def state_bytes(state) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(state)
                if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
@@ -138,9 +157,10 @@ def main() -> None:
     baseline = []
     results = {}
     for mode in modes:  # "normal" first: threads moved to SCHED_IDLE cannot be moved back
-        during, blocking, async_wall = [], [], []
+        during, blocking, async_wall, cpu = [], [], [], []
         for r in range(args.repeats):
             baseline += [step() for _ in range(args.steps)]
+            cpu0 = writer_cpu_seconds()
             t0 = time.perf_counter()
             ckpt.save(manager, 10 * (len(results) * args.repeats + r + 1), holder["state"],
                       config, {"batches": r}, writer_priority=mode)
@@ -157,14 +177,15 @@ def main() -> None:
                 overlapped.append(step())
             watcher.join()
             async_wall.append(done[0] - t0)
+            cpu.append(tuple(b - a for a, b in zip(cpu0, writer_cpu_seconds())))
             during += overlapped
             print(f"async save ({mode} writers) {r + 1}: blocked {blocking[-1]:.3f} s, on disk "
                   f"after {async_wall[-1]:.2f} s, {len(overlapped)} steps ran meanwhile",
                   flush=True)
-        results[mode] = (during, blocking, async_wall)
+        results[mode] = (during, blocking, async_wall, cpu)
     base = statistics.median(baseline)
     async_rows = []
-    for mode, (during, blocking, async_wall) in results.items():
+    for mode, (during, blocking, async_wall, cpu) in results.items():
         busy = statistics.median(during) if during else float("nan")
         n_over = len(during) / args.repeats
         window_slowdown = (n_over * busy + statistics.mean(blocking)) / (n_over * base) - 1 \
@@ -176,6 +197,10 @@ def main() -> None:
             (f"[{mode}] save() blocks the loop for (mean)", f"{statistics.mean(blocking):.3f} s"),
             (f"[{mode}] async save, start -> on disk", f"{statistics.mean(async_wall):.2f} s"),
             (f"[{mode}] async save throughput", f"{gb / statistics.mean(async_wall):.2f} GB/s"),
+            (f"[{mode}] writer threads' CPU per save, user",
+             f"{statistics.mean(c[0] for c in cpu):.2f} s"),
+            (f"[{mode}] writer threads' CPU per save, system",
+             f"{statistics.mean(c[1] for c in cpu):.2f} s"),
             (f"[{mode}] slowdown of the steps during the save", f"{100 * window_slowdown:.1f} %"),
             (f"[{mode}] slowdown amortised over {args.every} steps", f"{100 * amortised:.2f} %"),
         ]
