@@ -6,7 +6,14 @@ Measured side by side in one process (compare ratios; the machine is shared):
   2. the weight gradient x^T dy (x [1024, 256], dy [1024, 512]): one contracted leading
      dimension as autodiff writes it, and split in two as `matmul.einsum` does on CPU;
   3. a SwiGLU MLP (x [4, 256, 256], width 512), forward + gradient: `jnp.einsum` with float32
-     accumulation under autodiff vs `jaxmoe.model.matmul.einsum` (explicit bf16 backward).
+     accumulation under autodiff vs `jaxmoe.model.matmul.einsum` (explicit bf16 backward);
+  4. the MoE block matmul of the benchmark model, [35 blocks, 64 rows, 256] x per-block
+     weights [35, 256, 512], with the token block as the first operand (as
+     `moe/block_swiglu.py` does) or the weights first ([35, 512, 256] x [35, 64, 256] ->
+     [35, 512, 64]), next to one dense [2240, 256] x [256, 512] matmul of the same FLOPs;
+  5. attention scores after rotary embeddings, [4, 256, 4, 64] q/k: rope, transpose to
+     [b, heads, t, d], then QK^T (the old layout: XLA runs the matmul on float32 operands)
+     vs projections that write heads-major directly (`jaxmoe/model/attention.py`).
 
 Usage: JAX_PLATFORMS=cpu python tools/bench_matmul.py [--steps 30]
 """
@@ -48,6 +55,40 @@ def swiglu(contract):
     return jax.jit(jax.grad(lambda *a: jnp.sum(mlp(*a) ** 2), argnums=(0, 1, 2, 3)))
 
 
+def attention_rows(rng: np.random.Generator, steps: int) -> list[tuple[str, float, float]]:
+    """Rope + QK^T with a transpose after the rope vs heads-major projections."""
+    b, t, h, d, e = 4, 256, 4, 64, 256
+    x = jnp.asarray(rng.normal(size=(b, t, e)), BF16)
+    wq, wk = (jnp.asarray(rng.normal(size=(e, h, d)) * 0.05, BF16) for _ in range(2))
+    angles = np.arange(t)[None, :, None] * (1e-4 ** (np.arange(d // 2) / (d // 2)))
+    cos = jnp.asarray(np.broadcast_to(np.cos(angles), (b, t, d // 2)), F32)
+    sin = jnp.asarray(np.broadcast_to(np.sin(angles), (b, t, d // 2)), F32)
+
+    def rope(q, cos, sin):
+        q1, q2 = jnp.split(q.astype(F32), 2, -1)
+        return jnp.concatenate([q1 * cos - q2 * sin, q2 * cos + q1 * sin], -1).astype(BF16)
+
+    def transposed(x, wq, wk, cos, sin):
+        q, k = (jnp.einsum("ble,enh->blnh", x, w, preferred_element_type=F32).astype(BF16)
+                for w in (wq, wk))
+        q, k = (rope(a, cos[:, :, None], sin[:, :, None]).transpose(0, 2, 1, 3) for a in (q, k))
+        return jnp.einsum("bnqd,bnsd->bnqs", q, k, preferred_element_type=F32)
+
+    def heads_major(x, wq, wk, cos, sin):
+        q, k = (jnp.einsum("ble,enh->bnlh", x, w, preferred_element_type=F32).astype(BF16)
+                for w in (wq, wk))
+        q, k = (rope(a, cos[:, None], sin[:, None]) for a in (q, k))
+        return jnp.einsum("bnqd,bnsd->bnqs", q, k, preferred_element_type=F32)
+
+    flops = 2 * 2 * b * t * e * h * d + 2 * b * h * t * t * d
+    rows = []
+    for name, fn in (("rope + transpose + QK^T (old attention layout)", transposed),
+                     ("rope + QK^T, heads-major projections (attention.py)", heads_major)):
+        s = seconds(jax.jit(fn), x, wq, wk, cos, sin, steps=steps)
+        rows.append((name, s, flops / s))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -87,6 +128,23 @@ def main() -> None:
                            ("SwiGLU fwd+grad, matmul.einsum (explicit VJP)", einsum)):
         s = seconds(swiglu(contract), *mlp_args, steps=args.steps)
         rows.append((name, s, mlp_flops / s))
+
+    nb, blk = 35, 64
+    xb = jnp.asarray(rng.normal(size=(nb, blk, k)), BF16)
+    wb = jnp.asarray(rng.normal(size=(nb, k, n)), BF16)
+    wbt = jnp.swapaxes(wb, 1, 2)
+    block_flops = 2 * nb * blk * k * n
+    for name, fn, fn_args in (
+            ("MoE blocks: token block first, nbi,nio->nbo", "nbi,nio->nbo", (xb, wb)),
+            ("MoE blocks: weights first, noi,nbi->nob", "noi,nbi->nob", (wbt, xb)),
+            ("dense [2240, 256] x [256, 512] (same FLOPs)", "ri,io->ro",
+             (xb.reshape(-1, k), wb[0]))):
+        s = seconds(jax.jit(lambda a, b, spec=fn: jnp.einsum(spec, a, b,
+                                                              preferred_element_type=F32)),
+                    *fn_args, steps=args.steps)
+        rows.append((name, s, block_flops / s))
+
+    rows += attention_rows(rng, args.steps)
 
     print(f"\n{datetime.date.today()}  `JAX_PLATFORMS=cpu python tools/bench_matmul.py "
           f"--steps {args.steps}`  (jax {jax.__version__}, {os.cpu_count()} cores)\n")
