@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -137,14 +137,33 @@ def describe(path: str | Path, *, config: bool = True) -> str:
     return "\n".join(lines)
 
 
+SPREAD_AXIS = "devices"
+
+
+def spread_sharding(shape: tuple[int, ...],
+                    devices: list[jax.Device] | None = None) -> jax.sharding.Sharding:
+    """A sharding that splits an array over all `devices` (default: every device of every
+    process) along its largest dimension that their number divides, or replicates it when
+    none does. Used to read and write arrays without putting a whole model on one device."""
+    devices = list(jax.devices() if devices is None else devices)
+    mesh = jax.sharding.Mesh(np.asarray(devices), (SPREAD_AXIS,))
+    spec = [None] * len(shape)
+    fits = [d for d in range(len(shape)) if shape[d] % len(devices) == 0]
+    if len(devices) > 1 and fits:
+        spec[max(fits, key=lambda d: shape[d])] = SPREAD_AXIS
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
 def restore_params(path: str | Path, *, dtype: Any = None,
-                   sharding: jax.sharding.Sharding | None = None,
+                   sharding: jax.sharding.Sharding | Callable[[tuple[int, ...]],
+                                                              jax.sharding.Sharding] | None = None,
                    collection: str = "params") -> dict[str, Any] | None:
     """The parameters of a training checkpoint or an export, as a nested dict of arrays.
 
     dtype: cast floating arrays while reading (None keeps the stored dtype); sharding: where
-    every array goes (default: the first local device); collection: "params" or "rest" (the
-    router selection biases; None when the checkpoint has none)."""
+    every array goes, or a function of the array's shape giving that (e.g. `spread_sharding`;
+    default: the first local device); collection: "params" or "rest" (the router selection
+    biases; None when the checkpoint has none)."""
     step_dir = resolve_step_dir(path)
     item, exported = _item(step_dir)
     if exported:
@@ -161,8 +180,8 @@ def restore_params(path: str | Path, *, dtype: Any = None,
 
     def target(leaf):
         cast = dtype is not None and np.issubdtype(np.dtype(leaf.dtype), np.floating)
-        return jax.ShapeDtypeStruct(leaf.shape, dtype if cast else leaf.dtype,
-                                    sharding=sharding)
+        where = sharding(tuple(leaf.shape)) if callable(sharding) else sharding
+        return jax.ShapeDtypeStruct(leaf.shape, dtype if cast else leaf.dtype, sharding=where)
 
     abstract = jax.tree.map(target, params_meta)
     if not exported:
@@ -181,7 +200,9 @@ def restore_params(path: str | Path, *, dtype: Any = None,
 def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:
     """Writes the parameters of the checkpoint at `path` to `out` (which must not exist).
 
-    The export is assembled in a sibling temporary folder and renamed into place, so `out`
+    Each array is read straight into shards spread over all devices (`spread_sharding`), so
+    no device holds more than its share of a model that fits the devices together. The
+    export is assembled in a sibling temporary folder and renamed into place, so `out`
     either holds a complete export or does not exist."""
     out = Path(out).absolute()
     if out.exists():
@@ -189,8 +210,10 @@ def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise CheckpointError(f"--dtype {dtype}: expected float32, bfloat16 or float16")
     step_dir = resolve_step_dir(path)
-    params = restore_params(step_dir, dtype=None if dtype is None else jax.numpy.dtype(dtype))
-    rest = restore_params(step_dir, collection="rest")  # router biases: never cast
+    params = restore_params(step_dir, dtype=None if dtype is None else jax.numpy.dtype(dtype),
+                            sharding=spread_sharding)
+    rest = restore_params(step_dir, collection="rest",  # router biases: never cast
+                          sharding=spread_sharding)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

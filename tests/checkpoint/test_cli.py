@@ -11,7 +11,7 @@ from jaxmoe import cli
 from jaxmoe import config as config_lib
 from jaxmoe.checkpoint import manager as ckpt
 from jaxmoe.checkpoint.damage import flat_names
-from jaxmoe.checkpoint.inspect import restore_params
+from jaxmoe.checkpoint.inspect import read_metadata, restore_params, spread_sharding
 from jaxmoe.train.loop import build_trainer
 from tests.checkpoint._helpers import host, perturbed, tiny_config
 
@@ -70,8 +70,25 @@ def test_export_params(run, tmp_path, capsys, dtype):
     for name, value in rest.items():
         assert np.asarray(exported_rest[name]).dtype == value.dtype == np.float32
         np.testing.assert_array_equal(np.asarray(exported_rest[name]), value, err_msg=name)
+    # every array was read and written in shards over the 8 devices, none whole on one device
+    stored = flat_names(read_metadata(out))
+    spread = [n for n, v in stored.items() if any(d % 8 == 0 for d in v.shape)]
+    specs = {n: getattr(stored[n].sharding, "partition_spec", ()) for n in spread}
+    assert spread and all("devices" in spec for spec in specs.values()), specs
     assert cli.main(["checkpoint", "inspect", str(out), "--no-config"]) == 0
     listing = capsys.readouterr().out
     assert "(params-only export)" in listing and "step 2;" in listing
     assert cli.main(argv) == 1  # the output exists: refused, nothing overwritten
     assert "already exists" in capsys.readouterr().err
+
+
+def test_spread_sharding_splits_the_largest_divisible_dimension():
+    devices = jax.devices()
+    assert len(devices) == 8
+    P = jax.sharding.PartitionSpec
+    assert spread_sharding((16, 3), devices).spec == P("devices", None)
+    assert spread_sharding((8, 64), devices).spec == P(None, "devices")
+    assert spread_sharding((3, 5), devices).spec == P(None, None)  # replicated
+    assert spread_sharding((64,), devices[:1]).spec == P(None)
+    x = jax.device_put(np.arange(16 * 3.0).reshape(16, 3), spread_sharding((16, 3), devices))
+    assert {s.data.shape for s in x.addressable_shards} == {(2, 3)}
