@@ -13,7 +13,9 @@ Measured:
      slowdown = (their time + the blocking time) / (as many baseline steps) - 1, and the same
      amortised over --every steps (a save every N steps); for TensorStore writer threads at
      normal priority and moved to SCHED_IDLE (what `jaxmoe train` does), in one run; and
-     the CPU time (user / system) the writer threads spent per save;
+     the CPU time (user / system) the writer threads spent per save; and, as a floor, the
+     slowdown of the steps while a *separate* SCHED_IDLE process writes the same number of
+     bytes the way the zarr3 encoder does (fresh buffer per chunk, copy, write, fsync);
   3. synchronous save (GB/s), next to one plain file write + fsync of the same bytes (what
      the disk itself sustains);
   4. restore onto the same sharding, warm (files in the page cache) and cold (their pages
@@ -87,6 +89,42 @@ def raw_write_seconds(directory: Path, arrays: list[np.ndarray]) -> float:
     seconds = time.perf_counter() - t0
     path.unlink()
     return seconds
+
+
+# A separate process that writes `size` bytes the way TensorStore's zarr3 encoder does (a
+# freshly allocated buffer per 64 MB chunk, filled by a copy, then written), at SCHED_IDLE,
+# then fsyncs: the floor for any in-process writer on this machine.
+_EXTERNAL_WRITER = """
+import os, sys
+import numpy as np
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+size, path = int(sys.argv[1]), sys.argv[2]
+chunk = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8)
+with open(path, "wb") as f:
+    for _ in range(max(1, size // chunk.size)):
+        buf = np.empty_like(chunk)
+        buf[:] = chunk
+        f.write(buf)
+    f.flush()
+    os.fsync(f.fileno())
+os.unlink(path)
+"""
+
+
+def external_writer_steps(step, size: int, directory: Path) -> list[float]:
+    """Times of the training steps that run while a separate SCHED_IDLE process writes
+    `size` bytes to `directory`."""
+    import subprocess
+    import sys
+    directory.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", _EXTERNAL_WRITER, str(size),
+                             str(directory / "external.bin")])
+    times = []
+    while proc.poll() is None:
+        times.append(step())
+    if proc.returncode:
+        raise RuntimeError(f"external writer failed with exit code {proc.returncode}")
+    return times
 
 
 def writer_cpu_seconds() -> tuple[float, float]:
@@ -204,6 +242,11 @@ def main() -> None:
             (f"[{mode}] slowdown of the steps during the save", f"{100 * window_slowdown:.1f} %"),
             (f"[{mode}] slowdown amortised over {args.every} steps", f"{100 * amortised:.2f} %"),
         ]
+
+    external = external_writer_steps(step, size, root / "external")
+    external_slowdown = statistics.median(external) / base - 1
+    async_rows.append(("steps during an idle external process's write, slowdown",
+                       f"{100 * external_slowdown:.1f} %"))
 
     t0 = time.perf_counter()
     ckpt.save(manager, 1000, holder["state"], config, {"batches": 0})
