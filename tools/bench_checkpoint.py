@@ -101,9 +101,10 @@ os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 size, path = int(sys.argv[1]), sys.argv[2]
 chunk = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8)
 with open(path, "wb") as f:
-    for _ in range(max(1, size // chunk.size)):
-        buf = np.empty_like(chunk)
-        buf[:] = chunk
+    for start in range(0, size, chunk.size):
+        n = min(chunk.size, size - start)
+        buf = np.empty(n, np.uint8)
+        buf[:] = chunk[:n]
         f.write(buf)
     f.flush()
     os.fsync(f.fileno())
@@ -119,7 +120,7 @@ def external_writer_steps(step, size: int, directory: Path) -> list[float]:
     directory.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-c", _EXTERNAL_WRITER, str(size),
                              str(directory / "external.bin")])
-    times = []
+    times = [step()]  # at least one step overlaps the write
     while proc.poll() is None:
         times.append(step())
     if proc.returncode:
@@ -129,7 +130,8 @@ def external_writer_steps(step, size: int, directory: Path) -> list[float]:
 
 def writer_cpu_seconds() -> tuple[float, float]:
     """(user, system) CPU seconds so far of this process's TensorStore writer threads
-    (`ts_pool_worker`), from /proc/self/task/*/stat (Linux)."""
+    (`ts_pool_worker`), from /proc/self/task/*/stat (Linux). A thread that exits between two
+    samples takes its time with it, so a difference of two samples is a lower bound."""
     tick = os.sysconf("SC_CLK_TCK")
     user = system = 0.0
     for task in Path("/proc/self/task").iterdir():

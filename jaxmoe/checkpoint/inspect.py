@@ -10,6 +10,7 @@ biases as `OUT/rest/` (never cast) and `OUT/config.json`;
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -140,18 +141,24 @@ def describe(path: str | Path, *, config: bool = True) -> str:
 SPREAD_AXIS = "devices"
 
 
-def spread_sharding(shape: tuple[int, ...],
-                    devices: list[jax.Device] | None = None) -> jax.sharding.Sharding:
-    """A sharding that splits an array over all `devices` (default: every device of every
-    process) along its largest dimension that their number divides, or replicates it when
-    none does. Used to read and write arrays without putting a whole model on one device."""
-    devices = list(jax.devices() if devices is None else devices)
+def spreader(devices: list[jax.Device] | None = None
+             ) -> Callable[[tuple[int, ...]], jax.sharding.Sharding]:
+    """A function of an array's shape giving where to put it so that no device holds more
+    than its share: split over all `devices` (default: this process's) along the largest
+    dimension their number divides; an array with no such dimension goes whole to one
+    device, taking the devices in turn (never replicated)."""
+    devices = list(jax.local_devices() if devices is None else devices)
     mesh = jax.sharding.Mesh(np.asarray(devices), (SPREAD_AXIS,))
-    spec = [None] * len(shape)
-    fits = [d for d in range(len(shape)) if shape[d] % len(devices) == 0]
-    if len(devices) > 1 and fits:
+    turn = itertools.count()
+
+    def sharding(shape: tuple[int, ...]) -> jax.sharding.Sharding:
+        fits = [d for d in range(len(shape)) if shape[d] % len(devices) == 0]
+        if len(devices) == 1 or not fits:
+            return jax.sharding.SingleDeviceSharding(devices[next(turn) % len(devices)])
+        spec = [None] * len(shape)
         spec[max(fits, key=lambda d: shape[d])] = SPREAD_AXIS
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    return sharding
 
 
 def restore_params(path: str | Path, *, dtype: Any = None,
@@ -161,7 +168,7 @@ def restore_params(path: str | Path, *, dtype: Any = None,
     """The parameters of a training checkpoint or an export, as a nested dict of arrays.
 
     dtype: cast floating arrays while reading (None keeps the stored dtype); sharding: where
-    every array goes, or a function of the array's shape giving that (e.g. `spread_sharding`;
+    every array goes, or a function of the array's shape giving that (e.g. `spreader()`;
     default: the first local device); collection: "params" or "rest" (the router selection
     biases; None when the checkpoint has none)."""
     step_dir = resolve_step_dir(path)
@@ -200,8 +207,9 @@ def restore_params(path: str | Path, *, dtype: Any = None,
 def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:
     """Writes the parameters of the checkpoint at `path` to `out` (which must not exist).
 
-    Each array is read straight into shards spread over all devices (`spread_sharding`), so
-    no device holds more than its share of a model that fits the devices together. The
+    Each array is read straight into shards spread over this process's devices
+    (`spreader`), so no device holds more than its share of a model that fits them
+    together. One process only (the output folder is assembled and renamed locally). The
     export is assembled in a sibling temporary folder and renamed into place, so `out`
     either holds a complete export or does not exist."""
     out = Path(out).absolute()
@@ -209,11 +217,14 @@ def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None
         raise CheckpointError(f"{out}: already exists; choose a new output directory")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise CheckpointError(f"--dtype {dtype}: expected float32, bfloat16 or float16")
+    if jax.process_count() > 1:
+        raise CheckpointError(f"export-params runs in one process; this is one of "
+                              f"{jax.process_count()} (run it on a single host)")
     step_dir = resolve_step_dir(path)
+    spread = spreader()
     params = restore_params(step_dir, dtype=None if dtype is None else jax.numpy.dtype(dtype),
-                            sharding=spread_sharding)
-    rest = restore_params(step_dir, collection="rest",  # router biases: never cast
-                          sharding=spread_sharding)
+                            sharding=spread)
+    rest = restore_params(step_dir, collection="rest", sharding=spread)  # never cast
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

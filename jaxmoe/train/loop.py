@@ -156,8 +156,9 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
     # router biases and the data iterator's position), or start fresh.
     checkpoints = RunCheckpointer(run_dir, cfg)
     state, start = checkpoints.restore_or_init(trainer, train_iter)
-    if start:
-        writer.resume_at(start)  # rows past the checkpoint are replayed, not duplicated
+    # Rows past the checkpoint (or all rows, when a run died before its first checkpoint)
+    # are trained and logged again: drop them so no step is logged twice.
+    writer.resume_at(start)
     if start >= cfg.train.steps:
         checkpoints.close()
         writer.close()

@@ -1,9 +1,10 @@
 """Metrics sinks: a JSONL file (one object per logged step) and TensorBoard event files.
 
 On resume both forget the steps after the checkpoint, which the resumed run logs again:
-metrics.jsonl is rewritten without them, and the TensorBoard writer is reopened with
-`purge_step` (a SessionLog START event that makes TensorBoard hide the older events of
-those steps, as TensorFlow's summary writers do after a restart)."""
+metrics.jsonl is rewritten without them (exact), and the TensorBoard writer is opened with
+`purge_step` (a SessionLog START event at the first replayed step, as TensorFlow's summary
+writers write after a restart; TensorBoard's Python event loader then drops the older
+events of those steps)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class MetricsWriter:
         self._tb = None  # opened at the first write, after a possible resume_at
         self._tb_dir = Path(run_dir) / "tensorboard" if enabled and tensorboard else None
         self._purge_step: int | None = None
+        self._written = False
 
     def _tensorboard(self):
         if self._tb is None and self._tb_dir is not None:
@@ -46,7 +48,7 @@ class MetricsWriter:
         how many rows were dropped."""
         if not self.enabled:
             return 0
-        if self._tb is not None:
+        if self._written:
             raise RuntimeError("resume_at must come before the first write")
         self._purge_step = step + 1
         if not self.path.exists():
@@ -73,6 +75,7 @@ class MetricsWriter:
     def write(self, step: int, split: str, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        self._written = True
         clean = {k: float(np.asarray(v)) for k, v in values.items()}
         self._file.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
         tb = self._tensorboard()

@@ -11,7 +11,7 @@ from jaxmoe import cli
 from jaxmoe import config as config_lib
 from jaxmoe.checkpoint import manager as ckpt
 from jaxmoe.checkpoint.damage import flat_names
-from jaxmoe.checkpoint.inspect import read_metadata, restore_params, spread_sharding
+from jaxmoe.checkpoint.inspect import read_metadata, restore_params, spreader
 from jaxmoe.train.loop import build_trainer
 from tests.checkpoint._helpers import host, perturbed, tiny_config
 
@@ -70,7 +70,8 @@ def test_export_params(run, tmp_path, capsys, dtype):
     for name, value in rest.items():
         assert np.asarray(exported_rest[name]).dtype == value.dtype == np.float32
         np.testing.assert_array_equal(np.asarray(exported_rest[name]), value, err_msg=name)
-    # every array was read and written in shards over the 8 devices, none whole on one device
+    # arrays were read and written in shards over the 8 devices (the others whole on one
+    # device each, in turn), none whole on one device that all arrays go to
     stored = flat_names(read_metadata(out))
     spread = [n for n, v in stored.items() if any(d % 8 == 0 for d in v.shape)]
     specs = {n: getattr(stored[n].sharding, "partition_spec", ()) for n in spread}
@@ -82,13 +83,23 @@ def test_export_params(run, tmp_path, capsys, dtype):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_spread_sharding_splits_the_largest_divisible_dimension():
+def test_spreader_splits_the_largest_divisible_dimension_or_takes_devices_in_turn():
     devices = jax.devices()
     assert len(devices) == 8
     P = jax.sharding.PartitionSpec
-    assert spread_sharding((16, 3), devices).spec == P("devices", None)
-    assert spread_sharding((8, 64), devices).spec == P(None, "devices")
-    assert spread_sharding((3, 5), devices).spec == P(None, None)  # replicated
-    assert spread_sharding((64,), devices[:1]).spec == P(None)
-    x = jax.device_put(np.arange(16 * 3.0).reshape(16, 3), spread_sharding((16, 3), devices))
+    spread = spreader(devices)
+    assert spread((16, 3)).spec == P("devices", None)
+    assert spread((8, 64)).spec == P(None, "devices")
+    whole = [spread((3, 5)), spread(()), spread((7,))]  # nothing divides: one device each
+    assert [s.device_set for s in whole] == [{devices[0]}, {devices[1]}, {devices[2]}]
+    assert spreader(devices[:1])((64,)).device_set == {devices[0]}
+    x = jax.device_put(np.arange(16 * 3.0).reshape(16, 3), spread((16, 3)))
     assert {s.data.shape for s in x.addressable_shards} == {(2, 3)}
+
+
+def test_export_params_refuses_several_processes(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    out = tmp_path / "export"
+    assert cli.main(["checkpoint", "export-params", str(run[0]), str(out)]) == 1
+    assert "export-params runs in one process; this is one of 2" in capsys.readouterr().err
+    assert not out.exists()

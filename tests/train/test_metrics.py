@@ -31,7 +31,9 @@ def test_resume_drops_rows_after_the_checkpoint_and_a_torn_line(tmp_path):
 def test_resume_with_nothing_to_drop_leaves_the_file(tmp_path):
     w = MetricsWriter(tmp_path, tensorboard=False)
     w.write(1, "train", {"loss": 1.0})
+    w.close()
     before = (tmp_path / "metrics.jsonl").stat().st_mtime_ns
+    w = MetricsWriter(tmp_path, tensorboard=False)  # the restarted run
     assert w.resume_at(1) == 0
     w.close()
     assert (tmp_path / "metrics.jsonl").stat().st_mtime_ns == before
@@ -71,3 +73,16 @@ def test_resume_purges_tensorboard_steps_after_the_checkpoint(tmp_path):
     scalars = [(e.step, e.summary.value[0].simple_value) for e in events
                if e.HasField("summary") and e.summary.value]
     assert sorted(scalars) == sorted([(s, 10.0 - s) for s in range(1, 6)] + [(4, 0.5)])
+
+
+def test_resume_after_a_write_is_refused(tmp_path):
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    w.write(1, "train", {"loss": 1.0})
+    try:
+        w.resume_at(0)
+    except RuntimeError as e:
+        assert "before the first write" in str(e)
+    else:
+        raise AssertionError("resume_at after a write must fail, not drop the row")
+    w.close()
+    assert len(read_metrics(tmp_path)) == 1
