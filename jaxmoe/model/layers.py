@@ -80,8 +80,6 @@ def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
 def rotary_tables(positions: jax.Array, inv_freq: jax.Array, scale: float = 1.0) -> Rotary:
     """positions [batch, length] (per-segment), inv_freq [dim // 2] -> Rotary tables."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
-    if scale == 1.0:
-        return Rotary(jnp.cos(angles), jnp.sin(angles))
     return Rotary(jnp.cos(angles) * scale, jnp.sin(angles) * scale)
 
 
