@@ -130,20 +130,18 @@ def external_writer_steps(step, size: int, directory: Path) -> list[float]:
 
 def writer_cpu_seconds() -> tuple[float, float]:
     """(user, system) CPU seconds so far of this process's TensorStore writer threads
-    (`ts_pool_worker`), from /proc/self/task/*/stat (Linux). A thread that exits between two
-    samples takes its time with it, so a difference of two samples is a lower bound."""
+    (`priority.writer_threads`), from /proc/self/task/<tid>/stat (Linux). A thread that
+    exits between two samples takes its time with it, so a difference is a lower bound."""
     tick = os.sysconf("SC_CLK_TCK")
     user = system = 0.0
-    for task in Path("/proc/self/task").iterdir():
+    for tid in priority.writer_threads():
         try:
-            stat = (task / "stat").read_text()
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
         except OSError:  # the thread exited
             continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2:].split()
-        if name.startswith("ts_pool_worker"):
-            user += int(fields[11]) / tick
-            system += int(fields[12]) / tick
+        user += int(fields[11]) / tick
+        system += int(fields[12]) / tick
     return user, system
 
 
