@@ -109,5 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> int:
+    """The `jaxmoe` command; `train` runs in a process started with huge pages for malloc."""
+    if sys.argv[1:2] == ["train"]:
+        from jaxmoe.hugepages import reexec_with_hugepages
+
+        reexec_with_hugepages()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
