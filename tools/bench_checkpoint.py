@@ -21,6 +21,9 @@ Measured:
   4. restore onto the same sharding, warm (files in the page cache) and cold (their pages
      dropped first with posix_fadvise(DONTNEED), which needs no privileges) (GB/s).
 
+The process restarts itself with glibc malloc's hugetlb tunable, as `jaxmoe train` does
+(jaxmoe/hugepages.py; JAXMOE_HUGEPAGES=0 measures without).
+
 Usage: JAX_PLATFORMS=cpu python tools/bench_checkpoint.py [--dir /tmp/bench_ckpt]
        [--layers 8] [--width 1024] [--steps 4] [--repeats 2] [--every 100] [--compression]
        [--writer-priority idle|normal|both] [--batch 2] [--seq 256]
@@ -45,6 +48,7 @@ from jaxmoe.checkpoint import manager as ckpt
 from jaxmoe.checkpoint import priority
 from jaxmoe.checkpoint.run import abstract_state
 from jaxmoe.config import load_config, to_dict
+from jaxmoe.hugepages import reexec_with_hugepages
 from jaxmoe.train.loop import build_trainer
 
 
@@ -165,6 +169,9 @@ def main() -> None:
     parser.add_argument("--writer-priority", choices=("idle", "normal", "both"), default="both",
                         help="SCHED_IDLE writer threads (what jaxmoe train does), normal, or both")
     args = parser.parse_args()
+    # The training process's malloc setting, as `jaxmoe train` has it (jaxmoe/hugepages.py);
+    # JAXMOE_HUGEPAGES=0 measures without.
+    reexec_with_hugepages()
 
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
@@ -186,7 +193,8 @@ def main() -> None:
     gb = size / 1e9
     print(f"model: {args.layers} layers, width {args.width}; {args.batch}x{args.seq} tokens per "
           f"step; checkpoint {gb:.2f} GB "
-          f"({len(jax.tree.leaves(holder['state']))} arrays); dir {root}", flush=True)
+          f"({len(jax.tree.leaves(holder['state']))} arrays); dir {root}; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
     step()  # compile
     manager = ckpt.make_manager(root, keep_last=2, compression=args.compression)
     config = to_dict(cfg)

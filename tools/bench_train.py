@@ -12,6 +12,9 @@ Measured side by side in one process (the machine is shared and noisy; compare r
   4. the same model trained in transformers (torch CPU, float32 and bfloat16 autocast);
   5. for reference, the model with a dense MLP of the active expert width instead of the MoE.
 
+The process restarts itself with glibc malloc's hugetlb tunable, as `jaxmoe train` does
+(jaxmoe/hugepages.py; tools/bench_hugepages.py measures the difference).
+
 Usage: JAX_PLATFORMS=cpu python tools/bench_train.py [--steps 20] [--no-torch]
 """
 
@@ -30,6 +33,7 @@ import numpy as np  # noqa: E402
 
 import jaxmoe  # noqa: E402,F401
 from jaxmoe.config import load_config  # noqa: E402
+from jaxmoe.hugepages import reexec_with_hugepages  # noqa: E402
 from jaxmoe.model.params import training_flops_per_token  # noqa: E402
 from jaxmoe.train.loop import build_trainer  # noqa: E402
 
@@ -108,6 +112,11 @@ def compiled_flops(dispatch: str, extra: list[str] = ()) -> tuple[float, float]:
 
 def torch_mixtral(steps: int, dtype: str) -> float:
     """tokens/s of transformers' Mixtral (eager) training with AdamW on CPU."""
+    return BATCH * SEQ / time_it(torch_mixtral_step(dtype), steps)
+
+
+def torch_mixtral_step(dtype: str):
+    """One training step of transformers' Mixtral (eager, AdamW, CPU) as a function."""
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -131,7 +140,7 @@ def torch_mixtral(steps: int, dtype: str) -> float:
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
-    return BATCH * SEQ / time_it(step, steps)
+    return step
 
 
 def main() -> None:
@@ -139,6 +148,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
+    # As `jaxmoe train` does (jaxmoe/hugepages.py); JAXMOE_HUGEPAGES=0 measures without.
+    reexec_with_hugepages()
 
     peak = matmul_flops_per_s()
     print(f"bf16 2048^2 matmul: {peak / 1e9:,.0f} GFLOP/s")
@@ -169,7 +180,8 @@ def main() -> None:
             torch_best = max(torch_best or 0.0, tps)
 
     print(f"\n{datetime.date.today()}  `JAX_PLATFORMS=cpu python tools/bench_train.py "
-          f"--steps {args.steps}`  (jax {jax.__version__}, {os.cpu_count()} cores)\n")
+          f"--steps {args.steps}`  (jax {jax.__version__}, {os.cpu_count()} cores, "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r})\n")
     print("| run | tokens/s | step (s) | compiled/analytic FLOPs | model FLOP/s / bf16 matmul |"
           + (" vs transformers best |" if torch_best else ""))
     print("|---|---:|---:|---:|---:|" + ("---:|" if torch_best else ""))
