@@ -12,6 +12,7 @@ Rows: the jaxmoe default (dropless, blocks) step of tools/bench_train.py and tra
 Mixtral in bfloat16 on the same model, with minor page faults per step (getrusage).
 
 Usage: JAX_PLATFORMS=cpu python tools/bench_hugepages.py [--rounds 3] [--steps 20]
+       [--setting TUNABLES ...] [--no-torch]
 """
 
 from __future__ import annotations
@@ -68,15 +69,17 @@ def child(which: str, steps: int) -> dict:
         return _measure(step, steps)
 
 
-def run_child(which: str, steps: int, hugepages: bool) -> dict:
+def run_child(which: str, steps: int, tunables: str) -> dict:
+    """Runs `child` in a fresh process with GLIBC_TUNABLES=tunables ("" = glibc defaults)."""
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     env.pop("GLIBC_TUNABLES", None)
-    if hugepages:
-        env["GLIBC_TUNABLES"] = TUNABLE
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", which,
                           "--steps", str(steps)], env=env, capture_output=True, text=True)
     if out.returncode:
-        raise SystemExit(f"child {which} (hugepages={hugepages}) failed:\n{out.stderr[-2000:]}")
+        raise SystemExit(f"child {which} (GLIBC_TUNABLES={tunables!r}) failed:\n"
+                         f"{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -84,6 +87,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--setting", action="append", dest="settings", metavar="TUNABLES",
+                        help="a GLIBC_TUNABLES value to compare ('' = glibc defaults); "
+                             f"repeatable; default: '' and {TUNABLE!r}")
+    parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--child", choices=("jaxmoe", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -91,37 +98,47 @@ def main() -> None:
         return
     if args.rounds < 1 or args.steps < 1:
         raise SystemExit(f"--rounds {args.rounds} --steps {args.steps}: expected both >= 1")
+    settings = args.settings or ["", TUNABLE]
+    if len(settings) < 2 or len(set(settings)) != len(settings):
+        raise SystemExit(f"--setting {settings}: expected at least two different values")
     if os.environ.get("GLIBC_TUNABLES"):
         print(f"note: GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']!r} is replaced in the "
-              "children (off, or exactly the hugetlb tunable)")
-    results = {(w, h): [] for w in ("jaxmoe", "torch") for h in (False, True)}
+              "children by each --setting")
+    workloads = ("jaxmoe",) if args.no_torch else ("jaxmoe", "torch")
+    results = {(w, t): [] for w in workloads for t in settings}
     for r in range(args.rounds):
-        for which in ("jaxmoe", "torch"):
-            for hugepages in ((False, True) if r % 2 == 0 else (True, False)):
-                res = run_child(which, args.steps, hugepages)
-                results[(which, hugepages)].append(res)
-                print(f"round {r + 1}/{args.rounds} {which:6s} hugepages={hugepages!s:5s} "
+        order = settings if r % 2 == 0 else settings[::-1]
+        for which in workloads:
+            for tunables in order:
+                res = run_child(which, args.steps, tunables)
+                results[(which, tunables)].append(res)
+                print(f"round {r + 1}/{args.rounds} {which:6s} {tunables or 'default':60s} "
                       f"{res['seconds'] * 1e3:7.1f} ms/step {res['faults']:9,.0f} faults/step",
                       flush=True)
 
-    def med(which, hugepages, key):
-        return statistics.median(x[key] for x in results[(which, hugepages)])
+    def med(which, tunables, key):
+        return statistics.median(x[key] for x in results[(which, tunables)])
 
     print(f"\n{datetime.date.today()}  `JAX_PLATFORMS=cpu python tools/bench_hugepages.py "
-          f"--rounds {args.rounds} --steps {args.steps}`  ({os.cpu_count()} cores; medians "
-          "over rounds)\n")
-    print("| run | step (ms), default | step (ms), hugetlb=1 | speed-up | faults/step, "
-          "default | faults/step, hugetlb=1 |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for which, name in (("jaxmoe", "jaxmoe dropless, blocks (bf16)"),
-                        ("torch", "transformers Mixtral (bfloat16)")):
-        off, on = med(which, False, "seconds"), med(which, True, "seconds")
-        print(f"| {name} | {off * 1e3:.1f} | {on * 1e3:.1f} | {off / on:.2f}x | "
-              f"{med(which, False, 'faults'):,.0f} | {med(which, True, 'faults'):,.0f} |")
-    ratio_off = med("torch", False, "seconds") / med("jaxmoe", False, "seconds")
-    ratio_on = med("torch", True, "seconds") / med("jaxmoe", True, "seconds")
-    print(f"\njaxmoe vs transformers (tokens/s ratio): {ratio_off:.2f}x default, "
-          f"{ratio_on:.2f}x with hugetlb=1 in both")
+          f"--rounds {args.rounds} --steps {args.steps}"
+          + "".join(f" --setting '{t}'" for t in args.settings or [])
+          + (" --no-torch" if args.no_torch else "")
+          + f"`  ({os.cpu_count()} cores; medians over rounds; speed-up vs the first setting)\n")
+    print("| run | GLIBC_TUNABLES | step (ms) | speed-up | faults/step |")
+    print("|---|---|---:|---:|---:|")
+    names = {"jaxmoe": "jaxmoe dropless, blocks (bf16)", "torch": "transformers Mixtral (bf16)"}
+    for which in workloads:
+        first = med(which, settings[0], "seconds")
+        for tunables in settings:
+            sec = med(which, tunables, "seconds")
+            print(f"| {names[which]} | {tunables or 'default'} | {sec * 1e3:.1f} | "
+                  f"{first / sec:.2f}x | {med(which, tunables, 'faults'):,.0f} |")
+    if "torch" in workloads:
+        for tunables in settings:
+            ratio = med("torch", tunables, "seconds") / med("jaxmoe", tunables, "seconds")
+            print(f"\njaxmoe vs transformers (tokens/s ratio), {tunables or 'default'} in both: "
+                  f"{ratio:.2f}x", end="")
+        print()
 
 
 if __name__ == "__main__":
