@@ -1,10 +1,12 @@
 """The CLI's re-exec with glibc's hugetlb tunable (jaxmoe/hugepages.py).
 
-References: the kernel's THP mode file format ("always [madvise] never", the bracketed entry
-is active) and exec semantics (the process keeps its pid)."""
+References: the kernel's THP mode file format ("always [madvise] never": the bracketed entry
+is active), glibc's GLIBC_TUNABLES syntax (colon-separated name=value), and exec semantics
+(the process keeps its pid)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -13,75 +15,106 @@ import pytest
 
 from jaxmoe import hugepages
 
-_PROBE = ("from jaxmoe.hugepages import reexec_with_hugepages\n"
-          "reexec_with_hugepages()\n"
+# The probe forces the THP check on, so the exec path runs wherever glibc has the tunable,
+# including CI hosts whose THP mode is not `madvise`.
+_PROBE = ("import jaxmoe.hugepages as h\n"
+          "h._thp_madvise = lambda: True\n"
+          "h.reexec_with_hugepages()\n"
           "import os\n"
           "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'))\n")
+_NOTE = "jaxmoe: running with GLIBC_TUNABLES="
+_CAN_EXEC = sys.platform == "linux" and hugepages._glibc_has_tunable()
 
 
-@pytest.mark.parametrize("text,enabled", [
-    ("always [madvise] never\n", True), ("[always] madvise never\n", True),
+def _clean_env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT, hugepages._MARK)}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("text,madvise", [
+    ("always [madvise] never\n", True), ("[always] madvise never\n", False),
     ("always madvise [never]\n", False), ("", False)])
-def test_thp_mode_parsing(tmp_path, text, enabled):
+def test_thp_mode_parsing(tmp_path, text, madvise):
     path = tmp_path / "enabled"
     path.write_text(text)
-    assert hugepages._thp_enabled(str(path)) is enabled
-    assert hugepages._thp_enabled(str(tmp_path / "missing")) is False
+    assert hugepages._thp_madvise(str(path)) is madvise
+    assert hugepages._thp_madvise(str(tmp_path / "missing")) is False
 
 
-def test_wanted_respects_user_settings(monkeypatch):
-    monkeypatch.setattr(hugepages, "_thp_enabled", lambda: True)
+def test_with_tunable_keeps_user_settings():
+    assert hugepages.with_tunable(None) == hugepages.TUNABLE
+    assert hugepages.with_tunable("") == hugepages.TUNABLE
+    assert hugepages.with_tunable("glibc.pthread.rseq=0") == \
+        "glibc.pthread.rseq=0:glibc.malloc.hugetlb=1"
+    assert hugepages.with_tunable("glibc.malloc.hugetlb=0") is None  # the user decided
+
+
+def test_wanted_conditions(monkeypatch):
+    monkeypatch.setattr(hugepages, "_thp_madvise", lambda: True)
     monkeypatch.setattr(hugepages.platform, "libc_ver", lambda: ("glibc", "2.36"))
     monkeypatch.setattr(hugepages.sys, "platform", "linux")
+    monkeypatch.setattr(hugepages.sys, "argv", ["jaxmoe", "train"])
     assert hugepages.wanted({})
-    assert not hugepages.wanted({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"})
-    assert not hugepages.wanted({hugepages.OPT_OUT: "0"})
+    assert hugepages.wanted({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"})
+    assert not hugepages.wanted({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    for off in ("0", "false", "OFF", "no"):
+        assert not hugepages.wanted({hugepages.OPT_OUT: off})
     assert not hugepages.wanted({hugepages._MARK: "done"})  # already restarted once
-    monkeypatch.setattr(hugepages, "_thp_enabled", lambda: False)
+    monkeypatch.setattr(hugepages.sys, "argv", ["-"])  # script on stdin
+    assert not hugepages.wanted({})
+    monkeypatch.setattr(hugepages.sys, "argv", ["jaxmoe", "train"])
+    for libc in (("glibc", "2.34"), ("", ""), ("glibc", "x")):
+        monkeypatch.setattr(hugepages.platform, "libc_ver", lambda libc=libc: libc)
+        assert not hugepages.wanted({})
+    monkeypatch.setattr(hugepages.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(hugepages.sys, "platform", "darwin")
+    assert not hugepages.wanted({})
+    monkeypatch.setattr(hugepages.sys, "platform", "linux")
+    monkeypatch.setattr(hugepages, "_thp_madvise", lambda: False)
     assert not hugepages.wanted({})
 
 
 def _probe(**env_extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT, hugepages._MARK)}
-    env.update(env_extra)
-    proc = subprocess.Popen([sys.executable, "-c", _PROBE], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", _PROBE], env=_clean_env(**env_extra),
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     pid, tunables = out.split()
     return proc.pid, int(pid), tunables, err
 
 
+@pytest.mark.skipif(not _CAN_EXEC, reason="needs Linux with glibc >= 2.35")
 def test_reexec_keeps_pid_and_sets_tunable():
     popen_pid, pid, tunables, err = _probe()
     assert pid == popen_pid  # exec, not a child process
-    if hugepages.wanted({}):
-        assert tunables == hugepages.TUNABLE
-        assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in err and hugepages.OPT_OUT in err
-    else:  # no glibc / THP off on this machine: nothing happens, silently
-        assert tunables == "None" and err == ""
+    assert tunables == hugepages.TUNABLE
+    assert f"{_NOTE}{hugepages.TUNABLE} " in err and hugepages.OPT_OUT in err
+    # A user's own tunables are kept, the hugetlb one appended.
+    _, _, tunables, err = _probe(GLIBC_TUNABLES="glibc.malloc.arena_max=2")
+    assert tunables == f"glibc.malloc.arena_max=2:{hugepages.TUNABLE}" and _NOTE in err
 
 
-def test_opt_out_and_user_tunables_are_left_alone():
-    assert _probe(**{hugepages.OPT_OUT: "0"})[2:] == ("None", "")
-    assert _probe(GLIBC_TUNABLES="glibc.malloc.arena_max=2")[2:] == (
-        "glibc.malloc.arena_max=2", "")
+def test_opt_outs_leave_the_process_as_started():
+    for env in ({hugepages.OPT_OUT: "0"}, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}):
+        popen_pid, pid, tunables, err = _probe(**env)
+        assert tunables == env.get("GLIBC_TUNABLES", "None") and _NOTE not in err
 
 
 def test_cli_restarts_for_train_only():
-    """`train` (here stopped by a config error before anything compiles) restarts; `info`
-    does not."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT, hugepages._MARK)}
-    note = "GLIBC_TUNABLES=glibc.malloc.hugetlb=1"
+    """`train` (here stopped by a config error before anything compiles) restarts where the
+    conditions hold; `info` never does; the installed console script calls `entry`."""
+    env = _clean_env()
     train = subprocess.run([sys.executable, "-m", "jaxmoe.cli", "train", "--config",
                             "configs/tiny_moe.yaml", "--run-dir", "unused",
                             "model.num_experts_per_tok=99"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert train.returncode == 2 and "model.num_experts_per_tok" in train.stderr
-    assert (note in train.stderr) == hugepages.wanted(env)
+    assert (_NOTE in train.stderr) == hugepages.wanted(env)
     info = subprocess.run([sys.executable, "-m", "jaxmoe.cli", "info", "--config",
                            "configs/tiny_moe.yaml"], env=env, capture_output=True, text=True,
                           timeout=120)
-    assert info.returncode == 0 and note not in info.stderr
+    assert info.returncode == 0 and _NOTE not in info.stderr
+    script = importlib.metadata.entry_points(group="console_scripts", name="jaxmoe")
+    assert [e.value for e in script] == ["jaxmoe.cli:entry"]

@@ -1,12 +1,9 @@
 """Training step with and without transparent huge pages for malloc (glibc `hugetlb` tunable).
 
-XLA:CPU allocates each execution's temporary buffer afresh (about 105 MB for the
-tools/bench_train.py model). It is larger than a glibc thread arena's heap, so malloc maps it
-with mmap and unmaps it after the step: every step touches ~26,000 fresh 4 KiB pages, each a
-page fault that zeroes a page. `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` makes malloc ask for
-transparent huge pages (madvise) on such mappings: 2 MiB per fault instead of 4 KiB. The
-tunable is read when a process starts, so each measurement runs in its own child process;
-settings alternate round by round (the machine is shared and noisy: compare the ratios).
+Why it matters is in jaxmoe/hugepages.py (`jaxmoe train` restarts itself with the tunable);
+results in docs/benchmarks.md. The tunable is read when a process starts, so each
+measurement runs in its own child process; settings alternate round by round (the machine
+is shared and noisy: compare the ratios).
 
 Rows: the jaxmoe default (dropless, blocks) step of tools/bench_train.py and transformers'
 Mixtral in bfloat16 on the same model, with minor page faults per step (getrusage).
@@ -21,13 +18,15 @@ import argparse
 import datetime
 import json
 import os
+import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
 import time
 
-TUNABLE = "glibc.malloc.hugetlb=1"
+from jaxmoe.hugepages import TUNABLE
 
 
 def _faults() -> int:
@@ -69,6 +68,19 @@ def child(which: str, steps: int) -> dict:
         return _measure(step, steps)
 
 
+def _thp_modes() -> str:
+    """The kernel's THP `enabled` and `defrag` modes (the bracketed entries), or 'n/a'."""
+    modes = []
+    for name in ("enabled", "defrag"):
+        try:
+            with open(f"/sys/kernel/mm/transparent_hugepage/{name}") as f:
+                text = f.read()
+            modes.append(f"{name}={text[text.index('[') + 1:text.index(']')]}")
+        except (OSError, ValueError):
+            modes.append(f"{name}=n/a")
+    return " ".join(modes)
+
+
 def run_child(which: str, steps: int, tunables: str) -> dict:
     """Runs `child` in a fresh process with GLIBC_TUNABLES=tunables ("" = glibc defaults)."""
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
@@ -105,6 +117,13 @@ def main() -> None:
         print(f"note: GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']!r} is replaced in the "
               "children by each --setting")
     workloads = ("jaxmoe",) if args.no_torch else ("jaxmoe", "torch")
+    if not args.no_torch:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise SystemExit(f"{e}: install the dev extra (torch, transformers) or pass "
+                             "--no-torch")
     results = {(w, t): [] for w in workloads for t in settings}
     for r in range(args.rounds):
         order = settings if r % 2 == 0 else settings[::-1]
@@ -121,9 +140,10 @@ def main() -> None:
 
     print(f"\n{datetime.date.today()}  `JAX_PLATFORMS=cpu python tools/bench_hugepages.py "
           f"--rounds {args.rounds} --steps {args.steps}"
-          + "".join(f" --setting '{t}'" for t in args.settings or [])
+          + "".join(f" --setting {shlex.quote(t)}" for t in args.settings or [])
           + (" --no-torch" if args.no_torch else "")
-          + f"`  ({os.cpu_count()} cores; medians over rounds; speed-up vs the first setting)\n")
+          + f"`  ({os.cpu_count()} cores; {' '.join(platform.libc_ver())}; THP "
+          f"{_thp_modes()}; medians over rounds; speed-up vs the first setting)\n")
     print("| run | GLIBC_TUNABLES | step (ms) | speed-up | faults/step |")
     print("|---|---|---:|---:|---:|")
     names = {"jaxmoe": "jaxmoe dropless, blocks (bf16)", "torch": "transformers Mixtral (bf16)"}
