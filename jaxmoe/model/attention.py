@@ -17,7 +17,7 @@ from jaxmoe.model.layers import (
     rope_frequencies,
     rotary_tables,
 )
-from jaxmoe.model.matmul import accumulation_dtype, einsum
+from jaxmoe.model.matmul import accumulation_dtype, align_varying, einsum, match_varying
 from jaxmoe.model.precision import Precision
 
 
@@ -38,6 +38,56 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (same & causal)[:, None]
 
 
+def _attend(q, k, v, mask):
+    """(out [b, n, t, d], probs [b, kv, g * t, s] in v.dtype); see `dot_product_attention`."""
+    b, n, t, d = q.shape
+    s, kv = k.shape[2], k.shape[1]
+    g = n // kv
+    acc = accumulation_dtype(q.dtype, k.dtype)
+    logits = einsum("bkqd,bksd->bkqs", q.reshape(b, kv, g * t, d), k, out_dtype=acc)
+    logits = logits.reshape(b, kv, g, t, s)
+    logits = jnp.where(mask[:, :, None], logits * (d ** -0.5), jnp.finfo(acc).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
+    out = einsum("bkqs,bksd->bkqd", probs, v)  # [b, kv, g * t, d]
+    return out.reshape(b, n, t, d), probs
+
+
+@jax.custom_vjp
+def _attention(q, k, v, mask):
+    return _attend(q, k, v, mask)[0]
+
+
+def _attention_fwd(q, k, v, mask):
+    out, probs = _attend(q, k, v, mask)
+    return out, (q, k, v, mask, probs, out)
+
+
+def _attention_bwd(res, d_out):
+    """Softmax backward as dS = P * (dP - rowsum(dO * O)): the row sums come from the
+    [.., t, d] output instead of a reduction over the [.., t, s] scores, which XLA:CPU fused
+    with dP = dO V^T into one slow kernel (~9 ms of the benchmark step)."""
+    q, k, v, mask, probs, out = res
+    b, n, t, d = q.shape
+    s, kv = k.shape[2], k.shape[1]
+    g = n // kv
+    acc = accumulation_dtype(q.dtype, k.dtype)
+    d_out = d_out.astype(q.dtype).reshape(b, kv, g * t, d)
+    delta = jnp.sum(d_out.astype(acc) * out.reshape(b, kv, g * t, d).astype(acc), axis=-1,
+                    keepdims=True)
+    dp = einsum("bkqd,bksd->bkqs", d_out, v, out_dtype=acc)
+    allowed = jnp.broadcast_to(mask[:, :, None], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
+    # Masked scores are constants: no gradient, even in a row with nothing allowed.
+    ds = jnp.where(allowed, probs.astype(acc) * (dp - delta) * (d ** -0.5), 0).astype(q.dtype)
+    dq = einsum("bkqs,bksd->bkqd", ds, k, out_dtype=acc).astype(q.dtype)
+    dk = einsum("bkqs,bkqd->bksd", ds, q.reshape(b, kv, g * t, d), out_dtype=acc)
+    dv = einsum("bkqs,bkqd->bksd", probs, d_out, out_dtype=acc)
+    return (match_varying(dq.reshape(b, n, t, d), q), match_varying(dk.astype(k.dtype), k),
+            match_varying(dv.astype(v.dtype), v), None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Heads-major: q [b, heads, t, d], k/v [b, kv_heads, s, d], mask [b, 1, t, s]
     -> [b, heads, t, d].
@@ -46,18 +96,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     i * group + j reads kv head i), folded into the query rows, [b, kv, group * t, d], so the
     contractions are plain batched matmuls with no transpose in front of them. (On XLA:CPU a
     transpose between the bfloat16 cast and the matmul made XLA move the cast behind the
-    transpose and run the matmul in float32, several times slower.)
+    transpose and run the matmul in float32, several times slower.) The backward pass is
+    written out (`_attention_bwd`); matmul inputs in the compute dtype, float32 accumulation.
     """
-    b, n, t, d = q.shape
-    s, kv = k.shape[2], k.shape[1]
-    g = n // kv
-    q = q.reshape(b, kv, g * t, d)
-    acc = accumulation_dtype(q.dtype, k.dtype)
-    logits = einsum("bkqd,bksd->bkqs", q, k, out_dtype=acc).reshape(b, kv, g, t, s)
-    logits = jnp.where(mask[:, :, None], logits * (d ** -0.5), jnp.finfo(acc).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
-    out = einsum("bkqs,bksd->bkqd", probs, v)  # [b, kv, g * t, d]
-    return out.reshape(b, n, t, d)
+    return _attention(*align_varying(q, k, v, mask))
 
 
 class Attention(nnx.Module):
