@@ -13,7 +13,11 @@ Measured side by side in one process (compare ratios; the machine is shared):
      [35, 512, 64]), next to one dense [2240, 256] x [256, 512] matmul of the same FLOPs;
   5. attention scores after rotary embeddings, [4, 256, 4, 64] q/k: rope, transpose to
      [b, heads, t, d], then QK^T (the old layout: XLA runs the matmul on float32 operands)
-     vs projections that write heads-major directly (`jaxmoe/model/attention.py`).
+     vs projections that write heads-major directly (`jaxmoe/model/attention.py`);
+  6. the attention core (QK^T, masked softmax, PV) forward + gradient, [4, 4 heads, 256, 64]
+     with a packed causal mask: the softmax under autodiff (its backward reduces over the
+     [t, s] scores) vs `attention.dot_product_attention` (written-out backward, row sums
+     from the output).
 
 Usage: JAX_PLATFORMS=cpu python tools/bench_matmul.py [--steps 30]
 """
@@ -89,6 +93,33 @@ def attention_rows(rng: np.random.Generator, steps: int) -> list[tuple[str, floa
     return rows
 
 
+def attention_backward_rows(rng: np.random.Generator, steps: int):
+    """Attention core forward + gradient: autodiff of the softmax vs the written-out VJP."""
+    from jaxmoe.model.attention import attention_mask, dot_product_attention
+
+    b, n, t, d = 4, 4, 256, 64
+    q, k, v = (jnp.asarray(rng.normal(size=(b, n, t, d)), BF16) for _ in range(3))
+    r = jnp.asarray(rng.normal(size=(b, n, t, d)), F32)
+    segments = np.repeat(np.arange(1, 5), t // 4)[None].repeat(b, 0)
+    mask = attention_mask(jnp.asarray(segments))
+
+    def autodiff(q, k, v, mask):  # the same forward, softmax left to autodiff
+        logits = einsum("bkqd,bksd->bkqs", q, k, out_dtype=F32)
+        logits = jnp.where(mask, logits * (d ** -0.5), jnp.finfo(F32).min)
+        return einsum("bkqs,bksd->bkqd", jax.nn.softmax(logits, axis=-1).astype(BF16), v)
+
+    flops = 6 * 2 * b * n * t * t * d  # QK^T and PV forward, four matmuls backward
+    rows = []
+    for name, fn in (("attention core fwd+grad, softmax under autodiff", autodiff),
+                     ("attention core fwd+grad, written-out backward (attention.py)",
+                      dot_product_attention)):
+        grad = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(
+            fn(q, k, v, mask).astype(F32) * r), argnums=(0, 1, 2)))
+        s = seconds(grad, q, k, v, steps=steps)
+        rows.append((name, s, flops / s))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -145,6 +176,7 @@ def main() -> None:
         rows.append((name, s, block_flops / s))
 
     rows += attention_rows(rng, args.steps)
+    rows += attention_backward_rows(rng, args.steps)
 
     print(f"\n{datetime.date.today()}  `JAX_PLATFORMS=cpu python tools/bench_matmul.py "
           f"--steps {args.steps}`  (jax {jax.__version__}, {os.cpu_count()} cores)\n")
