@@ -169,9 +169,7 @@ def main() -> None:
     parser.add_argument("--writer-priority", choices=("idle", "normal", "both"), default="both",
                         help="SCHED_IDLE writer threads (what jaxmoe train does), normal, or both")
     args = parser.parse_args()
-    # The training process's malloc setting, as `jaxmoe train` has it (jaxmoe/hugepages.py);
-    # JAXMOE_HUGEPAGES=0 measures without.
-    reexec_with_hugepages()
+    reexec_with_hugepages()  # see the module docstring
 
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)

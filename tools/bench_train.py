@@ -13,7 +13,8 @@ Measured side by side in one process (the machine is shared and noisy; compare r
   5. for reference, the model with a dense MLP of the active expert width instead of the MoE.
 
 The process restarts itself with glibc malloc's hugetlb tunable, as `jaxmoe train` does
-(jaxmoe/hugepages.py; tools/bench_hugepages.py measures the difference).
+(jaxmoe/hugepages.py; JAXMOE_HUGEPAGES=0 measures without; tools/bench_hugepages.py measures
+the difference).
 
 Usage: JAX_PLATFORMS=cpu python tools/bench_train.py [--steps 20] [--no-torch]
 """
@@ -148,8 +149,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
-    # As `jaxmoe train` does (jaxmoe/hugepages.py); JAXMOE_HUGEPAGES=0 measures without.
-    reexec_with_hugepages()
+    reexec_with_hugepages()  # see the module docstring
 
     peak = matmul_flops_per_s()
     print(f"bf16 2048^2 matmul: {peak / 1e9:,.0f} GFLOP/s")
