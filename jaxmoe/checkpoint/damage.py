@@ -10,6 +10,8 @@ names the array and both shapes instead of failing inside a TensorStore read.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -118,3 +120,38 @@ def explain(exc: BaseException, step_dir: Path, item: str = "state") -> Checkpoi
                   type(exc).__name__)
     where = f"array {array}" if array else f"item {item}"
     return CheckpointError(f"checkpoint {step_dir}: {where}: {detail}")
+
+
+# TensorStore ends an OS error with the cause: `...: File too large [os_error_code='27']`.
+_OS_ERROR = re.compile(r"""([^:"]+?) \[os_error_code='?(\d+)'?\]""")
+
+
+def write_problem(exc: BaseException) -> str:
+    """The innermost message of a failed write (a full disk, a file-size limit) on one line,
+    the operating system's reason first, without TensorStore's JSON spec."""
+    for e in reversed(_chain(exc)):
+        text = _SPEC.sub("", str(e)).strip()
+        if text:
+            text = text.splitlines()[0]
+            os_error = _OS_ERROR.search(text)
+            if os_error:
+                text = f"{os_error.group(1).strip()} (errno {os_error.group(2)}): {text}"
+            return text[:300] + "..." if len(text) > 300 else text
+    return type(exc).__name__
+
+
+class _DropThreadFailures(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_writer_thread_failures():
+    """Drops Orbax's log records of a failed write thread (each a full traceback, logged from
+    its threads before the same exception reaches the caller, who reports it in one line)."""
+    logger, drop = logging.getLogger("absl"), _DropThreadFailures()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)

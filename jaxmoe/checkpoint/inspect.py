@@ -24,8 +24,15 @@ import orbax.checkpoint as ocp
 import yaml
 from etils import epath
 
-from jaxmoe.checkpoint.damage import CheckpointError, explain, flat_names
+from jaxmoe.checkpoint.damage import (
+    CheckpointError,
+    explain,
+    flat_names,
+    quiet_writer_thread_failures,
+    write_problem,
+)
 from jaxmoe.checkpoint.manager import TMP_MARKER
+from jaxmoe.staging import staging_dir
 
 EXPORT_MARKER = "export.json"
 
@@ -225,12 +232,13 @@ def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None
     params = restore_params(step_dir, dtype=None if dtype is None else jax.numpy.dtype(dtype),
                             sharding=spread)
     rest = restore_params(step_dir, collection="rest", sharding=spread)  # never cast
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp = staging_dir(out, sum(x.nbytes for x in jax.tree.leaves((params, rest))))
+    except OSError as e:
+        raise CheckpointError(f"export-params: {e}") from e
     try:
         handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True)
-        with ocp.Checkpointer(handler) as checkpointer:
+        with quiet_writer_thread_failures(), ocp.Checkpointer(handler) as checkpointer:
             checkpointer.save(epath.Path(tmp / "params"), args=ocp.args.PyTreeSave(params))
             if rest:
                 checkpointer.save(epath.Path(tmp / "rest"), args=ocp.args.PyTreeSave(rest))
@@ -241,7 +249,9 @@ def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None
                   step_dir.name.isdigit() else None, "dtype": dtype or "as stored"}
         (tmp / EXPORT_MARKER).write_text(json.dumps(header, indent=1))
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, CheckpointError):
+            raise CheckpointError(f"writing {out}: {write_problem(e)}") from e
         raise
     return out

@@ -32,6 +32,9 @@ def _run(fn_name: str, *args, **kwargs) -> int:
     except (ConversionError, CheckpointFormatError, SafetensorsError) as e:
         print(f"jaxmoe convert: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a full disk while writing config.json
+        print(f"jaxmoe convert: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {report.out}: {report.tensors} tensors, {report.bytes / 1e6:,.1f} MB in "
           f"{report.seconds:.1f} s ({report.gb_per_s:.2f} GB/s)")
     return 0

@@ -34,6 +34,7 @@ from jaxmoe.convert.mixtral import FORMAT as MIXTRAL
 from jaxmoe.convert.orbax_io import ParamsReader, ParamsWriter, abstract_params
 from jaxmoe.convert.qwen_moe import QWEN2_MOE, QWEN3_MOE
 from jaxmoe.convert.safetensors_io import SafetensorsReader, ShardedWriter, TensorPlan
+from jaxmoe.staging import staging_dir
 
 FORMATS: dict[str, lo.Format] = {f.name: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3)}
 OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -85,14 +86,11 @@ def _plan(groups: list[list[lo.Rule]], abstract: dict[str, Any], dtype: np.dtype
     return plan
 
 
-def _prepare_out(out: str | Path) -> tuple[Path, Path]:
+def _prepare_out(out: str | Path, nbytes: int) -> tuple[Path, Path]:
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise lo.ConversionError(f"{out}: exists and is not empty; choose a new output directory")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return out, tmp
+    return out, staging_dir(out, nbytes)
 
 
 def _commit(tmp: Path, out: Path) -> None:
@@ -145,7 +143,7 @@ def to_hf(checkpoint: str | Path, out: str | Path, fmt: str, dtype: str = "float
                       f"model.bias_update_rate > 0) and {fmt} has no selection bias")
     groups = _groups(rules)
     plan = _plan(groups, abstract, OUT_DTYPES[dtype])
-    out, tmp = _prepare_out(out)
+    out, tmp = _prepare_out(out, sum(t.nbytes for t in plan))
     writer = ShardedWriter(tmp, plan, max_shard_bytes)
     try:
         for group in groups:
@@ -154,8 +152,10 @@ def to_hf(checkpoint: str | Path, out: str | Path, fmt: str, dtype: str = "float
         hf_cfg = form.hf_config(cfg, dtype)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
     except BaseException:
-        writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            writer.abort()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     _commit(tmp, out)
     return Report(out, len(plan), writer.bytes_written, time.perf_counter() - start)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import collections
 import json
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -33,7 +34,9 @@ import tensorstore as ts
 from flax import nnx
 
 from jaxmoe import config as config_lib
+from jaxmoe.checkpoint.damage import write_problem
 from jaxmoe.model import MoETransformer
+from jaxmoe.staging import staging_dir
 
 STATE_ITEM, CONFIG_ITEM = "state", "config"
 CONFIG_FILE = "metadata"  # orbax JsonCheckpointHandler's file name inside the config item
@@ -191,11 +194,11 @@ class ParamsWriter:
             raise CheckpointFormatError(f"{self.out_dir}: exists and is not empty; choose a new "
                                         "output directory")
         self.cfg, self.source = cfg, source
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}"
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        _, self.abstract = abstract_params(cfg.model)
+        self.tmp_dir = staging_dir(self.out_dir, sum(
+            math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in self.abstract.values()))
         for c in COLLECTIONS:
             (self.tmp_dir / c).mkdir(parents=True)
-        _, self.abstract = abstract_params(cfg.model)
         self._stores: dict[str, Any] = {}
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
         self._in_flight: collections.deque = collections.deque()
@@ -236,13 +239,17 @@ class ParamsWriter:
         data = np.ascontiguousarray(value, dtype=self.abstract[name].dtype)
         while self._in_flight and self._pending_bytes + data.nbytes > self._IN_FLIGHT_BYTES:
             self._wait_oldest()
-        self._in_flight.append((target.write(data), data.nbytes))
+        self._in_flight.append((target.write(data), data.nbytes, name))
         self._pending_bytes += data.nbytes
 
     def _wait_oldest(self) -> None:
-        future, nbytes = self._in_flight.popleft()
+        future, nbytes, name = self._in_flight.popleft()
         self._pending_bytes -= nbytes
-        future.result()
+        try:
+            future.result()
+        except Exception as e:  # a full disk, a file-size limit: TensorStore's ValueError
+            raise CheckpointFormatError(f"{self.out_dir}: writing array {name}: "
+                                        f"{write_problem(e)}") from e
 
     def _write_metadata(self, collection: str) -> None:
         tree = {}
@@ -280,7 +287,7 @@ class ParamsWriter:
         return self.out_dir
 
     def abort(self) -> None:
-        for future, _ in self._in_flight:
+        for future, _, _ in self._in_flight:
             try:
                 future.result()
             except Exception:  # noqa: BLE001, S110 (the directory is being discarded)

@@ -235,6 +235,7 @@ class ShardedWriter:
             self._close_file()
         except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread by _join)
             self._error = e
+            self._discard_file()
             while self._pending.get() is not None:  # unblock the producer until the end
                 pass
 
@@ -270,6 +271,14 @@ class ShardedWriter:
             self._join()
         except SafetensorsError:
             pass
+        self._discard_file()
+
+    def _discard_file(self) -> None:
+        """Closes a shard being abandoned; the disk error that stopped it may strike again
+        when the buffered bytes are flushed, and the caller reports the first one."""
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass
             self._file = None

@@ -103,3 +103,30 @@ def test_export_params_refuses_several_processes(run, tmp_path, monkeypatch, cap
     assert cli.main(["checkpoint", "export-params", str(run[0]), str(out)]) == 1
     assert "export-params runs in one process; this is one of 2" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_export_params_on_a_full_disk_says_one_line_and_leaves_nothing(run, tmp_path, capsys,
+                                                                      file_size_limit):
+    out = tmp_path / "export"
+    with file_size_limit(16 * 1024):
+        rc = cli.main(["checkpoint", "export-params", str(run[0]), str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "\n" not in err, err
+    assert err.startswith(f"jaxmoe: writing {out}: ") and "File too large" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_params_refuses_when_the_disk_lacks_space(run, tmp_path, capsys, monkeypatch):
+    import shutil as shutil_lib
+
+    from jaxmoe import staging
+
+    usage = shutil_lib.disk_usage(tmp_path)
+    monkeypatch.setattr(staging.shutil, "disk_usage",
+                        lambda p: usage._replace(free=1000))  # 1 kB free
+    out = tmp_path / "export"
+    assert cli.main(["checkpoint", "export-params", str(run[0]), str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"jaxmoe: export-params: [Errno 28] {out}: needs 0.00 GB") and \
+        err.endswith("its file system has 0.00 GB free") and "\n" not in err, err
+    assert list(tmp_path.iterdir()) == []

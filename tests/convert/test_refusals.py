@@ -126,3 +126,31 @@ def test_cli_converts_and_refuses_with_one_line(hf_mixtral, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("jaxmoe convert: --format deepseek_v3: model.attention='gqa'")
     assert "\n" not in err
+
+
+def _no_leftovers(directory):
+    return [p.name for p in directory.iterdir() if ".partial-" in p.name]
+
+
+def test_full_disk_during_conversion_says_one_line_and_leaves_nothing(hf_mixtral, tmp_path,
+                                                                      capsys, file_size_limit):
+    src = tmp_path / "jaxmoe"
+    assert cli.main(["convert", "from-hf", str(hf_mixtral), str(src)]) == 0
+    capsys.readouterr()
+    # to-hf: the safetensors writer thread hits the limit with a shard file open
+    with file_size_limit(32 * 1024):
+        rc = cli.main(["convert", "to-hf", str(src), str(tmp_path / "hf"), "--format",
+                       "mixtral"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert err.startswith(f"jaxmoe convert: writing {tmp_path}/.hf.partial-") and \
+        "File too large" in err, err
+    # from-hf: TensorStore's writes fail inside a future (the largest array is ~64 KB)
+    with file_size_limit(4 * 1024):
+        rc = cli.main(["convert", "from-hf", str(hf_mixtral), str(tmp_path / "back")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert err.startswith(f"jaxmoe convert: {tmp_path / 'back'}: writing array ") and \
+        "File too large" in err, err
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "back").exists()
+    assert _no_leftovers(tmp_path) == []

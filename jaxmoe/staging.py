@@ -1,0 +1,62 @@
+"""Staging directories for outputs that appear atomically (exports and conversions).
+
+An output `DIR` is written into a sibling `.DIR.partial-PID` and renamed into place only
+when complete, so an interrupted run never leaves a half-written `DIR`. A run killed hard
+(SIGKILL, power loss) cannot remove its own staging directory; the next run that writes the
+same output removes the ones whose process is gone, so they do not pile up.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def stale_staging_dirs(out: Path) -> list[Path]:
+    """Staging directories of `out` left by processes that no longer run on this host."""
+    stale = []
+    for path in out.parent.glob(f".{out.name}.partial-*"):
+        pid = path.name.rsplit("-", 1)[1]
+        if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            stale.append(path)
+    return sorted(stale)
+
+
+def staging_dir(out: str | Path, nbytes: int = 0) -> Path:
+    """A fresh, empty `.OUT.partial-PID` next to `out` (stale ones of dead processes removed).
+
+    nbytes: what will be written; raises OSError(ENOSPC) naming both sizes if the file
+    system holds less free space, before anything is written."""
+    out = Path(out).absolute()
+    for path in stale_staging_dirs(out):
+        log.warning("removing %s, left by an interrupted run", path)
+        shutil.rmtree(path, ignore_errors=True)
+    free = shutil.disk_usage(_existing_parent(out)).free
+    if nbytes > free:
+        raise OSError(errno.ENOSPC, f"{out}: needs {nbytes / 1e9:,.2f} GB, its file system has "
+                      f"{free / 1e9:,.2f} GB free")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
