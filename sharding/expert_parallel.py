@@ -219,10 +219,11 @@ def _capacity_local(x, weights, indices, mask, w_gate, w_up, w_down, *, ffn, lay
     e = e_local * n
     c = max(1, math.ceil(capacity_factor * t * k / e))  # = capacity.expert_capacity
     # GShard priority, as jaxmoe.model.moe.capacity: all first choices, then second, ...
-    onehot = jax.nn.one_hot(indices.T, e, dtype=jnp.int32)  # [k, t, e]
+    # padding tokens take no slot (as jaxmoe.model.moe.capacity)
+    onehot = jax.nn.one_hot(indices.T, e, dtype=jnp.int32) * mask[None, :, None]  # [k, t, e]
     position = jnp.cumsum(onehot.reshape(k * t, e), axis=0).reshape(k, t, e) - 1
     position = jnp.sum(position * onehot, axis=-1)  # [k, t]
-    kept = position < c
+    kept = (position < c) & mask[None, :]
     slot = jax.nn.one_hot(jnp.where(kept, position, c), c, dtype=jnp.float32)  # [k, t, c]
     expert = jax.nn.one_hot(indices.T, e, dtype=jnp.float32)
     dispatch = jnp.einsum("kte,ktc->tec", expert, slot)

@@ -104,6 +104,23 @@ def test_capacity_drops_expected_copies(factor):
     np.testing.assert_allclose(y, want, rtol=TOL, atol=TOL * np.abs(want).max())
 
 
+def test_capacity_padding_takes_no_slot():
+    """Leading padding tokens that all look alike (one pad embedding) would fill an expert's
+    slots before the real tokens (GShard priority is in token order) if they took slots."""
+    cfg = dataclasses.replace(BASE, dispatch="capacity", capacity_factor=0.5)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(24, cfg.embed_dim))
+    x[:8] = x[0]  # 8 leading pad tokens with one embedding: the same two experts, 8 times
+    valid = np.arange(24) >= 8
+    block = MoEBlock(cfg, F32, nnx.Rngs(1))
+    y, stats = block(jnp.asarray(x, jnp.float32)[None], jnp.asarray(valid)[None])
+    c = expert_capacity(24, 2, cfg.num_experts, 0.5)
+    want, dropped = ref.moe_forward(x, block_params(block), top_k=2, capacity=c, valid=valid)
+    assert int(stats.dropped) == dropped
+    y = np.asarray(y[0], np.float64)
+    np.testing.assert_allclose(y[valid], want[valid], rtol=TOL, atol=TOL * np.abs(want).max())
+
+
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_aux_losses_and_loads_match_reference(scoring):
     cfg = dataclasses.replace(BASE, router_scoring=scoring)
@@ -115,6 +132,24 @@ def test_aux_losses_and_loads_match_reference(scoring):
     np.testing.assert_array_equal(np.asarray(stats.load), load)
 
 
+def test_aux_loss_is_transformers_mixtral_loss_over_k():
+    """Reference: transformers' `load_balancing_loss_func` (Mixtral), which counts f_e over
+    tokens rather than top-k assignments: k times jaxmoe's value (configs/mixtral_8x7b.yaml
+    doubles the coefficient accordingly). Padding excluded in both."""
+    torch = pytest.importorskip("torch")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    cfg = BASE
+    x = np.random.default_rng(7).normal(size=(20, cfg.embed_dim))
+    mask = np.arange(20) < 15
+    block = MoEBlock(cfg, F32, nnx.Rngs(1))
+    _, stats = block(jnp.asarray(x, jnp.float32)[None], jnp.asarray(mask)[None])
+    logits = torch.tensor(x @ block_params(block)["router"])
+    hf = load_balancing_loss_func((logits,), cfg.num_experts, top_k=2,
+                                  attention_mask=torch.tensor(mask)[None])
+    np.testing.assert_allclose(float(stats.aux_loss) * 2, float(hf), rtol=1e-5)
+
+
 def test_padding_tokens_are_excluded_from_statistics():
     cfg = BASE
     x = np.random.default_rng(4).normal(size=(12, cfg.embed_dim))
@@ -124,6 +159,7 @@ def test_padding_tokens_are_excluded_from_statistics():
     aux, z, load = ref.aux_losses(x[:7], block_params(block), top_k=2, scoring="softmax")
     np.testing.assert_array_equal(np.asarray(stats.load), load)
     np.testing.assert_allclose(float(stats.aux_loss), aux, rtol=1e-5)
+    np.testing.assert_allclose(float(stats.z_loss), z, rtol=1e-5)
 
 
 def _loss_fn(cfg, graphdef, x, r):

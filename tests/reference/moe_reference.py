@@ -41,23 +41,28 @@ def expert(x, w_gate, w_up, w_down):
 
 
 def moe_forward(x, p, *, top_k, scoring="softmax", norm_topk_prob=True, scaling=1.0,
-                shared=None, shared_gate=None, capacity=None):
+                shared=None, shared_gate=None, capacity=None, valid=None):
     """x [t, d]; p: dict of float64 arrays (router [d,e], bias [e], w_gate/w_up [e,d,f],
     w_down [e,f,d]); shared: (gate, up, down) or None; shared_gate [d, 1] or None.
 
     capacity: None (dropless) or the per-expert capacity C; copies are admitted in GShard
     priority order (all first choices, then all second choices, ...; earlier tokens first).
-    Returns (y [t, d], dropped: number of dropped token copies).
+    valid [t] bool (default all): with a capacity, invalid (padding) tokens take no slot and
+    get no routed output. Returns (y [t, d], dropped: number of dropped valid token copies).
     """
     weights, indices, _ = route(x, p["router"], p["bias"], top_k=top_k, scoring=scoring,
                                 norm_topk_prob=norm_topk_prob, scaling=scaling)
     t, d = x.shape
     y = np.zeros((t, d))
     admitted = np.ones((t, top_k), bool)
+    valid = np.ones(t, bool) if valid is None else np.asarray(valid, bool)
     if capacity is not None:
         used = {}
         for j in range(top_k):
             for i in range(t):
+                if not valid[i]:
+                    admitted[i, j] = False
+                    continue
                 e = indices[i, j]
                 used[e] = used.get(e, 0) + 1
                 admitted[i, j] = used[e] <= capacity
@@ -71,7 +76,7 @@ def moe_forward(x, p, *, top_k, scoring="softmax", norm_topk_prob=True, scaling=
             if shared_gate is not None:
                 s = s / (1.0 + np.exp(-(x[i] @ shared_gate)[0]))
             y[i] += s
-    return y, int((~admitted).sum())
+    return y, int((~admitted & valid[:, None]).sum())
 
 
 def capacity_for(tokens: int, top_k: int, experts: int, factor: float) -> int:

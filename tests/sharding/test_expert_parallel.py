@@ -43,11 +43,12 @@ def mesh_of(layout):
     return sharding.make_mesh({"data": 1, **layout}, jax.devices())
 
 
-def run(layout, inputs, *, dispatch="dropless", impl="padded", buffer_factor=0.0, cf=1.0):
+def run(layout, inputs, *, dispatch="dropless", impl="padded", buffer_factor=0.0, cf=1.0,
+        mask=None):
     mesh = mesh_of(layout)
     fn = make_expert_dispatch(mesh, sharding.DEFAULT_RULES, impl, buffer_factor)
     x, w, idx, ws = inputs
-    mask = jnp.ones((T,), bool)
+    mask = jnp.ones((T,), bool) if mask is None else mask
 
     def f(x, w, *ws):
         return fn(x, w, idx, *ws, dispatch=dispatch, capacity_factor=cf, token_mask=mask,
@@ -91,16 +92,19 @@ def test_dropless_gradients_match(layout, matmul, inputs):
         np.testing.assert_allclose(a, b, atol=TOL)
 
 
-@pytest.mark.parametrize("layout", ["ep8", "fsdp2_ep2_tp2"])
-def test_capacity_matches_per_group_reference(layout, inputs):
-    """Capacity factor 1.0 drops copies here; each device's tokens are one GShard group."""
+@pytest.mark.parametrize("layout, padded", [("ep8", False), ("fsdp2_ep2_tp2", False),
+                                            ("ep8", True)])
+def test_capacity_matches_per_group_reference(layout, padded, inputs):
+    """Capacity factor 1.0 drops copies here; each device's tokens are one GShard group.
+    padded: the first 3 of every 8 tokens are padding, which must take no slot."""
     x, w, idx, ws = inputs
-    y, dropped = run(LAYOUTS[layout], inputs, dispatch="capacity", cf=1.0)
+    mask = (jnp.arange(T) % 8 >= 3) if padded else jnp.ones((T,), bool)
+    y, dropped = run(LAYOUTS[layout], inputs, dispatch="capacity", cf=1.0, mask=mask)
     mesh = mesh_of(LAYOUTS[layout])
     groups = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     g = T // groups
     refs = [capacity_moe(x[i * g:(i + 1) * g], w[i * g:(i + 1) * g], idx[i * g:(i + 1) * g],
-                         *ws, 1.0) for i in range(groups)]
+                         *ws, 1.0, mask[i * g:(i + 1) * g]) for i in range(groups)]
     np.testing.assert_allclose(y, jnp.concatenate([r[0] for r in refs]), atol=TOL)
     assert float(dropped) == sum(int(r[1]) for r in refs) > 0
 

@@ -3,7 +3,8 @@
 Each expert takes at most C = ceil(capacity_factor * tokens * k / experts) token copies.
 Priority follows GShard: every token's first choice before any token's second choice, and
 earlier tokens first within a choice. Dropped copies contribute nothing (the residual
-connection carries the token through).
+connection carries the token through). Padding tokens (token_mask False) take no slot: they
+would otherwise crowd out real tokens, all routed alike by the same pad embedding.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ def capacity_moe(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: j
     t, k = indices.shape
     e = w_gate.shape[0]
     c = expert_capacity(t, k, e, capacity_factor)
+    valid = jnp.ones((t,), bool) if token_mask is None else token_mask.astype(bool)
     onehot = jax.nn.one_hot(indices.T, e, dtype=jnp.int32)  # [k, tokens, experts], priority order
+    onehot = onehot * valid[None, :, None]
     position = jnp.cumsum(onehot.reshape(k * t, e), axis=0).reshape(k, t, e) - 1
     position = jnp.sum(position * onehot, axis=-1)  # [k, tokens]
-    kept = position < c
+    kept = (position < c) & valid[None, :]
     f = weights.dtype
     slot = jax.nn.one_hot(jnp.where(kept, position, c), c, dtype=f)  # [k, t, c]
     expert = jax.nn.one_hot(indices.T, e, dtype=f)  # [k, t, e]
@@ -39,6 +42,5 @@ def capacity_moe(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: j
     h = h * jnp.einsum("ecd,edf->ecf", xin, w_up)
     y = jnp.einsum("ecf,efd->ecd", h, w_down)
     out = jnp.einsum("tec,ecd->td", combine, y.astype(f)).astype(x.dtype)
-    valid = jnp.ones((t,), bool) if token_mask is None else token_mask.astype(bool)
     dropped = jnp.sum((~kept) & valid[None, :])
     return out, dropped

@@ -100,6 +100,8 @@ def routing_stats(r: Routing, token_mask: jax.Array, num_experts: int,
 
     token_mask [tokens] excludes padding. f_e is the fraction of the top-k assignments that go
     to expert e; P_e is the mean (normalised) router score of expert e. Uniform routing gives 1.
+    (transformers' Mixtral `load_balancing_loss_func` counts f_e over tokens, not assignments:
+    k times this value; DeepSeek-V3's balance loss uses this normalisation.)
     """
     m = token_mask.astype(r.probs.dtype)
     n = jnp.maximum(jnp.sum(m), 1.0)
