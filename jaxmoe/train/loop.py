@@ -86,8 +86,8 @@ def build_trainer(cfg: config_lib.Config, devices=None) -> Trainer:
     train_step = jax.jit(_traced_with(make_train_step(graphdef, cfg, tx, schedule), dispatch),
                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                          donate_argnums=(0,))
-    eval_step = jax.jit(_traced_with(make_eval_step(graphdef), dispatch),
-                        in_shardings=(state_sh, batch_sh))
+    eval_step = jax.jit(_traced_with(make_eval_step(graphdef, cfg.train.grad_accum_steps),
+                                     dispatch), in_shardings=(state_sh, batch_sh))
     return Trainer(cfg, mesh, rules, graphdef, state_sh, batch_sh, train_step, eval_step, init)
 
 

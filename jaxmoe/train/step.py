@@ -119,10 +119,19 @@ def _imbalance(loads) -> jax.Array:
     return jnp.max(jnp.stack([jnp.max(r) for r in ratios]))
 
 
-def make_eval_step(graphdef) -> Callable:
+def make_eval_step(graphdef, micro_batches: int = 1) -> Callable:
+    """(state, batch) -> {ce_sum, tokens}, the batch run as `micro_batches` forward passes in
+    a `lax.scan` (as training does: a batch that only fits split for training would not fit
+    whole for evaluation; the logits alone are [batch, length, vocab] float32)."""
     def eval_step(state: TrainState, batch: Batch):
-        out = forward(graphdef, state.params, state.rest, batch)
-        ce_sum, ntok = cross_entropy_sum(out.logits, batch["targets"], batch["segment_ids"] > 0)
+        def body(carry, micro: Batch):
+            out = forward(graphdef, state.params, state.rest, micro)
+            ce_sum, ntok = cross_entropy_sum(out.logits, micro["targets"],
+                                             micro["segment_ids"] > 0)
+            return (carry[0] + ce_sum, carry[1] + ntok), None
+
+        zero = jnp.zeros((), jnp.float32)
+        (ce_sum, ntok), _ = jax.lax.scan(body, (zero, zero), _split_micro(batch, micro_batches))
         return {"ce_sum": ce_sum, "tokens": ntok}
 
     return eval_step
