@@ -8,20 +8,22 @@ where they hold `SourceConfig`s; `__post_init__` normalises both, so
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 SOURCE_KINDS = ("synthetic", "jsonl", "parquet", "arrayrecord")
+SEED_MAX = 2**32 - 1  # seeds are uint32: jax.random.key keeps only the low 32 bits
 
 
-def _fail(field: str, value: Any, expected: str) -> None:
-    raise ValueError(f"data.{field}={value!r}: expected {expected}")
+def _fail(field: str, value: Any, expected: str, prefix: str = "data") -> None:
+    raise ValueError(f"{prefix}.{field}={value!r}: expected {expected}")
 
 
-def _as_str_tuple(field: str, value: Any) -> tuple[str, ...]:
+def _as_str_tuple(field: str, value: Any, prefix: str = "data") -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        _fail(field, value, "a list of paths or glob patterns")
+        _fail(field, value, "a list of paths or glob patterns", prefix)
     return tuple(value)
 
 
@@ -31,6 +33,7 @@ class SourceConfig:
 
     `paths`/`eval_paths` are files or glob patterns. Without `eval_paths` the held-out split
     is the last `eval_fraction` of the source's records (by record index).
+    `key` (not a field) is how error messages name this entry, e.g. `data.sources[1]`.
     """
 
     source: str = "synthetic"
@@ -38,19 +41,21 @@ class SourceConfig:
     eval_paths: tuple[str, ...] = ()
     text_field: str = "text"
     weight: float = 1.0
+    key: dataclasses.InitVar[str] = "data.sources"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "paths", _as_str_tuple("sources.paths", self.paths))
-        object.__setattr__(
-            self, "eval_paths", _as_str_tuple("sources.eval_paths", self.eval_paths))
+    def __post_init__(self, key: str) -> None:
+        for name in ("paths", "eval_paths"):
+            object.__setattr__(self, name, _as_str_tuple(name, getattr(self, name), key))
         if self.source not in SOURCE_KINDS:
-            _fail("sources.source", self.source, f"one of {', '.join(SOURCE_KINDS)}")
+            _fail("source", self.source, f"one of {', '.join(SOURCE_KINDS)}", key)
         if self.source != "synthetic" and not self.paths:
-            _fail("sources.paths", self.paths, f"at least one path for source {self.source!r}")
-        if not self.weight > 0:
-            _fail("sources.weight", self.weight, "a positive number")
-        if not self.text_field:
-            _fail("sources.text_field", self.text_field, "a non-empty field name")
+            _fail("paths", self.paths, f"at least one path for source {self.source!r}", key)
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (
+                math.isfinite(w) and w > 0):
+            _fail("weight", w, "a positive number", key)
+        if not isinstance(self.text_field, str) or not self.text_field:
+            _fail("text_field", self.text_field, "a non-empty field name", key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +83,8 @@ class DataConfig:
     seq_len: int = 256
     num_documents: int = 20000  # size of the synthetic corpus (train + held-out)
     eval_fraction: float = 0.05
+    # Seeds the synthetic corpus only (which documents it generates); the shuffle of every
+    # source, file sources included, uses train.seed. An integer in [0, 2**32 - 1].
     seed: int = 0
     packing: bool = True  # False: one document (piece) per row, padded
     shuffle: bool = True  # train split only; eval is read in order
@@ -118,10 +125,12 @@ class DataConfig:
                 _fail("paths", self.paths, f"at least one path for data.source={self.source!r}")
         else:
             _fail("source", self.source, f"one of {', '.join(SOURCE_KINDS)}, mixture")
-        if not self.text_field:
+        if not isinstance(self.text_field, str) or not self.text_field:
             _fail("text_field", self.text_field, "a non-empty field name")
-        if not self.tokenizer:
-            _fail("tokenizer", self.tokenizer, "'byte' or a path to a tokenizer file")
+        if not isinstance(self.tokenizer, str) or not (
+                self.tokenizer == "byte" or self.tokenizer.endswith((".json", ".model"))):
+            _fail("tokenizer", self.tokenizer, "'byte', a Hugging Face tokenizer .json file or a "
+                  "SentencePiece .model file")
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len={self.seq_len}: expected an integer >= 2")
         if not 0.0 < self.eval_fraction < 1.0:
@@ -130,6 +139,9 @@ class DataConfig:
             )
         if self.num_documents < 2:
             raise ValueError(f"data.num_documents={self.num_documents}: expected >= 2")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+                0 <= self.seed <= SEED_MAX):
+            _fail("seed", self.seed, f"an integer in [0, {SEED_MAX}]")
         for name in ("num_workers", "num_threads"):
             if getattr(self, name) < 0:
                 _fail(name, getattr(self, name), "an integer >= 0")

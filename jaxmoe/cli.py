@@ -18,7 +18,7 @@ def _load(args) -> config_lib.Config:
 def cmd_train(args) -> int:
     from sharding.multihost import initialize
 
-    cfg = _load(args)
+    cfg = config_lib.check_data(_load(args))  # tokenizer and data files exist, ids fit
     # Before anything touches devices: joins the other processes of a multi-host run.
     initialize(args.coordinator_address, args.num_processes, args.process_id,
                auto=args.distributed)

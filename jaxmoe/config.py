@@ -4,12 +4,21 @@ Defaults live only in the dataclasses below; a YAML file in `configs/` is a smal
 and command-line overrides (`model.num_experts=8`) are a diff on the YAML. Every value is
 type-checked and every impossible combination is refused before anything compiles, with one
 line naming the key, the value and what was expected.
+
+YAML (files and override values) is read with the YAML 1.2 core schema, plus `_` digit
+separators: `010` is 10 (not octal 8), `1:2` is a string (not base-60 62), `1e-4` is a number,
+and only true/false are booleans (not yes/no/on/off). An override of a string field (or of
+`data.paths`/`data.eval_paths`) takes the text after `=` verbatim unless it starts with a
+quote (or `[` for the path lists): `train.sample_prompt=1:2`, `data.paths=*.jsonl`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import inspect
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -17,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from input_pipeline.config import DataConfig
+from input_pipeline.config import SEED_MAX, DataConfig
+from jaxmoe.config_yaml import Dumper, YAMLError, parse_yaml, yaml_problem
 
 
 class ConfigError(ValueError):
@@ -192,7 +202,7 @@ def validate(cfg: Config) -> Config:
         "model.mlp_dim": m.mlp_dim, "model.moe_every": m.moe_every,
         "train.steps": t.steps, "train.batch_size": t.batch_size,
         "train.grad_accum_steps": t.grad_accum_steps, "train.log_every": t.log_every,
-        "train.eval_every": t.eval_every,
+        "train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches,
     }
     for key, value in positive.items():
         if value < 1:
@@ -222,13 +232,13 @@ def validate(cfg: Config) -> Config:
             _fail("model.moe_every", m.moe_every,
                   f"a divisor of num_layers - first_k_dense = {m.num_layers - m.first_k_dense}"
                   " (layers are scanned in repeating groups)")
-        if m.num_shared_experts < 0:
-            _fail("model.num_shared_experts", m.num_shared_experts, ">= 0")
+    _validate_shared_experts(m)
     for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "init_std"):
         if getattr(m, key) < 0:
             _fail(f"model.{key}", getattr(m, key), ">= 0")
-    if m.rope_theta <= 0:
-        _fail("model.rope_theta", m.rope_theta, "> 0")
+    for key in ("rope_theta", "norm_eps", "routed_scaling_factor"):
+        if getattr(m, key) <= 0:
+            _fail(f"model.{key}", getattr(m, key), "> 0")
     _validate_mla_and_groups(m)
     if t.batch_size % t.grad_accum_steps:
         _fail("train.grad_accum_steps", t.grad_accum_steps,
@@ -236,6 +246,10 @@ def validate(cfg: Config) -> Config:
     for key in ("checkpoint_every", "keep_every"):
         if getattr(t, key) < 0:
             _fail(f"train.{key}", getattr(t, key), ">= 0 (0 disables)")
+    if not 0 <= t.seed <= SEED_MAX:
+        _fail("train.seed", t.seed, f"an integer in [0, {SEED_MAX}]")
+    if t.sample_tokens < 0:
+        _fail("train.sample_tokens", t.sample_tokens, ">= 0 (0: no sample)")
     if t.keep_checkpoints < 1:
         _fail("train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     if t.keep_every and t.checkpoint_every and t.keep_every % t.checkpoint_every:
@@ -248,6 +262,15 @@ def validate(cfg: Config) -> Config:
         _fail("train.optimizer.min_lr_ratio", o.min_lr_ratio, "a fraction in [0, 1]")
     if o.warmup_steps < 0:
         _fail("train.optimizer.warmup_steps", o.warmup_steps, ">= 0")
+    for key in ("b1", "b2"):
+        if not 0 <= getattr(o, key) < 1:
+            _fail(f"train.optimizer.{key}", getattr(o, key), "a fraction in [0, 1)")
+    if o.eps <= 0:
+        _fail("train.optimizer.eps", o.eps, "> 0")
+    if o.weight_decay < 0:
+        _fail("train.optimizer.weight_decay", o.weight_decay, ">= 0")
+    if o.grad_clip_norm < 0:
+        _fail("train.optimizer.grad_clip_norm", o.grad_clip_norm, ">= 0 (0 disables clipping)")
     mesh_axes = {f.name: getattr(cfg.mesh, f.name) for f in dataclasses.fields(MeshConfig)
                  if f.name not in ("rules", "expert_all_to_all", "expert_buffer_factor")}
     if sum(v == -1 for v in mesh_axes.values()) > 1:
@@ -261,6 +284,74 @@ def validate(cfg: Config) -> Config:
               f"one of {', '.join(a2a_choices)}")
     if cfg.mesh.expert_buffer_factor < 0:
         _fail("mesh.expert_buffer_factor", cfg.mesh.expert_buffer_factor, ">= 0 (0 = never drop)")
+    if cfg.mesh.rules:
+        _validate_rules(cfg.mesh.rules)
+    return cfg
+
+
+def _validate_shared_experts(m: ModelConfig) -> None:
+    """Shared experts exist only next to routed ones; their options need them."""
+    if m.num_shared_experts < 0:
+        _fail("model.num_shared_experts", m.num_shared_experts, ">= 0")
+    if m.shared_expert_mlp_dim < 0:
+        _fail("model.shared_expert_mlp_dim", m.shared_expert_mlp_dim,
+              ">= 0 (0: expert_mlp_dim * num_shared_experts)")
+    if m.num_experts == 0 and m.num_shared_experts:
+        _fail("model.num_shared_experts", m.num_shared_experts, "0 when model.num_experts=0 "
+              "(a dense model has no shared experts; widen model.mlp_dim instead)")
+    if m.num_shared_experts == 0:
+        if m.shared_expert_gate:
+            _fail("model.shared_expert_gate", True,
+                  "false when model.num_shared_experts=0 (it gates the shared experts)")
+        if m.shared_expert_mlp_dim:
+            _fail("model.shared_expert_mlp_dim", m.shared_expert_mlp_dim,
+                  "0 when model.num_shared_experts=0")
+
+
+def _validate_rules(rules: dict[str, Any]) -> None:
+    """`mesh.rules`: known logical names mapped to mesh axes (checked by sharding.rules)."""
+    from sharding.rules import DEFAULT_RULES, make_rules  # jax is loaded already (jaxmoe)
+
+    names = list(dict.fromkeys(name for name, _ in DEFAULT_RULES))
+    for name in rules:
+        if name not in names:
+            raise ConfigError(f"mesh.rules.{name}: unknown logical axis; expected one of "
+                              f"{', '.join(names)}")
+    try:
+        make_rules(rules)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_data(cfg: Config) -> Config:
+    """What `validate` cannot check from the values alone: that the tokenizer and data files
+    the config names exist on this machine and that the tokenizer's ids fit the model.
+
+    For commands that read data (`train`); a stored config stays loadable without its data,
+    and a model-only config (conversion, tests) may have a vocabulary smaller than 259 bytes.
+    Reads the tokenizer file, never the data. Returns `cfg` or raises ConfigError.
+    """
+    from input_pipeline.tokenizer import make_tokenizer
+
+    d = cfg.data
+    if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
+        _fail("data.tokenizer", d.tokenizer, "'byte' or an existing tokenizer file")
+    try:
+        vocab = make_tokenizer(d).vocab_size  # ValueError: a special token it lacks
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if vocab > cfg.model.vocab_size:
+        _fail("model.vocab_size", cfg.model.vocab_size,
+              f">= {vocab}, the vocab_size of data.tokenizer={d.tokenizer!r}")
+    sources = ([(f"data.sources[{i}]", s) for i, s in enumerate(d.sources)]
+               if d.source == "mixture" else [("data", d)])
+    for prefix, src in sources:
+        if src.source == "synthetic":
+            continue
+        for name in ("paths", "eval_paths"):
+            for pattern in getattr(src, name):
+                if not glob.glob(os.path.expanduser(pattern)):
+                    _fail(f"{prefix}.{name}", pattern, "a file or a glob pattern matching files")
     return cfg
 
 
@@ -269,7 +360,8 @@ def _validate_mla_and_groups(m: ModelConfig) -> None:
     if m.attention == "mla":
         for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(m, key) < 1:
-                _fail(f"model.{key}", getattr(m, key), "a positive integer when model.attention=mla")
+                _fail(f"model.{key}", getattr(m, key),
+                      "a positive integer when model.attention=mla")
         if m.q_lora_rank < 0:
             _fail("model.q_lora_rank", m.q_lora_rank, ">= 0 (0: no query compression)")
         if m.qk_rope_head_dim % 2:
@@ -290,7 +382,8 @@ def _validate_mla_and_groups(m: ModelConfig) -> None:
             _fail("model.yarn_beta_fast/yarn_beta_slow", (m.yarn_beta_fast, m.yarn_beta_slow),
                   "positive numbers")
     if m.n_group < 1 or (m.num_experts and m.num_experts % m.n_group):
-        _fail("model.n_group", m.n_group, f"a positive divisor of model.num_experts={m.num_experts}")
+        _fail("model.n_group", m.n_group,
+              f"a positive divisor of model.num_experts={m.num_experts}")
     if not 1 <= m.topk_group <= m.n_group:
         _fail("model.topk_group", m.topk_group, f"between 1 and model.n_group={m.n_group}")
     if m.n_group > 1 and m.num_experts:
@@ -322,6 +415,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, dict):
             _fail(key, value, f"a mapping of {_type_name(tp)} fields")
         return _build(tp, value, key)
+    args = typing.get_args(tp)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and \
+            dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, (list, tuple)):
+            _fail(key, value, f"a list of {_type_name(args[0])} mappings")
+        return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             _fail(key, value, "a mapping")
@@ -362,6 +461,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(
                 f"{key}: unknown key; expected one of {', '.join(sorted(names))}")
         kwargs[name] = _coerce(key, value, hints[name])
+    if "key" in inspect.signature(cls).parameters and "key" not in names:
+        kwargs["key"] = prefix  # an InitVar naming the entry in its own error messages
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -370,17 +471,45 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(str(e)) from None
 
 
+def _field_type(key: str, root: type | None = None) -> Any:
+    """The annotated type of the dotted `key` under `root` (Config), or None if unknown."""
+    tp: Any = root or Config
+    for part in key.split("."):
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        if part not in {f.name for f in dataclasses.fields(tp)}:
+            return None
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    """An override's text after `=`: verbatim for strings (and path lists), else YAML."""
+    tp, text = _field_type(key), raw.strip()
+    if not text:
+        return ""
+    verbatim = (tp is str and text[0] not in "'\"") or (
+        tp == tuple[str, ...] and text[0] not in "'\"[")
+    if verbatim:
+        return raw
+    try:
+        return parse_yaml(raw)
+    except YAMLError as e:
+        raise ConfigError(f"{key}={raw!r}: expected a YAML value ({yaml_problem(e)})") from None
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`["model.num_experts=8", ...]` -> nested dict. A key given twice differently is an error."""
     flat: dict[str, Any] = {}
     for item in overrides:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip():
             raise ConfigError(f"override {item!r}: expected key=value, e.g. model.num_experts=8")
         key, raw = item.split("=", 1)
         key = key.strip()
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _parse_value(key, raw)
         if key in flat and flat[key] != value:
-            raise ConfigError(f"{key}: given twice with different values {flat[key]!r} and {value!r}")
+            raise ConfigError(
+                f"{key}: given twice with different values {flat[key]!r} and {value!r}")
         flat[key] = value
     nested: dict[str, Any] = {}
     for key, value in flat.items():
@@ -416,9 +545,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"--config {path}: no such file")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = parse_yaml(path.read_text()) or {}
+        except YAMLError as e:
+            raise ConfigError(f"{path}: expected valid YAML ({yaml_problem(e)})") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
         values = loaded
     return config_from_dict(values, overrides)
 
@@ -429,4 +562,4 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump_config(cfg: Config) -> str:
     """The fully resolved config as YAML (loadable by `load_config`)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.dump(to_dict(cfg), Dumper=Dumper, sort_keys=False)

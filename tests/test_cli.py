@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from jaxmoe.cli import main
 from jaxmoe.config import load_config
 from jaxmoe.model.params import parameter_counts
@@ -33,3 +35,17 @@ def test_config_error_is_one_line_and_exit_2(capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("jaxmoe: config error: model.num_experts_per_tok=9: expected between 1 and "
                    "model.num_experts=4")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.tokenizer=/nonexistent/tok.json",
+     "data.tokenizer='/nonexistent/tok.json': expected 'byte' or an existing tokenizer file"),
+    ("model.vocab_size=100",
+     "model.vocab_size=100: expected >= 259, the vocab_size of data.tokenizer='byte'"),
+])
+def test_train_checks_data_before_starting(tmp_path, capsys, override, message):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(run_dir),
+                     override]) == 2
+    assert capsys.readouterr().err.strip() == f"jaxmoe: config error: {message}"
+    assert not run_dir.exists()

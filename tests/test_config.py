@@ -3,8 +3,18 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from jaxmoe.config import Config, ConfigError, dump_config, load_config, parse_overrides
+from jaxmoe.config import (
+    Config,
+    ConfigError,
+    check_data,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_overrides,
+)
+from jaxmoe.config_yaml import parse_yaml
 
 CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
 
@@ -27,10 +37,12 @@ def test_overrides_apply_and_coerce():
 
 
 BAD = [
-    (["model.num_experts_per_tok=5"], "model.num_experts_per_tok=5: expected between 1 and model.num_experts=4"),
+    (["model.num_experts_per_tok=5"],
+     "model.num_experts_per_tok=5: expected between 1 and model.num_experts=4"),
     (["model.num_kv_heads=3"], "model.num_kv_heads=3: expected a divisor of model.num_heads=4"),
     (["model.head_dim=33"], "model.head_dim=33: expected an even number"),
-    (["model.router_scoring=relu"], "model.router_scoring='relu': expected one of softmax, sigmoid"),
+    (["model.router_scoring=relu"],
+     "model.router_scoring='relu': expected one of softmax, sigmoid"),
     (["model.dispatch=dense"], "model.dispatch='dense': expected one of dropless, capacity"),
     (["model.num_layers=0"], "model.num_layers=0: expected a positive integer"),
     (["model.num_layers=two"], "model.num_layers='two': expected an integer"),
@@ -41,16 +53,71 @@ BAD = [
     (["model.capacity_factor=0"], "model.capacity_factor=0.0: expected > 0"),
     (["model.gmm_block_size=12"], "model.gmm_block_size=12: expected 0 (auto) or a positive"),
     (["model.gmm_block_size=-8"], "model.gmm_block_size=-8: expected 0 (auto) or a positive"),
-    (["model.num_layers=4", "model.moe_every=3"], "model.moe_every=3: expected a divisor of num_layers - first_k_dense = 4"),
+    (["model.num_layers=4", "model.moe_every=3"],
+     "model.moe_every=3: expected a divisor of num_layers - first_k_dense = 4"),
     (["model.first_k_dense=7"], "model.first_k_dense=7: expected between 0 and model.num_layers=2"),
-    (["train.grad_accum_steps=3"], "train.grad_accum_steps=3: expected a divisor of train.batch_size=16"),
+    (["train.grad_accum_steps=3"],
+     "train.grad_accum_steps=3: expected a divisor of train.batch_size=16"),
     (["train.optimizer.warmup_steps=-5"], "train.optimizer.warmup_steps=-5: expected >= 0"),
     (["train.optimizer.learning_rate=-1"], "train.optimizer.learning_rate=-1.0: expected > 0"),
     (["mesh.data=-1", "mesh.fsdp=-1"], "expected at most one axis set to -1"),
     (["mesh.tensor=0"], "mesh.tensor=0: expected a positive integer or -1"),
     (["data.seq_len=1"], "data.seq_len=1: expected an integer >= 2"),
-    (["model.num_experts=4", "model.num_experts=8"], "model.num_experts: given twice with different values 4 and 8"),
+    (["model.num_experts=4", "model.num_experts=8"],
+     "model.num_experts: given twice with different values 4 and 8"),
     (["model.num_experts"], "expected key=value"),
+    (["=3"], "expected key=value"),
+    # override values: YAML syntax errors, YAML 1.1 quirks
+    (["model.num_experts=[1,2"],
+     "model.num_experts='[1,2': expected a YAML value (expected ',' or ']', but got"),
+    (["mesh.rules={embed: [fsdp}"], "mesh.rules='{embed: [fsdp}': expected a YAML value ("),
+    (["train.steps=1:2"], "train.steps='1:2': expected an integer"),  # not base-60 62
+    (["train.tensorboard=yes"], "train.tensorboard='yes': expected true or false"),
+    # impossible values
+    (["train.optimizer.b1=1.5"], "train.optimizer.b1=1.5: expected a fraction in [0, 1)"),
+    (["train.optimizer.b2=1"], "train.optimizer.b2=1.0: expected a fraction in [0, 1)"),
+    (["train.optimizer.b1=-0.1"], "train.optimizer.b1=-0.1: expected a fraction in [0, 1)"),
+    (["train.optimizer.eps=0"], "train.optimizer.eps=0.0: expected > 0"),
+    (["train.optimizer.weight_decay=-0.1"], "train.optimizer.weight_decay=-0.1: expected >= 0"),
+    (["train.optimizer.grad_clip_norm=-1"],
+     "train.optimizer.grad_clip_norm=-1.0: expected >= 0 (0 disables clipping)"),
+    (["train.eval_batches=0"], "train.eval_batches=0: expected a positive integer"),
+    (["train.sample_tokens=-1"], "train.sample_tokens=-1: expected >= 0"),
+    (["train.seed=99999999999999999999"],
+     "train.seed=99999999999999999999: expected an integer in [0, 4294967295]"),
+    (["train.seed=-1"], "train.seed=-1: expected an integer in [0, 4294967295]"),
+    (["data.seed=4294967296"], "data.seed=4294967296: expected an integer in [0, 4294967295]"),
+    (["model.norm_eps=0"], "model.norm_eps=0.0: expected > 0"),
+    (["model.routed_scaling_factor=-2.5"], "model.routed_scaling_factor=-2.5: expected > 0"),
+    (["model.shared_expert_mlp_dim=-4"], "model.shared_expert_mlp_dim=-4: expected >= 0"),
+    (["model.num_shared_experts=-1"], "model.num_shared_experts=-1: expected >= 0"),
+    # shared experts need routed ones; their options need shared experts
+    (["model.num_experts=0", "model.num_shared_experts=1"],
+     "model.num_shared_experts=1: expected 0 when model.num_experts=0"),
+    (["model.num_experts=0", "model.shared_expert_gate=true"],
+     "model.shared_expert_gate=True: expected false when model.num_shared_experts=0"),
+    (["model.shared_expert_mlp_dim=64"],
+     "model.shared_expert_mlp_dim=64: expected 0 when model.num_shared_experts=0"),
+    # data.sources entries are typed like top-level fields and named by index
+    (["data.source=mixture", "data.sources=[{source: synthetic, weight: abc}]"],
+     "data.sources[0].weight='abc': expected a number"),
+    (["data.source=mixture", "data.sources=[{source: synthetic}, {source: synthetic, weight: 0}]"],
+     "data.sources[1].weight=0.0: expected a positive number"),
+    (["data.source=mixture", "data.sources=[{source: synthetic, weight: .inf}]"],
+     "data.sources[0].weight=inf: expected a finite number"),
+    (["data.source=mixture", "data.sources=[{source: synthetic, text_field: 3}]"],
+     "data.sources[0].text_field=3: expected a string"),
+    (["data.source=mixture", "data.sources=[{source: synthetic, wieght: 2}]"],
+     "data.sources[0].wieght: unknown key; expected one of eval_paths, paths, source"),
+    (["data.source=mixture", "data.sources=[{source: jsonl}]"],
+     "data.sources[0].paths=(): expected at least one path for source 'jsonl'"),
+    (["data.source=mixture", "data.sources=[synthetic]"],
+     "data.sources[0]='synthetic': expected a mapping of SourceConfig fields"),
+    (["data.source=mixture", "data.sources=3"], "data.sources=3: expected a list of SourceConfig"),
+    (["data.tokenizer=tok.txt"], "data.tokenizer='tok.txt': expected 'byte', a Hugging Face"),
+    # mesh.rules: known logical names, known mesh axes
+    (["mesh.rules={embed: [fsdpx]}"], "mesh.rules.embed=['fsdpx']: expected mesh axes among"),
+    (["mesh.rules.embd=[fsdp]"], "mesh.rules.embd: unknown logical axis; expected one of batch"),
 ]
 
 
@@ -61,6 +128,92 @@ def test_bad_values_give_one_line(overrides, message):
     text = str(e.value)
     assert message in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"data": {"text_field": 3}}, "data.text_field=3: expected a string"),
+    ({"data": {"source": "mixture", "sources": [{"text_field": 3}]}},
+     "data.sources[0].text_field=3: expected a string"),
+    ({"mesh": {"rules": {"embed": 3}}}, "mesh.rules.embed=3: expected mesh axes among"),
+])
+def test_bad_yaml_typed_values_give_one_line(values, message):
+    """As from a YAML file: a string field's override would read `3` as the string '3'."""
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(values)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_override_values_read_as_yaml_1_2_and_strings_verbatim():
+    cfg = load_config(None, [
+        "train.steps=010", "train.optimizer.warmup_steps=0o10", "model.num_experts=0x8",
+        "train.log_every=1_000", "train.optimizer.learning_rate=1e-4",
+        "train.sample_prompt=1:2", "data.pad_token=no", "data.bos_token='<s> '",
+        "data.eos_token==", "data.source=jsonl", "data.paths=*.jsonl",
+        "data.eval_paths=[a.jsonl, 'b*.jsonl']"])
+    assert cfg.train.steps == 10  # not octal 8
+    assert cfg.train.optimizer.warmup_steps == 8 and cfg.model.num_experts == 8
+    assert cfg.train.log_every == 1000 and cfg.train.optimizer.learning_rate == 1e-4
+    assert cfg.train.sample_prompt == "1:2"  # not base-60 62
+    assert (cfg.data.pad_token, cfg.data.bos_token, cfg.data.eos_token) == ("no", "<s> ", "=")
+    assert cfg.data.paths == ("*.jsonl",) and cfg.data.eval_paths == ("a.jsonl", "b*.jsonl")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_files_read_as_with_yaml_1_1(path):
+    """The YAML 1.2 reader changes nothing in the shipped configs (types included)."""
+    text = path.read_text()
+    assert repr(parse_yaml(text)) == repr(yaml.safe_load(text))
+
+
+@pytest.mark.parametrize("prompt", ["010", "1:2", "yes", "0o10", "1_0", "null", "1e3", "=", ".inf"])
+def test_dumped_strings_that_look_like_other_types_round_trip(prompt, tmp_path):
+    cfg = load_config(None, [f"train.sample_prompt={prompt}"])
+    assert cfg.train.sample_prompt == prompt
+    dumped = tmp_path / "c.yaml"
+    dumped.write_text(dump_config(cfg))
+    assert load_config(dumped) == cfg
+    assert yaml.safe_load(dumped.read_text())["train"]["sample_prompt"] == prompt  # YAML 1.1 too
+
+
+def test_yaml_syntax_error_in_file_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  num_experts: [1, 2\ntrain: {}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: expected valid YAML (")
+    assert "at line 3" in str(e.value) and "\n" not in str(e.value)
+
+
+DATA_BAD = [
+    (["model.vocab_size=100"],
+     "model.vocab_size=100: expected >= 259, the vocab_size of data.tokenizer='byte'"),
+    (["data.tokenizer={tmp}/nope.json"],
+     "data.tokenizer='{tmp}/nope.json': expected 'byte' or an existing tokenizer file"),
+    (["data.source=jsonl", "data.paths={tmp}/none*.jsonl"],
+     "data.paths='{tmp}/none*.jsonl': expected a file or a glob pattern matching files"),
+    (["data.source=jsonl", "data.paths={tmp}/a.jsonl", "data.eval_paths={tmp}/b.jsonl"],
+     "data.eval_paths='{tmp}/b.jsonl': expected a file or a glob pattern matching files"),
+    (["data.source=mixture",
+      "data.sources=[{source: synthetic}, {source: parquet, paths: ['{tmp}/*.parquet']}]"],
+     "data.sources[1].paths='{tmp}/*.parquet': expected a file or a glob pattern matching"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", DATA_BAD, ids=[b[1][:40] for b in DATA_BAD])
+def test_missing_data_and_small_vocab_give_one_line(overrides, message, tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    cfg = load_config(None, [o.replace("{tmp}", str(tmp_path)) for o in overrides])  # valid
+    with pytest.raises(ConfigError) as e:
+        check_data(cfg)
+    assert message.replace("{tmp}", str(tmp_path)) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_existing_data_passes_check_data(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    for path in CONFIGS:
+        check_data(load_config(path))
+    check_data(load_config(None, ["data.source=mixture", "data.sources=[{source: synthetic}, "
+                                  f"{{source: jsonl, paths: ['{tmp_path}/*.jsonl']}}]"]))
 
 
 def test_same_key_twice_with_same_value_is_fine():

@@ -146,6 +146,11 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
         print(f"model: {total_params(cfg.model) / 1e6:.2f}M parameters, "
               f"{active_params(cfg.model) / 1e6:.2f}M active; mesh {dict(trainer.mesh.shape)}; "
               f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
+        warmup = cfg.train.optimizer.warmup_steps
+        if warmup > cfg.train.steps:  # allowed (a short trial of a long run's schedule)
+            print(f"note: train.optimizer.warmup_steps={warmup} > train.steps="
+                  f"{cfg.train.steps}: the learning rate stays in warm-up and reaches "
+                  f"{cfg.train.steps / warmup:.0%} of train.optimizer.learning_rate")
 
     train_iter = input_pipeline.make_dataset(
         cfg.data, split="train", batch_size=per_process, seed=cfg.train.seed,
