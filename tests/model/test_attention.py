@@ -68,13 +68,33 @@ def test_causal_bitwise():
     assert not np.allclose(y[0, 8:], y2[0, 8:])
 
 
-def test_qkv_bias_and_qk_norm_run_and_matter():
-    cfg = dataclasses.replace(CFG, qkv_bias=True, qk_norm=True)
+@pytest.mark.parametrize("bias,norm", [(True, False), (False, True), (True, True)])
+def test_qkv_bias_and_qk_norm_match_loop_reference(bias, norm):
+    """Qwen2 q/k/v biases and Qwen3 per-head q/k RMSNorm vs the float64 loop reference, with
+    random biases and non-unit random norm scales (unit scales would commute with rope) set
+    into the module. Tolerance as above: float32 vs float64, 1e-5 relative to scale."""
+    cfg = dataclasses.replace(CFG, qkv_bias=bias, qk_norm=norm)
     attn = _attn(cfg)
-    x = np.random.default_rng(3).normal(size=(1, 12, cfg.embed_dim))
-    y = _run(attn, x)
-    attn.q_bias[...] = jnp.ones_like(attn.q_bias[...])
-    assert not np.allclose(y, _run(attn, x))
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1, 12, cfg.embed_dim))
+    n, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    extra = {}
+    if bias:
+        for name, shape in (("q_bias", (n, d)), ("k_bias", (kv, d)), ("v_bias", (kv, d))):
+            extra[name] = rng.normal(scale=0.5, size=shape)
+            getattr(attn, name)[...] = jnp.asarray(extra[name], jnp.float32)
+    if norm:
+        for name in ("q", "k"):
+            extra[f"{name}_scale"] = rng.uniform(0.3, 2.0, size=d) * rng.choice([-1, 1], d)
+            getattr(attn, f"{name}_norm").scale[...] = jnp.asarray(extra[f"{name}_scale"],
+                                                                   jnp.float32)
+    got = _run(attn, x)[0]
+    w = [np.asarray(p[...], np.float64) for p in (attn.q, attn.k, attn.v, attn.o)]
+    want = ref_attention(x[0], *w, SEGMENTS[0], POSITIONS[0], cfg.rope_theta,
+                         eps=cfg.norm_eps, **extra)
+    plain = ref_attention(x[0], *w, SEGMENTS[0], POSITIONS[0], cfg.rope_theta)
+    assert np.abs(want - plain).max() > 0.1 * np.abs(want).max()  # the options matter here
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("gqa,empty_row", [(1, False), (2, False), (4, False), (2, True)])

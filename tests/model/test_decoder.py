@@ -1,5 +1,6 @@
-"""Whole-model checks: parameter counts of every config (jax.eval_shape, never allocated) vs
-the closed form within 1%; layer placement; scan == unrolled; remat policies agree; prefix
+"""Whole-model checks: parameter counts of every config and of tiny configs covering each
+option (jax.eval_shape, never allocated) equal the closed form exactly, part by part; layer
+placement; scan == unrolled; remat policies agree; prefix
 embeddings are equivalent to the tokens they embed."""
 
 import dataclasses
@@ -15,29 +16,61 @@ from flax import nnx
 import jaxmoe  # noqa: F401
 from jaxmoe.config import ModelConfig, load_config
 from jaxmoe.model import MoETransformer, layer_groups
-from jaxmoe.model.params import active_params, total_params
+from jaxmoe.model.params import active_params, parameter_counts, total_params
 
 CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml"))
 
 
-def counted(cfg: ModelConfig) -> tuple[int, int]:
-    """(total, active) from the shapes of an abstract model (eval_shape: no memory used)."""
+def _part(key: str) -> str:
+    """The `parameter_counts` part a parameter belongs to, from its path alone."""
+    if "['scale']" in key:
+        return "norms"
+    if "['embedder']" in key or "['lm_head']" in key:
+        return "embeddings"
+    if "['attn']" in key:
+        return "attention"
+    if "['router']" in key:
+        return "router"
+    if "['shared']" in key or "['shared_gate']" in key:
+        return "shared_experts"
+    if any(f"['{w}']" in key for w in ("w_gate", "w_up", "w_down")):
+        return "routed_experts"
+    assert "['ffn']" in key, key
+    return "dense_mlp"
+
+
+def counted_parts(cfg: ModelConfig) -> dict[str, dict[str, int]]:
+    """{"total"/"active": {part: n}} from the shapes of an abstract model (eval_shape: no memory
+    used); active counts k / E of each routed-expert tensor."""
     model = nnx.eval_shape(lambda: MoETransformer(cfg, nnx.Rngs(0)))
-    total = active = 0
+    parts = ("embeddings", "attention", "dense_mlp", "routed_experts", "shared_experts",
+             "router", "norms")
+    total, active = dict.fromkeys(parts, 0), dict.fromkeys(parts, 0)
     for path, p in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
         n = int(np.prod(p.shape))
-        total += n
-        routed = any(w in jax.tree_util.keystr(path) for w in ("w_gate", "w_up", "w_down"))
-        active += n * cfg.num_experts_per_tok // cfg.num_experts if routed else n
-    return total, active
+        part = _part(jax.tree_util.keystr(path))
+        total[part] += n
+        if part == "routed_experts":
+            assert n * cfg.num_experts_per_tok % cfg.num_experts == 0
+            n = n * cfg.num_experts_per_tok // cfg.num_experts
+        active[part] += n
+    return {"total": total, "active": active}
+
+
+def counted(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active) counted from the shapes of an abstract model."""
+    c = counted_parts(cfg)
+    return sum(c["total"].values()), sum(c["active"].values())
+
+
+def _assert_counts_exact(cfg: ModelConfig):
+    assert counted_parts(cfg) == parameter_counts(cfg)  # every part, exactly
+    assert counted(cfg) == (total_params(cfg), active_params(cfg))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_parameter_counts_match_closed_form(path):
-    cfg = load_config(path).model
-    total, active = counted(cfg)
-    assert abs(total - total_params(cfg)) / total < 0.01
-    assert abs(active - active_params(cfg)) / active < 0.01
+    _assert_counts_exact(load_config(path).model)
 
 
 def test_one_trillion_config_is_about_one_trillion():
@@ -109,6 +142,39 @@ def test_tied_embeddings_have_no_lm_head():
     total, _ = counted(cfg)
     assert total == total_params(cfg)
     assert total == total_params(TINY) - TINY.vocab_size * TINY.embed_dim
+
+
+_MLA = dict(attention="mla", kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
+            v_head_dim=6)
+COUNT_CASES = {
+    "plain": {},
+    "qkv_bias": dict(qkv_bias=True),
+    "qk_norm": dict(qk_norm=True),
+    "bias_and_norm": dict(qkv_bias=True, qk_norm=True, num_kv_heads=1),
+    "shared": dict(num_shared_experts=2),
+    "shared_gate": dict(num_shared_experts=1, shared_expert_gate=True),
+    "shared_dim_gate": dict(num_shared_experts=2, shared_expert_mlp_dim=24,
+                            shared_expert_gate=True),
+    "gate_without_shared": dict(shared_expert_gate=True),  # no shared expert: no gate
+    "moe_every_2": dict(num_layers=5, first_k_dense=1, moe_every=2),
+    "moe_every_3": dict(num_layers=6, first_k_dense=0, moe_every=3),
+    "first_3_dense": dict(num_layers=5, first_k_dense=3),
+    "all_dense": dict(num_experts=0),
+    "tied": dict(tie_embeddings=True),
+    "top3_of_6": dict(num_experts=6, num_experts_per_tok=3),
+    "mla": _MLA,
+    "mla_q_lora": dict(_MLA, q_lora_rank=12),
+    "everything": dict(qkv_bias=True, qk_norm=True, num_shared_experts=1,
+                       shared_expert_gate=True, num_layers=6, first_k_dense=2, moe_every=2,
+                       tie_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("case", COUNT_CASES)
+def test_parameter_counts_of_each_option_are_exact(case):
+    """Closed form (jaxmoe/model/params.py) == the parameters the model actually builds, part
+    by part and in total, exactly (no tolerance: both are integer counts)."""
+    _assert_counts_exact(dataclasses.replace(TINY, **COUNT_CASES[case]))
 
 
 def _primitives(jaxpr, inside_loop=False, found=None):

@@ -1,5 +1,7 @@
-"""The pure train step: gradient accumulation == one large batch, padding is ignored, the
-aux-loss-free bias update follows the measured loads, and weight decay skips norms/biases.
+"""The pure train step: gradient accumulation == one large batch, padding (inputs and
+targets) changes neither routing nor loss nor gradients, the aux/z losses reach the gradient
+with their coefficients, the aux-loss-free bias update follows the measured loads, and weight
+decay skips norms/biases (values: tests/train/test_optimizer.py).
 
 Reference for accumulation: the same step with grad_accum_steps=1 (float32 compute);
 tolerance rtol 2e-5 / atol 1e-7 (summation order differs)."""
@@ -13,7 +15,7 @@ import jaxmoe  # noqa: F401
 from jaxmoe.config import load_config
 from jaxmoe.train.optimizer import decay_mask, make_optimizer
 from jaxmoe.train.state import init_state, model_graphdef
-from jaxmoe.train.step import make_grad_fn, make_train_step
+from jaxmoe.train.step import forward, make_grad_fn, make_train_step
 
 OVERRIDES = ["model.vocab_size=64", "model.embed_dim=32", "model.num_layers=2",
              "model.num_heads=2", "model.num_kv_heads=1", "model.head_dim=16",
@@ -79,19 +81,85 @@ def test_accumulated_step_equals_full_batch_step():
     np.testing.assert_allclose(params[1], params[0], rtol=1e-5, atol=5e-5)
 
 
-def test_padding_does_not_change_loss_or_grads():
-    cfg, _, state, graphdef = _setup()
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_padding_does_not_change_loss_or_grads(dispatch):
+    """Pad positions (segment 0) get random input tokens and targets: expert loads, dropped
+    assignments, aux/z losses, the loss and the gradients are unchanged. Bitwise, except the
+    routed expert weights under dropless dispatch: pads are routed there too (with zero
+    cotangent), which moves the grouped-matmul block boundaries and so the float32 summation
+    order of their weight gradients: atol 1e-6 x the largest entry (measured 2e-7).
+    Capacity dispatch with factor 1.0 drops assignments, so pads competing for slots would
+    show."""
+    cfg, _, state, graphdef = _setup(f"model.dispatch={dispatch}", "model.capacity_factor=1.0")
     fn = jax.jit(make_grad_fn(graphdef, cfg))
     batch = make_batch(seed=2)
     g_a, s_a = fn(state.params, state.rest, batch)
     noisy = dict(batch)
     pad = batch["segment_ids"] == 0
-    noisy["targets"] = np.where(pad, 7, batch["targets"]).astype(np.int32)
+    rng = np.random.default_rng(5)
+    noisy["inputs"] = np.where(pad, rng.integers(1, 64, pad.shape), batch["inputs"])
+    noisy["targets"] = np.where(pad, rng.integers(1, 64, pad.shape), batch["targets"])
+    noisy = {k: np.asarray(v, np.int32) for k, v in noisy.items()}
+    assert pad.sum() >= 10 and (noisy["inputs"][pad] != 0).all()
     g_b, s_b = fn(state.params, state.rest, noisy)
     assert float(s_a["tokens"]) == float((~pad).sum())
-    assert float(s_a["ce_sum"]) == float(s_b["ce_sum"])
-    np.testing.assert_array_equal(jax.flatten_util.ravel_pytree(g_a)[0],
-                                  jax.flatten_util.ravel_pytree(g_b)[0])
+    assert float(s_a["aux_loss"]) > 0 and float(s_a["z_loss"]) > 0
+    assert (float(s_a["dropped"]) > 0) == (dispatch == "capacity")
+    for key in ("ce_sum", "tokens", "aux_loss", "z_loss", "dropped"):
+        assert float(s_a[key]) == float(s_b[key]), key
+    loads_a, loads_b = jax.tree.leaves(s_a["loads"]), jax.tree.leaves(s_b["loads"])
+    assert loads_a and sum(float(np.sum(x)) for x in loads_a) > 0
+    for a, b in zip(loads_a, loads_b):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    leaves_b = jax.tree.leaves(g_b)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_a), leaves_b, strict=True):
+        key, a, b = jax.tree_util.keystr(path), np.asarray(a), np.asarray(b)
+        if dispatch == "dropless" and any(w in key for w in ("w_gate", "w_up", "w_down")):
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 * np.abs(a).max(), err_msg=key)
+        else:
+            np.testing.assert_array_equal(b, a, err_msg=key)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_aux_and_z_losses_reach_the_gradient(accum):
+    """grads of the step == grad(CE sum) / tokens + aux_coef * mean over micro-batches of
+    grad(aux) + z_coef * mean of grad(z), each piece differentiated on its own (a naive
+    log-softmax CE, the decoder's aux/z outputs). float32, different summation order:
+    rtol 1e-4, atol 1e-5 x the largest gradient entry."""
+    aux_coef, z_coef = 0.5, 0.2
+    cfg, _, state, graphdef = _setup(f"model.aux_loss_coef={aux_coef}",
+                                     f"model.z_loss_coef={z_coef}",
+                                     f"train.grad_accum_steps={accum}")
+    batch = make_batch(b=4, seed=4)
+    got, stats = jax.jit(make_grad_fn(graphdef, cfg))(state.params, state.rest, batch)
+    tokens = float((batch["segment_ids"] > 0).sum())
+
+    @jax.jit
+    def pieces(params, micro):
+        def f(params):
+            out = forward(graphdef, params, state.rest, micro)
+            logp = jax.nn.log_softmax(out.logits, axis=-1)
+            nll = -jnp.take_along_axis(logp, micro["targets"][..., None], axis=-1)[..., 0]
+            ce = jnp.sum(jnp.where(micro["segment_ids"] > 0, nll, 0.0))
+            aux, z = out.aux_losses()
+            return jnp.stack([ce, aux, z])
+        return jax.jacrev(f)(params)
+
+    ce_g = aux_g = z_g = 0
+    rows = 4 // accum
+    for i in range(accum):
+        micro = {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+        jac = jax.flatten_util.ravel_pytree(
+            jax.tree.map(lambda x: jnp.moveaxis(x, 0, -1), pieces(state.params, micro)))[0]
+        jac = np.asarray(jac, np.float64).reshape(-1, 3)
+        ce_g, aux_g, z_g = ce_g + jac[:, 0], aux_g + jac[:, 1], z_g + jac[:, 2]
+    want = ce_g / tokens + (aux_coef * aux_g + z_coef * z_g) / accum
+    got = np.asarray(jax.flatten_util.ravel_pytree(got)[0], np.float64)
+    atol = 1e-5 * np.abs(want).max()
+    moe_part = np.abs(aux_coef * aux_g + z_coef * z_g).max() / accum
+    assert moe_part > 100 * atol  # the aux/z terms are far above the tolerance
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol)
+    assert float(stats["aux_loss"]) > 0 and float(stats["z_loss"]) > 0
 
 
 def test_router_bias_update_follows_loads():
