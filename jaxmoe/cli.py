@@ -22,7 +22,10 @@ def cmd_train(args) -> int:
     # Before anything touches devices: joins the other processes of a multi-host run.
     initialize(args.coordinator_address, args.num_processes, args.process_id,
                auto=args.distributed)
+    from jaxmoe.checkpoint.damage import drop_closed_loop_callbacks
     from jaxmoe.train.loop import train
+
+    drop_closed_loop_callbacks()  # after a failed checkpoint read, one line is enough
 
     train(cfg, args.run_dir, progress=not args.no_progress)
     return 0

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from jaxmoe import config as config_lib
 
@@ -42,6 +45,14 @@ def _write_atomic(path: str, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path_obj)
+
+
+def expert_parallel_degree(mesh_shape: Mapping[str, int], rules: Any) -> int:
+    """The number of devices the experts are split over: the product of the sizes of the mesh
+    axes that the logical `expert` axis maps to under `rules` (`mesh.rules` may move it)."""
+    from sharding import mesh_axes_of
+
+    return math.prod(mesh_shape[a] for a in mesh_axes_of("expert", rules))
 
 
 def _model_flops(cfg: config_lib.Config) -> float:
@@ -91,7 +102,7 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
     if hlo_out:
         _write_atomic(hlo_out, text)
     stats = hlo.analyse(text, estimate.link_model(target.chip, list(trainer.mesh.devices.flat)))
-    n_ep = trainer.mesh.shape["expert"]
+    n_ep = expert_parallel_degree(trainer.mesh.shape, trainer.rules)
     factor = cfg.mesh.expert_buffer_factor or n_ep  # 0: worst-case buffers, n_ep x
     report = estimate.from_compiled(target, dict(trainer.mesh.shape),
                                     aot.memory_stats(compiled), stats,

@@ -7,7 +7,6 @@ one step's folder, or an export. Both commands are plain functions tests call di
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -17,26 +16,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _drop_closed_loop_callbacks() -> None:
-    """When one of Orbax's writes fails, its event loop closes while TensorStore still holds
-    the other writes' completion callbacks; each then fails with "Event loop is closed" on a
-    TensorStore thread. The failure itself is reported in one line; these are dropped."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop_callbacks", False):
-        return
-
-    def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError)
-                and str(unraisable.exc_value) == "Event loop is closed"):
-            previous(unraisable)
-    hook.drops_closed_loop_callbacks = True
-    sys.unraisablehook = hook
-
-
 def cmd_export_params(args: argparse.Namespace) -> int:
+    from jaxmoe.checkpoint.damage import drop_closed_loop_callbacks
     from jaxmoe.checkpoint.inspect import export_params, resolve_step_dir
 
-    _drop_closed_loop_callbacks()
+    drop_closed_loop_callbacks()
     source = resolve_step_dir(args.dir)
     out = export_params(source, args.out, dtype=args.dtype)
     print(f"exported the parameters of {source} to {out}"

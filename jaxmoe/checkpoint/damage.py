@@ -13,10 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 class CheckpointError(RuntimeError):
@@ -41,36 +44,64 @@ def _key_str(key: Any) -> str:
     return str(key)
 
 
-def _stored_shape(leaf: Any) -> tuple[int, ...]:
-    """The shape an array is stored with: typed PRNG keys are stored as their key data."""
+class CheckpointMismatch(CheckpointError):
+    """The checkpoint is intact but does not fit the config (array names, shapes, dtypes):
+    an older checkpoint of the same run would not fit either."""
+
+
+def _stored(leaf: Any) -> tuple[tuple[int, ...], Any]:
+    """(shape, dtype) an array is stored with: typed PRNG keys are stored as their key data."""
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         abstract = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-        return tuple(jax.eval_shape(jax.random.key_data, abstract).shape)
-    return tuple(leaf.shape)
+        data = jax.eval_shape(jax.random.key_data, abstract)
+        return tuple(data.shape), np.dtype(data.dtype)
+    return tuple(leaf.shape), np.dtype(leaf.dtype)
+
+
+def _stored_shape(leaf: Any) -> tuple[int, ...]:
+    """The shape an array is stored with: typed PRNG keys are stored as their key data."""
+    return _stored(leaf)[0]
+
+
+def _dtype_hint(step_dir: Path, stored: np.dtype, expected: np.dtype) -> str:
+    if jnp.issubdtype(stored, jnp.floating) and jnp.issubdtype(expected, jnp.floating):
+        return (f"; restoring would cast it, so resume with model.param_dtype={stored}, or "
+                f"convert the parameters on purpose with `jaxmoe checkpoint export-params "
+                f"{step_dir} OUT --dtype {expected}`")
+    return ""
 
 
 def check_shapes(step_dir: Path, stored: Any, target: Any) -> None:
-    """Raises CheckpointError naming the first array whose stored shape differs from `target`.
+    """Raises CheckpointMismatch naming the first array whose stored shape or dtype differs
+    from `target` (restoring would silently cast a dtype, e.g. float32 -> bfloat16).
 
-    stored: the item's metadata tree (leaves with `.shape`); target: the pytree to restore
-    (leaves with `.shape`). Missing and unexpected arrays are reported the same way."""
+    stored: the item's metadata tree (leaves with `.shape`, `.dtype`); target: the pytree to
+    restore (leaves with `.shape`, `.dtype`). Missing and unexpected arrays are reported the
+    same way; names and shapes are checked before dtypes."""
     have, want = flat_names(stored), flat_names(target)
-    problems = []
+    problems, dtypes = [], []
     for name, leaf in want.items():
-        shape = _stored_shape(leaf)
+        shape, dtype = _stored(leaf)
         if name not in have:
             problems.append(f"array {name}: missing from the checkpoint (the config expects "
                             f"shape {shape})")
         elif tuple(have[name].shape) != shape:
             problems.append(f"array {name}: stored shape {tuple(have[name].shape)} but the "
                             f"config expects {shape}")
-    for name in have.keys() - want.keys():
+        elif getattr(have[name], "dtype", None) is not None and \
+                np.dtype(have[name].dtype) != dtype:
+            stored_dtype = np.dtype(have[name].dtype)
+            dtypes.append((f"array {name}: stored as {stored_dtype} but the config expects "
+                           f"{dtype}", _dtype_hint(step_dir, stored_dtype, dtype)))
+    for name in sorted(have.keys() - want.keys()):
         problems.append(f"array {name}: in the checkpoint but not in the model this config "
                         "builds")
+    problems = [(p, "") for p in problems] + dtypes
     if problems:
+        first, hint = problems[0]
         more = f" (and {len(problems) - 1} more mismatches)" if len(problems) > 1 else ""
-        raise CheckpointError(f"checkpoint {step_dir}: {problems[0]}{more}; the config does "
-                              "not match the checkpoint")
+        raise CheckpointMismatch(f"checkpoint {step_dir}: {first}{more}; the config does "
+                                 f"not match the checkpoint{hint}")
 
 
 # TensorStore names the array it was reading as the first component of a kvstore key:
@@ -155,3 +186,21 @@ def quiet_writer_thread_failures():
         yield
     finally:
         logger.removeFilter(drop)
+
+
+def drop_closed_loop_callbacks() -> None:
+    """For the rest of this process, drops the "Event loop is closed" errors of TensorStore
+    callbacks. When one of Orbax's reads or writes fails, its event loop closes while
+    TensorStore still holds the other operations' completion callbacks; each then fails on a
+    TensorStore thread with a traceback. The failure itself is reported in one line. For
+    commands (the CLI), not for a library user's process."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook

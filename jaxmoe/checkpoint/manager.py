@@ -7,14 +7,18 @@ A checkpoint `checkpoints/<step>/` holds three items:
     data/    the training data iterator's state, one JSON file per process (its own shard)
     config/  the resolved config as JSON
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when every process
-has finished, so a directory named by a bare step number is complete; anything else is a save
-that never finished. Nothing here uses pickle: arrays are raw bytes + JSON metadata.
+has finished, so a save that never finished keeps that name (`incomplete_checkpoints`). Orbax
+takes any folder named by a bare step number for a complete checkpoint, though, so one that
+lacks a file every finished save writes (`STEP_FILES`; e.g. an empty `3/` left by an
+interrupted copy) is reported by `unfinished_steps`. Nothing here uses pickle: arrays are raw
+bytes + JSON metadata.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,11 @@ from jaxmoe.model import logical as L
 
 ITEMS = ("state", "data", "config")
 TMP_MARKER = ".orbax-checkpoint-tmp"
+# Files every finished save writes into its step folder (Orbax's step metadata, the array
+# metadata of item `state`), and the suffix `set_aside` gives a folder that lacks one.
+STEP_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA")
+SET_ASIDE_SUFFIX = ".incomplete"
+_STEP_NAME = re.compile(r"0|[1-9][0-9]*")  # the step folder names Orbax recognises
 
 
 # ----------------------------------------------------------------------------- data item
@@ -106,6 +115,33 @@ def incomplete_checkpoints(directory: str | Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if TMP_MARKER in p.name)
 
 
+def unfinished_steps(directory: str | Path) -> list[tuple[Path, str]]:
+    """(folder, what it lacks) for each folder named by a step number that Orbax would take
+    for a checkpoint but that lacks a file of `STEP_FILES` (e.g. an empty `3/` left by an
+    interrupted copy), oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    out = []
+    for p in directory.iterdir():
+        if p.is_dir() and _STEP_NAME.fullmatch(p.name):
+            missing = [f for f in STEP_FILES if not (p / f).is_file()]
+            if missing:
+                out.append((p, f"no {' or '.join(missing)}"))
+    return sorted(out, key=lambda item: int(item[0].name))
+
+
+def set_aside(path: Path) -> Path:
+    """Renames step folder `path` to `<step>.incomplete` (`-2`, `-3`, ... if taken), a name
+    Orbax does not take for a step; returns the new path."""
+    target, n = path.with_name(path.name + SET_ASIDE_SUFFIX), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{SET_ASIDE_SUFFIX}-{n}")
+    path.rename(target)
+    return target
+
+
 def _save_args(state: Any) -> Any:
     """Arrays stacked on a leading `layers` axis (parameters of scanned layer groups and their
     optimizer moments) are stored one layer per chunk, so converters and inspectors can read
@@ -177,7 +213,8 @@ def restore(manager: ocp.CheckpointManager, step: int | None, abstract_state: An
     `jax.eval_shape` of the jitted init). Each device's shard is read from TensorStore
     directly, so a checkpoint saved on one mesh restores onto any other (and no host ever
     holds a whole array that is sharded). Raises CheckpointError (one line) on a missing step,
-    damaged files, or a config whose shapes differ from the stored ones."""
+    a missing item or damaged files, and its subclass CheckpointMismatch when the config's
+    arrays differ from the stored ones (names, shapes or dtypes)."""
     if step is None:
         step = manager.latest_step()
         if step is None:
@@ -188,18 +225,24 @@ def restore(manager: ocp.CheckpointManager, step: int | None, abstract_state: An
         raise CheckpointError(f"checkpoint {where}: no such checkpoint (complete steps: "
                               f"{list(manager.all_steps())})")
     check_shapes(where, stored_metadata(manager, step), abstract_state)
-    items: dict[str, Any] = {
-        "state": ocp.args.PyTreeRestore(
-            item=abstract_state,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
-        "config": ocp.args.JsonRestore(),
-    }
-    has_data = data and (where / "data").is_dir()
-    if has_data:
-        items["data"] = PerProcessJsonRestore()
+    # One item at a time, so that an error names the item that failed.
+    config = _restore_item(manager, step, "config", ocp.args.JsonRestore())
+    data_state = None
+    if data and (where / "data").is_dir():
+        data_state = _restore_item(manager, step, "data", PerProcessJsonRestore())
+    state = _restore_item(manager, step, "state", ocp.args.PyTreeRestore(
+        item=abstract_state,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
+    return Restored(step, state, data_state, config)
+
+
+def _restore_item(manager: ocp.CheckpointManager, step: int, item: str, args: Any) -> Any:
+    where = step_path(manager, step)
+    if not (where / item).is_dir():
+        raise CheckpointError(f"checkpoint {where}: item {item} is missing (no folder "
+                              f"{item}/); the checkpoint is incomplete or damaged")
     try:
-        out = manager.restore(step, args=ocp.args.Composite(**items))
+        return manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
     except Exception as e:
-        raise explain(e, where) from e
-    return Restored(step, out["state"], out["data"] if has_data else None, out["config"])
+        raise explain(e, where, item) from e
 

@@ -1,7 +1,8 @@
 """Checkpointing policy of one training run: resume, periodic async saves, preemption.
 
 The training loop calls, in order:
-    ckpt = RunCheckpointer(run_dir, cfg)          # logs and removes unfinished saves
+    ckpt = RunCheckpointer(run_dir, cfg)          # logs and removes unfinished saves, sets
+                                                  # aside step folders that are not complete
     state, start = ckpt.restore_or_init(trainer, train_iter)
     with PreemptionGuard() as guard:
         for step in range(start + 1, steps + 1):
@@ -28,7 +29,7 @@ import numpy as np
 from jaxmoe import config as config_lib
 from jaxmoe.checkpoint import manager as ckpt
 from jaxmoe.checkpoint import priority
-from jaxmoe.checkpoint.damage import CheckpointError
+from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch
 
 
 def _log(message: str) -> None:
@@ -76,6 +77,17 @@ class RunCheckpointer:
                  "process was killed while writing); removing it")
             if jax.process_index() == 0:  # now, not in orbax's background clean-up
                 shutil.rmtree(path, ignore_errors=True)
+        # A folder named by a step number but lacking a file every finished save writes (an
+        # interrupted copy) would be taken for the latest checkpoint, and block saving that
+        # step again: it is renamed to `<step>.incomplete`, which Orbax does not read.
+        for path, lack in ckpt.unfinished_steps(self.directory):
+            if jax.process_index() == 0:
+                aside = ckpt.set_aside(path)
+                _log(f"ignoring incomplete checkpoint {path} ({lack}; not a finished save, "
+                     f"e.g. an interrupted copy); moved it to {aside}")
+        if jax.process_count() > 1:  # every process lists the steps after the renames
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("jaxmoe: unfinished checkpoints set aside")
         t = cfg.train
         self.manager = ckpt.make_manager(self.directory, keep_last=t.keep_checkpoints,
                                          keep_every=t.keep_every, async_save=async_save)
@@ -93,16 +105,29 @@ class RunCheckpointer:
         if step is None:
             with trainer.context():
                 return trainer.init(), 0
-        restored = ckpt.restore(self.manager, step, abstract_state(trainer))
-        stored_step = int(np.asarray(jax.device_get(restored.state.step)))
-        if stored_step != step:
-            raise CheckpointError(f"checkpoint {self.path(step)}: array step holds "
-                                  f"{stored_step}, expected {step}; the checkpoint is damaged")
+        try:
+            restored = ckpt.restore(self.manager, step, abstract_state(trainer))
+            stored_step = int(np.asarray(jax.device_get(restored.state.step)))
+            if stored_step != step:
+                raise CheckpointError(f"checkpoint {self.path(step)}: array step holds "
+                                      f"{stored_step}, expected {step}; the checkpoint is "
+                                      "damaged")
+        except CheckpointMismatch:  # the config's fault: older checkpoints would not fit
+            raise
+        except CheckpointError as e:  # damaged: no silent fallback, but say what to do
+            older = [s for s in self.manager.all_steps() if s < step]
+            if not older:
+                raise
+            shown = older if len(older) <= 5 else ["...", *older[-5:]]
+            raise CheckpointError(
+                f"{e}; older complete checkpoints: [{', '.join(map(str, shown))}]; move "
+                f"{self.path(step)} aside (e.g. rename it to {step}.damaged) to resume from "
+                f"step {older[-1]}") from e
         if restored.data_state is not None:
             try:
                 train_iter.set_state(restored.data_state)
             except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(
+                raise CheckpointMismatch(
                     f"checkpoint {self.path(step)}: the data-iterator state does not fit "
                     f"this data config ({type(e).__name__}: {e})") from e
         else:

@@ -91,7 +91,8 @@ def metric_rows(run_dir: Path) -> list[dict]:
 def train_losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss from metrics.jsonl; a step logged twice (by a killed run and
     again by its resumption) keeps its last value."""
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line]
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
@@ -99,7 +100,8 @@ def logged_steps(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return 0
-    return max((json.loads(l)["step"] for l in path.read_text().splitlines() if l), default=0)
+    return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line),
+               default=0)
 
 
 def host(tree: Any) -> Any:
@@ -137,3 +139,17 @@ def perturbed(state):
             full = (rng.standard_normal(x.shape) * 3).astype(x.dtype)
         return jax.make_array_from_callback(x.shape, x.sharding, lambda index: full[index])
     return jax.tree_util.tree_map_with_path(one, state)
+
+
+class DataIterator:
+    """Stands in for the training data iterator: its state is a batch counter."""
+
+    def __init__(self, batches: int = 0):
+        self.state = {"batches": batches}
+
+    def get_state(self) -> dict:
+        return dict(self.state)
+
+    def set_state(self, state: dict) -> None:
+        self.state = dict(state)
+

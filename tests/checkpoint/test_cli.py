@@ -130,3 +130,20 @@ def test_export_params_refuses_when_the_disk_lacks_space(run, tmp_path, capsys, 
     assert err.startswith(f"jaxmoe: export-params: [Errno 28] {out}: needs 0.00 GB") and \
         err.endswith("its file system has 0.00 GB free") and "\n" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_closed_loop_callback_errors_are_dropped_and_others_kept(monkeypatch):
+    import sys
+    import types
+
+    from jaxmoe.checkpoint.damage import drop_closed_loop_callbacks
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    drop_closed_loop_callbacks()
+    drop_closed_loop_callbacks()  # idempotent: one wrapper
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    sys.unraisablehook(closed)
+    sys.unraisablehook(other)
+    assert seen == [other]

@@ -13,7 +13,7 @@ import pytest
 from jaxmoe import cli
 from jaxmoe import config as config_lib
 from jaxmoe.checkpoint import manager as ckpt
-from jaxmoe.checkpoint.damage import CheckpointError, flat_names
+from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch, flat_names
 from jaxmoe.checkpoint.inspect import describe
 from jaxmoe.checkpoint.run import abstract_state
 from jaxmoe.train.loop import build_trainer
@@ -128,6 +128,53 @@ def test_missing_array_in_checkpoint(saved):
     with pytest.raises(CheckpointError) as err:
         restore(saved[0], abstract_state(other))
     assert_one_line(err.value, "missing from the checkpoint", "norm")
+
+
+def test_extra_array_in_checkpoint(saved, tmp_path):
+    """A checkpoint of a model with query/key norms restored into one without them."""
+    trainer = build_trainer(tiny_config("mesh.data=1", "model.qk_norm=true"), jax.devices()[:1])
+    with trainer.context():
+        state = trainer.init()
+    manager = ckpt.make_manager(tmp_path / "checkpoints", async_save=False)
+    ckpt.save(manager, 3, state, config_lib.to_dict(trainer.cfg))
+    manager.close()
+    extra = sorted(set(flat_names(abstract_state(trainer))) -
+                   set(flat_names(abstract_state(saved[2]))))
+    assert extra and all("norm" in name for name in extra), extra
+    with pytest.raises(CheckpointError) as err:
+        restore(tmp_path / "checkpoints", abstract_state(saved[2]))
+    assert_one_line(err.value, f"checkpoint {tmp_path / 'checkpoints' / '3'}: array {extra[0]}: "
+                               "in the checkpoint but not in the model this config builds (and "
+                               f"{len(extra) - 1} more mismatches); the config does not match")
+
+
+def test_mismatched_dtype(saved):
+    """float32 arrays are not cast to a bfloat16 config's parameters (and optimizer state)."""
+    other = build_trainer(tiny_config("mesh.data=1", "model.param_dtype=bfloat16"),
+                          jax.devices()[:1])
+    with pytest.raises(CheckpointMismatch) as err:
+        restore(saved[0], abstract_state(other))
+    assert_one_line(err.value, f"checkpoint {saved[0] / '3'}: array "
+                               "params.embedder.embedding.value: stored as float32 but the config "
+                               "expects bfloat16 (and ",
+                    "resume with model.param_dtype=float32",
+                    f"jaxmoe checkpoint export-params {saved[0] / '3'} OUT --dtype bfloat16")
+
+
+def test_missing_config_item(saved, tmp_path):
+    directory = copy(saved, tmp_path)
+    shutil.rmtree(directory / "3" / "config")
+    with pytest.raises(CheckpointError) as err:
+        restore(directory, abstract_state(saved[2]))
+    assert_one_line(err.value, f"checkpoint {directory / '3'}: item config is missing")
+
+
+def test_damaged_config_item(saved, tmp_path):
+    directory = copy(saved, tmp_path)
+    (directory / "3" / "config" / "metadata").write_text('{"model": ')
+    with pytest.raises(CheckpointError) as err:
+        restore(directory, abstract_state(saved[2]))
+    assert_one_line(err.value, f"checkpoint {directory / '3'}: item config: ")
 
 
 def test_cli_reports_one_line(saved, tmp_path, capsys):

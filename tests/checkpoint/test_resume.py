@@ -9,16 +9,27 @@ step it is at, exits 0, and its resumption again matches the reference.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import shutil
 import signal
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch
+from jaxmoe.checkpoint.run import RunCheckpointer, config_diff
+from jaxmoe.train.loop import build_trainer
 from tests.checkpoint._helpers import (
+    DataIterator,
+    assert_trees_equal,
+    host,
     logged_steps,
     metric_rows,
     run_training,
     start_training,
+    tiny_config,
     train_losses,
     wait_for,
 )
@@ -108,3 +119,154 @@ def test_sigterm_saves_current_step_and_exits_0(reference, tmp_path):
     output = run_training(run_dir, *COMMON)
     assert resumed_step(output) == stopped
     assert train_losses(run_dir) == reference.losses()
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+def at_step(state, step: int):
+    return dataclasses.replace(state, step=jnp.asarray(step, state.step.dtype))
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """(run dir holding complete checkpoints 1 and 2, trainer, {step: host copy of state})."""
+    cfg = tiny_config("mesh.data=1")
+    trainer = build_trainer(cfg, jax.devices()[:1])
+    with trainer.context():
+        state = trainer.init()
+    run_dir = tmp_path_factory.mktemp("two_steps") / "run"
+    checkpoints = RunCheckpointer(run_dir, cfg, async_save=False)
+    for step in (1, 2):
+        checkpoints.save(step, at_step(state, step), DataIterator(10 * step), wait=True)
+    checkpoints.close()
+    return run_dir, trainer, {step: host(at_step(state, step)) for step in (1, 2)}
+
+
+def copy_run(two_steps, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps[0], run_dir)
+    return run_dir
+
+
+def resume(run_dir, trainer, capsys=None):
+    """(RunCheckpointer, state, step, data iterator, log) of a resumption in `run_dir`."""
+    checkpoints = RunCheckpointer(run_dir, trainer.cfg)
+    data = DataIterator()
+    try:
+        state, step = checkpoints.restore_or_init(trainer, data)
+    except BaseException:
+        checkpoints.close()
+        raise
+    log = capsys.readouterr().out if capsys else ""
+    return checkpoints, state, step, data, log
+
+
+@pytest.mark.parametrize("damage, skipped, resumed", [
+    ("empty step folder", 3, 2),             # an interrupted copy created checkpoints/3/
+    ("no _CHECKPOINT_METADATA", 2, 1),
+    ("no state/_METADATA", 2, 1),
+])
+def test_unfinished_newest_step_is_set_aside(two_steps, tmp_path, capsys, damage, skipped,
+                                             resumed):
+    run_dir = copy_run(two_steps, tmp_path)
+    folder = run_dir / "checkpoints" / str(skipped)
+    if damage == "empty step folder":
+        folder.mkdir()
+    elif damage == "no _CHECKPOINT_METADATA":
+        (folder / "_CHECKPOINT_METADATA").unlink()
+    else:
+        (folder / "state" / "_METADATA").unlink()
+    capsys.readouterr()
+    checkpoints, state, step, data, log = resume(run_dir, two_steps[1], capsys)
+    assert step == resumed and data.get_state() == {"batches": 10 * resumed}
+    assert_trees_equal(state, two_steps[2][resumed])
+    skip_lines = [line for line in log.splitlines() if "ignoring incomplete checkpoint" in line]
+    assert len(skip_lines) == 1 and f" {folder} (" in skip_lines[0], log
+    assert f"moved it to {folder}.incomplete" in skip_lines[0], log
+    assert (run_dir / "checkpoints" / f"{skipped}.incomplete").is_dir()
+    # The skipped step can be saved again (Orbax no longer takes the folder for a step).
+    checkpoints.save(skipped, state, data, wait=True)
+    assert list(checkpoints.manager.all_steps())[-1] == skipped
+    checkpoints.close()
+
+
+def test_damaged_newest_step_names_older_checkpoints(two_steps, tmp_path):
+    """A damaged newest checkpoint (here its array metadata is cut short, e.g. by a full
+    disk during a copy; truncated data files are covered by test_damage.py) is not skipped
+    silently: the error names the older complete checkpoints and what to do."""
+    run_dir = copy_run(two_steps, tmp_path)
+    newest = run_dir / "checkpoints" / "2"
+    metadata = newest / "state" / "_METADATA"
+    metadata.write_bytes(metadata.read_bytes()[: metadata.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as err:  # no silent fall-back to step 1
+        resume(run_dir, two_steps[1])
+    message = str(err.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"checkpoint {newest}: item state: "), message
+    assert "; older complete checkpoints: [1]; " in message, message
+    assert f"move {newest} aside" in message and message.endswith("to resume from step 1")
+    newest.rename(newest.with_name("2.damaged"))  # what the message says to do
+    checkpoints, state, step, _, _ = resume(run_dir, two_steps[1])
+    assert step == 1
+    assert_trees_equal(state, two_steps[2][1])
+    checkpoints.close()
+
+
+def test_damaged_only_step_has_no_advice(two_steps, tmp_path):
+    run_dir = copy_run(two_steps, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "1")
+    shutil.rmtree(run_dir / "checkpoints" / "2" / "config")
+    with pytest.raises(CheckpointError) as err:
+        resume(run_dir, two_steps[1])
+    assert str(err.value) == (f"checkpoint {run_dir / 'checkpoints' / '2'}: item config is "
+                              "missing (no folder config/); the checkpoint is incomplete or "
+                              "damaged")
+
+
+def test_array_step_differs_from_folder(two_steps, tmp_path):
+    run_dir = copy_run(two_steps, tmp_path)
+    checkpoints = RunCheckpointer(run_dir, two_steps[1].cfg, async_save=False)
+    with two_steps[1].context():
+        state = two_steps[1].init()
+    checkpoints.save(3, at_step(state, 7), DataIterator(), wait=True)  # a mislabelled copy
+    checkpoints.close()
+    with pytest.raises(CheckpointError) as err:
+        resume(run_dir, two_steps[1])
+    assert str(err.value).startswith(
+        f"checkpoint {run_dir / 'checkpoints' / '3'}: array step holds 7, expected 3; the "
+        "checkpoint is damaged; older complete checkpoints: [1, 2]; "), err.value
+
+
+def test_config_mismatch_gets_no_fallback_advice(two_steps, tmp_path):
+    """Older checkpoints of the run would not fit the config either."""
+    other = build_trainer(tiny_config("mesh.data=1", "model.qk_norm=true"), jax.devices()[:1])
+    with pytest.raises(CheckpointMismatch) as err:
+        resume(copy_run(two_steps, tmp_path), other)
+    assert "missing from the checkpoint" in str(err.value)
+    assert "older complete" not in str(err.value), err.value
+
+
+def test_resume_logs_config_differences(two_steps, tmp_path, capsys):
+    trainer = two_steps[1]
+    changed = dataclasses.replace(trainer.cfg, train=dataclasses.replace(trainer.cfg.train,
+                                                                         steps=99))
+    capsys.readouterr()
+    checkpoints = RunCheckpointer(copy_run(two_steps, tmp_path), changed)
+    _, step = checkpoints.restore_or_init(trainer, DataIterator())
+    checkpoints.close()
+    assert step == 2
+    log = capsys.readouterr().out
+    assert f"config differs from the checkpoint's: train.steps: {trainer.cfg.train.steps!r} " \
+           "-> 99" in log, log
+
+
+def test_config_diff():
+    stored = {"model": {"dim": 64, "sizes": [1, 2], "old": 1}, "seed": 0}
+    current = {"model": {"dim": 128, "sizes": (1, 2), "new": "x"}, "seed": 0}
+    assert config_diff(stored, current) == [
+        "model.dim: 64 -> 128",
+        "model.new: '<absent>' -> 'x'",
+        "model.old: 1 -> '<absent>'",
+    ]  # a tuple equals the list JSON made of it; keys are sorted
+    assert config_diff(stored, stored) == []

@@ -21,7 +21,9 @@ TINY = dict(vocab_size=VOCAB, embed_dim=64, num_layers=2, num_heads=4, num_kv_he
             head_dim=16, mlp_dim=96, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=32,
             compute_dtype="float32", init_std=0.3, rope_theta=500.0)
 
-# jaxmoe-born models: each exercises its format's optional parts.
+# jaxmoe-born models: each exercises its format's optional parts. DeepSeek-V3's scalars differ
+# from transformers' defaults (routed_scaling_factor 2.5, n_shared_experts 1, YaRN mscale ==
+# mscale_all_dim), so a field dropped from (or swapped in) a converted config changes logits.
 JAXMOE_MODELS = {
     "mixtral": {},
     "qwen2_moe": dict(qkv_bias=True, num_shared_experts=1, shared_expert_mlp_dim=48,
@@ -30,9 +32,9 @@ JAXMOE_MODELS = {
     "deepseek_v3": dict(attention="mla", q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
                         qk_rope_head_dim=8, v_head_dim=12, router_scoring="sigmoid",
                         num_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
-                        first_k_dense=1, num_shared_experts=1, routed_scaling_factor=2.5,
+                        first_k_dense=1, num_shared_experts=2, routed_scaling_factor=1.7,
                         rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_max_len=16,
-                        yarn_mscale=1.0, yarn_mscale_all_dim=1.0),
+                        yarn_mscale=0.5, yarn_mscale_all_dim=1.0),
 }
 
 
@@ -106,10 +108,14 @@ def hf_config(fmt: str):
         return Qwen3MoeConfig(**common, num_key_value_heads=2, head_dim=16, intermediate_size=96,
                               moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                               norm_topk_prob=True, decoder_sparse_step=2)
-    return DeepseekV3Config(**common, num_key_value_heads=4, intermediate_size=96,
+    # Not transformers' defaults (see JAXMOE_MODELS): YaRN with mscale != mscale_all_dim.
+    yarn = {"rope_type": "yarn", "rope_theta": 300.0, "factor": 4.0,
+            "original_max_position_embeddings": 16, "mscale": 0.5, "mscale_all_dim": 1.0}
+    return DeepseekV3Config(**{**common, "rope_parameters": yarn}, max_position_embeddings=64,
+                            num_key_value_heads=4, intermediate_size=96,
                             moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
-                            n_group=4, topk_group=2, first_k_dense_replace=1, n_shared_experts=1,
-                            routed_scaling_factor=2.5, q_lora_rank=None, kv_lora_rank=16,
+                            n_group=4, topk_group=2, first_k_dense_replace=1, n_shared_experts=2,
+                            routed_scaling_factor=1.7, q_lora_rank=None, kv_lora_rank=16,
                             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
 
 
@@ -142,5 +148,6 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
         with safe_open(f, framework="pt") as st:
             for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                 t = st.get_tensor(name).contiguous()
-                out[name] = (str(t.dtype), tuple(t.shape), t.view(-1).view(torch.uint8).numpy().tobytes())
+                raw = t.view(-1).view(torch.uint8).numpy().tobytes()
+                out[name] = (str(t.dtype), tuple(t.shape), raw)
     return out
