@@ -17,7 +17,10 @@ Measured side by side in one process (compare ratios; the machine is shared):
   6. the attention core (QK^T, masked softmax, PV) forward + gradient, [4, 4 heads, 256, 64]
      with a packed causal mask: the softmax under autodiff (its backward reduces over the
      [t, s] scores) vs `attention.dot_product_attention` (written-out backward, row sums
-     from the output).
+     from the output);
+  7. the expert SwiGLU of one MoE layer, forward + gradient: `moe/block_swiglu.py` over the
+     35 blocks of 64 rows vs four dense SwiGLUs over static groups of 512 rows (perfectly
+     balanced experts known at compile time: a bound no dropless dispatch can beat here).
 
 Usage: JAX_PLATFORMS=cpu python tools/bench_matmul.py [--steps 30]
 """
@@ -118,6 +121,43 @@ def attention_backward_rows(rng: np.random.Generator, steps: int):
     return rows
 
 
+def expert_swiglu_rows(rng: np.random.Generator, steps: int):
+    """Expert SwiGLU fwd+grad: row blocks with per-block weights vs static dense groups."""
+    from jaxmoe.model.moe.block_swiglu import block_swiglu
+
+    experts, embed, mlp, nb, blk = 4, 256, 512, 35, 64
+    rows_per = 2048 // experts
+    ws = [jnp.asarray(rng.normal(size=s) * 0.05, F32)
+          for s in ((experts, embed, mlp), (experts, embed, mlp), (experts, mlp, embed))]
+    x = jnp.asarray(rng.normal(size=(nb * blk, embed)), BF16)
+    r = jnp.asarray(rng.normal(size=(nb * blk, embed)), F32)
+    block_group = jnp.asarray(np.minimum(np.arange(nb) * experts // 32, experts - 1), jnp.int32)
+
+    def blocks(x, *ws):
+        y = block_swiglu(x.reshape(nb, blk, embed), block_group, *(w.astype(BF16) for w in ws))
+        return jnp.sum(y.reshape(-1, embed).astype(F32) * r)
+
+    def static_groups(x, *ws):
+        wg, wu, wd = (w.astype(BF16) for w in ws)
+        ys = []
+        for e in range(experts):
+            xe = x[e * rows_per:(e + 1) * rows_per]
+            h = jax.nn.silu(einsum("ri,io->ro", xe, wg[e], out_dtype=F32))
+            h = h * einsum("ri,io->ro", xe, wu[e], out_dtype=F32)
+            ys.append(einsum("rf,fo->ro", h.astype(BF16), wd[e]))
+        return jnp.sum(jnp.concatenate(ys).astype(F32) * r[:experts * rows_per])
+
+    out = []
+    for name, fn, n_rows in (
+            ("expert SwiGLU fwd+grad, 35 blocks x 64 rows (block_swiglu.py)", blocks, nb * blk),
+            ("expert SwiGLU fwd+grad, 4 static dense groups x 512 rows (bound)", static_groups,
+             experts * rows_per)):
+        grad = jax.jit(jax.grad(fn, argnums=(0, 1, 2, 3)))
+        s = seconds(grad, x, *ws, steps=steps)
+        out.append((name, s, 3 * 3 * 2 * n_rows * embed * mlp / s))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -175,6 +215,7 @@ def main() -> None:
 
     rows += attention_rows(rng, args.steps)
     rows += attention_backward_rows(rng, args.steps)
+    rows += expert_swiglu_rows(rng, args.steps)
 
     print(f"\n{datetime.date.today()}  `JAX_PLATFORMS=cpu python tools/bench_matmul.py "
           f"--steps {args.steps}`  (jax {jax.__version__}, {os.cpu_count()} cores)\n")
