@@ -1,7 +1,10 @@
 """Greedy sampling without a KV cache (fine for short samples from small models).
 
-The sequence lives in a fixed `[1, prompt + new]` buffer so the forward pass compiles once;
-causal attention means the padding after the cursor cannot influence the next token.
+The sequence lives in a fixed `[1, prompt + new]` buffer so the forward pass compiles once.
+The positions from the cursor on are padding (segment id 0): causal attention already keeps
+them out of earlier tokens, and the mask keeps them out of the MoE statistics and expert
+slots. (A capacity-dispatch model's per-expert capacity is computed from the buffer length,
+as in training, not from the prefix length.)
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ def greedy_generate(graphdef, state: TrainState, prompt: list[int], max_new_toke
     buf = np.zeros((1, total), np.int32)
     buf[0, : len(prompt)] = prompt
     positions = jnp.arange(total, dtype=jnp.int32)[None]
-    segments = jnp.ones((1, total), jnp.int32)
 
     @jax.jit
     def next_token(params, rest, tokens, cursor):
+        segments = (positions < cursor).astype(jnp.int32)  # 1: the prefix, 0: padding
         out = forward(graphdef, params, rest, {"inputs": tokens, "segment_ids": segments,
                                               "positions": positions})
         return jnp.argmax(out.logits[0, cursor - 1]).astype(jnp.int32)
