@@ -27,5 +27,5 @@ test: install-dev
 bench: install-dev
 	JAX_PLATFORMS=cpu $(BIN)/python tools/bench_train.py
 
-clean:
-	rm -rf $(VENV) runs .pytest_cache
+clean:  # the environment and caches; trained runs (runs/) are left alone
+	rm -rf $(VENV) .pytest_cache
