@@ -7,9 +7,10 @@ type-checked and every impossible combination is refused before anything compile
 line naming the key, the value and what was expected.
 
 YAML (files and override values) is read with the YAML 1.2 core schema
-(`jaxmoe/config_yaml.py`): `010` is 10, `1:2` a string, only true/false are booleans. An override of a string field (or of
-`data.paths`/`data.eval_paths`) takes the text after `=` verbatim unless it starts with a
-quote (or `[` for the path lists): `train.sample_prompt=1:2`, `data.paths=*.jsonl`.
+(`jaxmoe/config_yaml.py`): `010` is 10, `1:2` a string, only true/false are booleans. An
+override of a string field (or of `data.paths`/`data.eval_paths`) takes the text after `=`
+verbatim unless it starts with a quote (or `[` for the path lists): `train.sample_prompt=1:2`,
+`data.paths=*.jsonl`.
 """
 
 from __future__ import annotations
