@@ -8,18 +8,24 @@ An example is a dict with any of these keys (missing or None = absent):
     audio   array [S] (mono);  S > audio_len keeps the first audio_len samples
     points  array [N, point_dim];  N > max_points keeps the first max_points points
 
-Every example is collated to the same fixed shapes; absent modalities are zero-filled and
-`<modality>_mask[b]` is False, and partially filled ones carry a validity mask. Modalities not
-in `spec.modalities` are not in the batch at all, and `present(batch)` lists those with at least
-one example, so a train step can skip an encoder whose inputs are all absent.
+Ragged (non-rectangular) or non-numeric arrays and empty ones (T, S or N = 0) are bad records
+(`bad_shape`), as is text that is not valid Unicode (`not_utf8`: a lone surrogate).
+
+Every example is collated to the same fixed shapes; absent modalities are zero-filled (text:
+inputs/targets filled with `pad_id`) and `<modality>_mask[b]` is False, and partially filled ones
+carry a validity mask. Modalities not in `spec.modalities` are not in the batch at all, and
+`present(batch)` lists those with at least one example, so a train step can skip an encoder
+whose inputs are all absent.
 
 Batch (B = batch size; float arrays are float32, masks bool, token arrays int32):
-    inputs, targets, segment_ids, positions   [B, text_len]      text_mask    [B]
-    image                                     [B, H, W, C]       image_mask   [B]
-    video                                     [B, F, H, W, C]    video_mask   [B], video_valid  [B, F]
-    audio                                     [B, audio_len]     audio_mask   [B], audio_valid  [B, audio_len]
-    points                                    [B, max_points, point_dim]
-                                              points_mask [B], points_valid [B, max_points]
+    inputs, targets, segment_ids, positions  [B, text_len]             text_mask   [B]
+    image                                    [B, H, W, C]              image_mask  [B]
+    video                                    [B, F, H, W, C]           video_mask  [B]
+                                             video_valid [B, F]
+    audio                                    [B, audio_len]            audio_mask  [B]
+                                             audio_valid [B, audio_len]
+    points                                   [B, max_points, point_dim] points_mask [B]
+                                             points_valid [B, max_points]
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import numpy as np
 
 from input_pipeline.documents import DocumentIterDataset
 from input_pipeline.pipeline import DataIterator, mark_absl_flags_parsed, stack_rows
-from input_pipeline.sources import BadRecord
+from input_pipeline.sources import BadRecord, check_utf8
 from input_pipeline.tokenizer import ByteTokenizer, Tokenizer, encode_document
 
 MODALITIES = ("text", "image", "video", "audio", "points")
@@ -67,12 +73,20 @@ class MultimodalSpec:
 
 
 def _array(example: dict, key: str, ndim: int) -> np.ndarray | None:
+    """`example[key]` as float32 with `ndim` axes and a non-empty axis 0, or None if absent."""
     x = example.get(key)
     if x is None:
         return None
-    x = np.asarray(x)
+    try:
+        x = np.asarray(x)
+    except (ValueError, TypeError) as e:  # ragged nested lists
+        raise BadRecord("bad_shape", f"{key} is not a rectangular array "
+                                     f"({' '.join(str(e).split())[:80]})") from None
     if x.ndim != ndim or x.dtype.kind not in "biuf":
         raise BadRecord("bad_shape", f"{key} has shape {x.shape} ({x.dtype}), expected {ndim}-D")
+    if x.shape[0] == 0:
+        raise BadRecord("bad_shape", f"{key} has shape {x.shape}, expected at least one "
+                                     "element along axis 0")
     return x.astype(np.float32)
 
 
@@ -93,18 +107,17 @@ def collate_example(example: dict[str, Any], spec: MultimodalSpec,
     present = False
     if "text" in spec.modalities:
         L = spec.text_len
-        row = {k: np.zeros((L,), np.int32) for k in ("inputs", "targets", "segment_ids",
-                                                     "positions")}
+        row = {k: np.full((L,), tokenizer.pad_id, np.int32) for k in ("inputs", "targets")}
+        row["segment_ids"], row["positions"] = np.zeros((L,), np.int32), np.zeros((L,), np.int32)
         text = example.get("text")
         if text is not None:
             if not isinstance(text, str) or not text.strip():
                 raise BadRecord("empty_text", f"text is {type(text).__name__} {text!r:.40}")
-            ids = encode_document(tokenizer, text, True, True)[:L + 1]
+            ids = encode_document(tokenizer, check_utf8(text), True, True)[:L + 1]
             n = len(ids) - 1
             row["inputs"][:n], row["targets"][:n] = ids[:-1], ids[1:]
             row["segment_ids"][:n] = 1
             row["positions"][:n] = np.arange(n)
-            row["inputs"][n:] = row["targets"][n:] = tokenizer.pad_id
         out.update(row)
         out["text_mask"] = np.asarray(text is not None)
         present |= text is not None
@@ -118,7 +131,7 @@ def collate_example(example: dict[str, Any], spec: MultimodalSpec,
         present |= image is not None
     if "video" in spec.modalities:
         video = _array(example, "video", 4)
-        if video is not None and (video.shape[1:] != spec.image_shape or len(video) == 0):
+        if video is not None and video.shape[1:] != spec.image_shape:
             raise BadRecord("bad_shape", f"video has shape {video.shape}, expected "
                                          f"[1..{spec.max_frames}, *{spec.image_shape}]")
         out["video"], out["video_valid"] = _fit(

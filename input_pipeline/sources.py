@@ -92,8 +92,11 @@ class ParquetFile:
     """One Parquet file; reads the `field` column one row group at a time (cached)."""
 
     def __init__(self, path: str, field: str):
-        import pyarrow.parquet as pq  # optional dependency: pip install pyarrow
-
+        try:
+            import pyarrow.parquet as pq  # optional dependency: pip install pyarrow
+        except ImportError as e:
+            raise ValueError(f"data.source='parquet' ({path!r}): expected the pyarrow package "
+                             "to be installed (pip install pyarrow)") from e
         self.path, self.field = path, field
         meta = pq.ParquetFile(path).metadata
         rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
@@ -194,7 +197,8 @@ def open_source(src: SourceConfig, cfg: DataConfig, split: str) -> RecordSource:
             cfg.seed, *corpus.split_bounds(cfg.num_documents, cfg.eval_fraction, split))
     if src.eval_paths:
         paths = src.paths if split == "train" else src.eval_paths
-        return ConcatSource([_open_file(src.source, p, src.text_field) for p in expand_paths(paths)])
+        return ConcatSource([_open_file(src.source, p, src.text_field)
+                             for p in expand_paths(paths)])
     whole = ConcatSource([_open_file(src.source, p, src.text_field)
                           for p in expand_paths(src.paths)])
     n = len(whole)
@@ -210,6 +214,17 @@ def _decode(payload: bytes) -> str:
         return payload.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadRecord("not_utf8", str(e)) from None
+
+
+def check_utf8(text: str) -> str:
+    """`text` if it encodes as UTF-8; a lone surrogate (e.g. a JSON `\\ud800` escape, which is
+    valid JSON) raises `BadRecord("not_utf8")`."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadRecord("not_utf8", str(e)) from None
+    return text
 
 
 def parse_text(kind: str, field: str, payload: Any) -> str:
@@ -234,7 +249,7 @@ def parse_text(kind: str, field: str, payload: Any) -> str:
         raise BadRecord("missing_field", f"field {field!r} is a {type(text).__name__}, not text")
     if not text.strip():
         raise BadRecord("empty_text")
-    return text
+    return check_utf8(text)
 
 
 def iter_texts(kind: str, patterns: tuple[str, ...], field: str = "text", *,

@@ -8,7 +8,10 @@ tokens), `decode(list[int]) -> str` (special tokens dropped), `vocab_size`, `pad
 from __future__ import annotations
 
 import functools
+import importlib
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -58,14 +61,23 @@ def _special_id(lookup, name: str, token: str, path: str) -> int:
     return int(token_id)
 
 
+def _hf_tokenizers(path: str):
+    """The `tokenizers` module; a one-line ValueError naming `path` when it is not installed."""
+    try:
+        import tokenizers  # optional dependency: pip install tokenizers
+    except ImportError as e:
+        raise ValueError(f"data.tokenizer={path!r}: expected the tokenizers package to be "
+                         "installed (pip install tokenizers)") from e
+    return tokenizers
+
+
 class HFTokenizer:
     """A Hugging Face `tokenizers` JSON file (e.g. written by tools/train_tokenizer.py)."""
 
     def __init__(self, path: str, pad_token: str, bos_token: str, eos_token: str):
-        import tokenizers  # optional dependency: pip install tokenizers
-
         self.path = path
-        self._tok = tokenizers.Tokenizer.from_file(path)
+        self._tok = _hf_tokenizers(path).Tokenizer.from_file(path)
+        self._tok.encode_special_tokens = True  # "<eos>" in a document is text, not EOS
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         look = self._tok.token_to_id
         self.pad_id = _special_id(look, "pad_token", pad_token, path)
@@ -85,10 +97,9 @@ class HFTokenizer:
         return {**self.__dict__, "_tok": self._tok.to_str()}
 
     def __setstate__(self, state: dict) -> None:
-        import tokenizers
-
         state = dict(state)
-        state["_tok"] = tokenizers.Tokenizer.from_str(state["_tok"])
+        state["_tok"] = _hf_tokenizers(state["path"]).Tokenizer.from_str(state["_tok"])
+        state["_tok"].encode_special_tokens = True  # not part of the serialised tokenizer
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
@@ -177,6 +188,48 @@ def encode_document(tokenizer: Tokenizer, text: str, add_bos: bool, add_eos: boo
     return np.concatenate(parts)
 
 
+class _Counted:
+    """Iterates `texts`, counting them and keeping the error they raised (SentencePiece turns
+    it into a RuntimeError), to tell an empty or failing corpus from a library failure."""
+
+    def __init__(self, texts: Iterable[str]):
+        self._texts, self.n, self.error = texts, 0, None
+
+    def __iter__(self):
+        try:
+            for t in self._texts:
+                self.n += 1
+                yield t
+        except Exception as e:
+            self.error = e
+            raise
+
+
+def _check_train_args(out_path: str, vocab_size: int, kind: str,
+                      specials: dict[str, str]) -> None:
+    """One-line ValueErrors for arguments the tokenizer libraries would reject obscurely."""
+    if kind not in ("bpe", "sentencepiece"):
+        raise ValueError(f"kind={kind!r}: expected 'bpe' or 'sentencepiece'")
+    minimum = 261 if kind == "sentencepiece" else 1  # spm: 4 special + 256 byte pieces + 1
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise ValueError(f"vocab_size={vocab_size!r}: expected an integer >= {minimum} for "
+                         f"kind={kind!r}")
+    for name, token in specials.items():
+        if not isinstance(token, str) or not token or token != token.strip():
+            raise ValueError(f"{name}={token!r}: expected a non-empty token without "
+                             "surrounding whitespace")
+    if len(set(specials.values())) != len(specials):
+        raise ValueError(f"special tokens {tuple(specials.values())}: expected pad, bos and eos "
+                         "to be distinct")
+    if kind == "sentencepiece" and not out_path.endswith(".model"):
+        raise ValueError(f"out_path={out_path!r}: expected a path ending in .model")
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"out_path={out_path!r}: expected an existing directory {out_dir!r}")
+    if os.path.isdir(out_path):
+        raise ValueError(f"out_path={out_path!r}: expected a file path, not a directory")
+
+
 def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
                     kind: str = "bpe", pad_token: str = "<pad>", bos_token: str = "<bos>",
                     eos_token: str = "<eos>") -> None:
@@ -184,31 +237,59 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
 
     kind "bpe": byte-level BPE (Hugging Face `tokenizers`, writes tokenizer.json; round trips
     any text). kind "sentencepiece": a unigram SentencePiece model with byte fallback and
-    identity normalisation (writes `<out_path>`, which must end in `.model`).
+    identity normalisation (writes `<out_path>`, which must end in `.model`, and the `.vocab`
+    next to it). Files are written under a temporary name in the same directory and renamed
+    into place, so `out_path` is never a partly written file. Bad arguments and an empty
+    `texts` raise a one-line ValueError.
     """
-    if kind == "bpe":
-        import tokenizers
-        from tokenizers import decoders, models, pre_tokenizers, trainers
+    _check_train_args(out_path, vocab_size, kind, {
+        "pad_token": pad_token, "bos_token": bos_token, "eos_token": eos_token})
+    package = "tokenizers" if kind == "bpe" else "sentencepiece"
+    try:
+        lib = importlib.import_module(package)
+    except ImportError as e:
+        raise ValueError(f"kind={kind!r}: expected the {package} package to be installed "
+                         f"(pip install {package})") from e
+    counted = _Counted(texts)
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.tmp-", dir=out_dir)
+    try:
+        if kind == "bpe":
+            from tokenizers import decoders, models, pre_tokenizers, trainers
 
-        tok = tokenizers.Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[pad_token, bos_token, eos_token],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        tok.train_from_iterator(texts, trainer=trainer)
-        tok.save(out_path)
-    elif kind == "sentencepiece":
-        import sentencepiece
-
-        if not out_path.endswith(".model"):
-            raise ValueError(f"out_path={out_path!r}: expected a path ending in .model")
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_prefix=out_path[: -len(".model")],
-            vocab_size=vocab_size, model_type="unigram", byte_fallback=True,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            split_by_whitespace=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-            pad_piece=pad_token, bos_piece=bos_token, eos_piece=eos_token,
-            hard_vocab_limit=False, minloglevel=2)
-    else:
-        raise ValueError(f"kind={kind!r}: expected 'bpe' or 'sentencepiece'")
+            tok = lib.Tokenizer(models.BPE())
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+            tok.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size, special_tokens=[pad_token, bos_token, eos_token],
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+            tok.train_from_iterator(iter(counted), trainer=trainer)
+            if not counted.n:
+                raise ValueError(f"texts: expected at least one text to train {out_path!r} on")
+            tok.save(os.path.join(tmp_dir, "tokenizer.json"))
+            os.replace(os.path.join(tmp_dir, "tokenizer.json"), out_path)
+        else:
+            prefix = os.path.join(tmp_dir, "spm")
+            try:
+                lib.SentencePieceTrainer.train(
+                    sentence_iterator=iter(counted), model_prefix=prefix,
+                    vocab_size=vocab_size, model_type="unigram", byte_fallback=True,
+                    normalization_rule_name="identity", remove_extra_whitespaces=False,
+                    split_by_whitespace=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+                    pad_piece=pad_token, bos_piece=bos_token, eos_piece=eos_token,
+                    hard_vocab_limit=False, minloglevel=2)
+            except RuntimeError as e:
+                if counted.error is not None:  # the texts' own error, not the library's
+                    raise counted.error from None
+                if not counted.n:
+                    raise ValueError(f"texts: expected at least one text to train {out_path!r} "
+                                     "on") from None
+                detail = " ".join(str(e).split())
+                raise ValueError(f"kind='sentencepiece', vocab_size={vocab_size}: training "
+                                 f"failed ({detail})") from None
+            out_prefix = out_path[: -len(".model")]
+            if os.path.exists(prefix + ".vocab"):
+                os.replace(prefix + ".vocab", out_prefix + ".vocab")
+            os.replace(prefix + ".model", out_path)  # last: a .model is always complete
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

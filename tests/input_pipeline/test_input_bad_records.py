@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from input_pipeline import BadRecordError, DataConfig, make_dataset
 from input_pipeline.convert import write_arrayrecord
 from input_pipeline.multimodal import MultimodalSpec, make_multimodal_dataset
+from input_pipeline.sources import BadRecord, parse_text
+from input_pipeline.tokenizer import train_tokenizer
 from tests.input_pipeline._ip_helpers import all_batches, tmpfile, write_jsonl
 
 GOOD = '{"text": "a good document"}\n'
@@ -113,3 +116,43 @@ def test_wrong_image_shape(caplog) -> None:
                                      num_epochs=1, strict=True)
     with pytest.raises(BadRecordError, match=r"examples:1: bad record \(bad_shape"):
         next(strict)
+
+
+SURROGATE = b'{"text": "bad \\ud800 x"}\n'  # valid JSON, but no UTF-8 encoding exists
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_lone_surrogate_is_not_utf8(tmp_path, tokenizer: str) -> None:
+    tok = "byte"
+    if tokenizer == "bpe":
+        tok = tmpfile(tmp_path, "tok.json")
+        train_tokenizer([f"doc {i} text" for i in range(50)], tok, 280)
+    cfg = _jsonl_cfg(tmp_path, [GOOD.encode(), SURROGATE, GOOD.encode()], tokenizer=tok)
+    batches, stats = _run(cfg)
+    assert stats.bad_records == {"not_utf8": 1} and stats.documents == 2
+    assert sum(int(b["segment_ids"][:, 0].sum()) for b in batches) == 2
+    strict = dataclasses.replace(cfg, strict=True)
+    with pytest.raises(BadRecordError, match=r"bad\.jsonl:2: bad record \(not_utf8"):
+        _run(strict)
+
+
+def test_parse_text_lone_surrogate() -> None:
+    for kind, payload in [("jsonl", SURROGATE), ("parquet", "x\udfff"), ("synthetic", "\ud800")]:
+        with pytest.raises(BadRecord) as e:
+            parse_text(kind, "text", payload)
+        assert e.value.reason == "not_utf8", kind
+    assert parse_text("jsonl", "text", '{"text": "ok \\u00e9"}'.encode()) == "ok \u00e9"
+
+
+def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmpfile(tmp_path, "x.parquet")
+    pq.write_table(pa.table({"text": ["one", "two", "three"]}), path)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    cfg = DataConfig(source="parquet", paths=(path,), eval_fraction=0.5, seq_len=16)
+    with pytest.raises(ValueError, match=r"^data\.source='parquet' \('.*x\.parquet'\): expected "
+                                         r"the pyarrow package to be installed") as e:
+        make_dataset(cfg, split="train", batch_size=2, seed=0)
+    assert "\n" not in str(e.value)

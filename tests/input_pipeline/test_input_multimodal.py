@@ -11,6 +11,7 @@ from input_pipeline.multimodal import (
     make_multimodal_dataset,
     present,
 )
+from input_pipeline.sources import BadRecord, BadRecordError
 from input_pipeline.tokenizer import ByteTokenizer
 
 SPEC = MultimodalSpec(text_len=8, image_shape=(2, 3, 1), max_frames=3, audio_len=5,
@@ -38,7 +39,8 @@ def test_every_subset_has_the_same_shapes() -> None:
         for k in absent:
             assert not out[k].any(), k  # zero-filled
         if "text" not in example:
-            assert not out["segment_ids"].any() and not out["inputs"].any()
+            assert not out["segment_ids"].any() and not out["positions"].any()
+            assert (out["inputs"] == 0).all() and (out["targets"] == 0).all()  # pad_id 0
 
 
 def test_partial_modalities_are_cropped_and_masked() -> None:
@@ -51,6 +53,63 @@ def test_partial_modalities_are_cropped_and_masked() -> None:
     assert out["points_valid"].all()
     assert out["inputs"][0] == 1 and out["segment_ids"].all()  # BOS, text cut to 8 pairs
     np.testing.assert_array_equal(out["positions"], np.arange(8))
+    ids = [1, *ByteTokenizer().encode("a long text that is cut")]  # BOS + bytes (EOS cut off)
+    np.testing.assert_array_equal(out["inputs"], ids[:8])
+    np.testing.assert_array_equal(out["targets"], ids[1:9])  # inputs shifted by one
+
+
+class _Pad7(ByteTokenizer):
+    pad_id = 7
+
+
+def test_text_targets_and_pad_id() -> None:
+    tok = _Pad7()
+    out = collate_example({"text": "hi"}, SPEC, tok)
+    ids = [tok.bos_id, *tok.encode("hi"), tok.eos_id]  # 4 ids -> 3 (input, target) pairs
+    np.testing.assert_array_equal(out["inputs"], ids[:-1] + [7] * 5)
+    np.testing.assert_array_equal(out["targets"], ids[1:] + [7] * 5)
+    assert out["segment_ids"].tolist() == [1] * 3 + [0] * 5
+    assert out["positions"].tolist() == [0, 1, 2] + [0] * 5
+    no_text = collate_example({"audio": _rand(2)}, SPEC, tok)  # text absent: all padding
+    assert (no_text["inputs"] == 7).all() and (no_text["targets"] == 7).all()
+    assert not no_text["segment_ids"].any() and not no_text["positions"].any()
+    spec = MultimodalSpec(modalities=("text", "audio"), text_len=6, audio_len=2)
+    b = next(make_multimodal_dataset([{"text": "hi"}, {"audio": np.ones(2)}, {"text": "yo"}],
+                                     spec, batch_size=4, seed=0, shuffle=False, num_epochs=1,
+                                     tokenizer=tok))
+    assert b["text_mask"].tolist() == [True, False, True, False]
+    assert (b["inputs"][1] == 7).all() and (b["targets"][1] == 7).all()  # no-text row
+    assert (b["inputs"][3] == 7).all()  # filler row
+
+
+BAD_EXAMPLES = {  # name -> (example, reason)
+    "ragged points": ({"points": [[1, 2, 3], [1, 2]]}, "bad_shape"),
+    "ragged audio": ({"audio": [[1.0], 2.0]}, "bad_shape"),
+    "ragged video": ({"video": [np.zeros((2, 3, 1)), np.zeros((2, 2, 1))]}, "bad_shape"),
+    "empty audio": ({"audio": np.zeros((0,))}, "bad_shape"),
+    "empty points": ({"points": np.zeros((0, 3))}, "bad_shape"),
+    "empty video": ({"video": np.zeros((0, 2, 3, 1))}, "bad_shape"),
+    "empty audio list": ({"audio": [], "text": "hi"}, "bad_shape"),
+    "lone surrogate": ({"text": "bad \ud800 x", "audio": np.ones(2)}, "not_utf8"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_EXAMPLES))
+def test_bad_examples_are_skipped_and_counted(name: str) -> None:
+    example, reason = BAD_EXAMPLES[name]
+    with pytest.raises(BadRecord) as e:
+        collate_example(example, SPEC, ByteTokenizer())
+    assert e.value.reason == reason
+    examples = [{"text": "one"}, example, {"text": "two"}]
+    it = make_multimodal_dataset(examples, SPEC, batch_size=2, seed=0, shuffle=False,
+                                 num_epochs=1)
+    batches = list(it)
+    assert len(batches) == 1 and batches[0]["text_mask"].tolist() == [True, True]
+    assert it.stats().bad_records == {reason: 1} and it.stats().documents == 2
+    strict = make_multimodal_dataset(examples, SPEC, batch_size=2, seed=0, shuffle=False,
+                                     num_epochs=1, strict=True)
+    with pytest.raises(BadRecordError, match=rf"^examples:1: bad record \({reason}"):
+        list(strict)
 
 
 def test_batches_and_padding_rows() -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -49,7 +52,8 @@ def trained(tmp_path_factory) -> dict[str, str]:
         import sentencepiece  # noqa: F401
 
         out["sentencepiece"] = str(d / "spm.model")
-        train_tokenizer(texts, out["sentencepiece"], 400, kind="sentencepiece")  # 256 bytes + pieces
+        # 256 bytes + pieces
+        train_tokenizer(texts, out["sentencepiece"], 400, kind="sentencepiece")
     except ImportError:
         pass
     return out
@@ -66,6 +70,12 @@ def test_trained_round_trip_and_pipeline(trained, kind: str) -> None:
     doc = corpus.document(0, 1000)
     assert tok.decode(tok.encode(SAMPLE)) == SAMPLE
     assert tok.decode(tok.encode(doc)) == doc
+    for text in ("a <eos> b", "<bos>x", "<pad><pad> y <eos>"):  # literal specials are text
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text, text
+        assert not {tok.pad_id, tok.bos_id, tok.eos_id} & set(ids), text
+        again = pickle.loads(pickle.dumps(tok))  # as grain's worker processes receive it
+        assert again.encode(text) == ids, text
     assert len(tok.encode(doc)) < 0.8 * len(doc.encode())  # it learned merges
     batch = next(make_dataset(cfg, split="train", batch_size=2, seed=0))
     assert batch["inputs"].max() < tok.vocab_size and batch["inputs"][0, 0] == tok.bos_id
@@ -107,3 +117,108 @@ def test_unigram_entropy(tmp_path) -> None:
     p = counts[counts > 0] / counts.sum()
     assert corpus_unigram_entropy(cfg) == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-9)
     assert 2.5 < corpus_unigram_entropy(cfg) < 4.0
+
+
+def test_tokenizers_package_missing_is_one_line(trained, tmp_path, monkeypatch) -> None:
+    path = str(tmp_path / "copy.json")  # a path not in make_tokenizer's cache
+    with open(trained["bpe"]) as src, open(path, "w") as dst:
+        dst.write(src.read())
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if it were not installed
+    with pytest.raises(ValueError, match=r"^data\.tokenizer='.*copy\.json': expected the "
+                                         r"tokenizers package to be installed") as e:
+        make_tokenizer(DataConfig(tokenizer=path))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"^kind='bpe': expected the tokenizers package"):
+        train_tokenizer(["some text"], str(tmp_path / "new.json"), 300)
+    assert not os.path.exists(tmp_path / "new.json")
+
+
+def _kinds(trained) -> list[tuple[str, str]]:
+    out = [("bpe", "tokenizer.json")]
+    if "sentencepiece" in trained:
+        out.append(("sentencepiece", "spm.model"))
+    return out
+
+
+def test_training_writes_through_a_rename(trained, tmp_path, monkeypatch) -> None:
+    texts = [corpus.document(0, i) for i in range(100)]
+    real_replace = os.replace
+    for kind, name in _kinds(trained):
+        d = tmp_path / kind
+        d.mkdir()
+        out = str(d / name)
+        outputs = [out] + ([out[:-len(".model")] + ".vocab"] if kind == "sentencepiece" else [])
+        for o in outputs:
+            with open(o, "w") as f:
+                f.write("old")
+        renamed = []
+
+        def replace(src, dst, outputs=outputs, renamed=renamed):
+            assert dst in outputs and os.path.dirname(os.path.dirname(src)) == str(d)
+            for o in outputs:  # nothing was written in place before the renames
+                if o not in renamed:
+                    with open(o) as f:
+                        assert f.read() == "old", o
+            renamed.append(dst)
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        train_tokenizer(texts, out, 400, kind=kind)
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert renamed == sorted(outputs, key=lambda o: o == out)  # the .model last
+        assert sorted(os.listdir(d)) == sorted(os.path.basename(o) for o in outputs)
+        assert make_tokenizer(DataConfig(tokenizer=out)).decode(
+            make_tokenizer(DataConfig(tokenizer=out)).encode(SAMPLE)) == SAMPLE
+
+
+def test_failed_training_leaves_no_files(trained, tmp_path) -> None:
+    def texts():
+        yield from (corpus.document(0, i) for i in range(50))
+        raise OSError("disk read failed")
+
+    for kind, name in _kinds(trained):
+        out = tmp_path / name
+        out.write_text("old")
+        with pytest.raises(OSError, match="disk read failed"):
+            train_tokenizer(texts(), str(out), 400, kind=kind)
+        assert out.read_text() == "old" and os.listdir(tmp_path) == [name], kind
+        out.unlink()
+        with pytest.raises(ValueError, match=r"^texts: expected at least one text"):
+            train_tokenizer(iter([]), str(out), 400, kind=kind)
+        assert os.listdir(tmp_path) == [], kind
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"vocab_size": 0}, r"^vocab_size=0: expected an integer >= 1 for kind='bpe'$"),
+    ({"vocab_size": -5}, r"^vocab_size=-5: expected an integer >= 1"),
+    ({"vocab_size": 2.5}, r"^vocab_size=2\.5: expected an integer"),
+    ({"vocab_size": 100, "kind": "sentencepiece"},
+     r"^vocab_size=100: expected an integer >= 261 for kind='sentencepiece'$"),
+    ({"kind": "wordpiece"}, r"^kind='wordpiece': expected 'bpe' or 'sentencepiece'$"),
+    ({"pad_token": ""}, r"^pad_token='': expected a non-empty token"),
+    ({"eos_token": "<bos>"}, r"^special tokens \('<pad>', '<bos>', '<bos>'\): expected pad, bos "
+                             r"and eos to be distinct$"),
+    ({"out": "missing_dir/tok.json"}, r"^out_path='.*missing_dir/tok\.json': expected an "
+                                      r"existing directory"),
+    ({"out": "tok.json", "kind": "sentencepiece"},
+     r"^out_path='.*tok\.json': expected a path ending in \.model$"),
+])
+def test_training_arguments_are_checked(tmp_path, kw: dict, message: str) -> None:
+    kw = {"vocab_size": 300, "kind": "bpe", "out": "tok.json", **kw}
+    if kw["kind"] == "sentencepiece" and kw["vocab_size"] == 300:
+        kw["vocab_size"] = 400
+    out = str(tmp_path / kw.pop("out"))
+    with pytest.raises(ValueError, match=message) as e:
+        train_tokenizer(["some text", "more text"], out, kw.pop("vocab_size"), **kw)
+    assert "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_sentencepiece_training_failure_is_one_line(trained, tmp_path) -> None:
+    if "sentencepiece" not in trained:
+        pytest.skip("sentencepiece is not installed")
+    texts = ["".join(chr(0x4E00 + i) for i in range(k, k + 40)) for k in range(0, 400, 40)]
+    with pytest.raises(ValueError, match=r"^kind='sentencepiece', vocab_size=270: training "
+                                         r"failed \(.*vocab_size") as e:
+        train_tokenizer(texts, str(tmp_path / "x.model"), 270, kind="sentencepiece")
+    assert "\n" not in str(e.value) and os.listdir(tmp_path) == []
