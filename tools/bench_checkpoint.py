@@ -24,7 +24,11 @@ Measured:
 The process restarts itself with glibc malloc's hugetlb tunable, as `jaxmoe train` does
 (jaxmoe/hugepages.py; JAXMOE_HUGEPAGES=0 measures without).
 
-Usage: JAX_PLATFORMS=cpu python tools/bench_checkpoint.py [--dir /tmp/bench_ckpt]
+All files go into a fresh `bench_checkpoint-XXXXXX` directory created inside --dir (which is
+created if missing; default: the system temporary directory); only that directory is deleted
+afterwards.
+
+Usage: JAX_PLATFORMS=cpu python tools/bench_checkpoint.py [--dir /tmp]
        [--layers 8] [--width 1024] [--steps 4] [--repeats 2] [--every 100] [--compression]
        [--writer-priority idle|normal|both] [--batch 2] [--seq 256]
 """
@@ -35,6 +39,8 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -120,7 +126,6 @@ def external_writer_steps(step, size: int, directory: Path) -> list[float]:
     """Times of the training steps that run while a separate SCHED_IDLE process writes
     `size` bytes to `directory`."""
     import subprocess
-    import sys
     directory.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-c", _EXTERNAL_WRITER, str(size),
                              str(directory / "external.bin")])
@@ -154,11 +159,25 @@ def state_bytes(state) -> int:
                if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default="/tmp/bench_checkpoint")
+def make_workdir(base: str, tool: str = "bench_checkpoint") -> Path:
+    """A fresh, empty directory inside `base` (created if missing) for this run's files;
+    nothing already in `base` is touched. Raises OSError when `base` cannot hold it."""
+    os.makedirs(base, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=base, prefix=f"{tool}-"))
+
+
+def remove_workdir(workdir: Path) -> None:
+    """Deletes what `make_workdir` created, and nothing else."""
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=os.path.basename(__file__),
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default=tempfile.gettempdir(),
+                        help="parent of the run's fresh bench_checkpoint-XXXXXX directory")
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024, help="a multiple of 128")
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--batch", type=int, default=2, help="sequences per step")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
@@ -168,11 +187,36 @@ def main() -> None:
     parser.add_argument("--compression", action="store_true", help="zstd on every chunk")
     parser.add_argument("--writer-priority", choices=("idle", "normal", "both"), default="both",
                         help="SCHED_IDLE writer threads (what jaxmoe train does), normal, or both")
-    args = parser.parse_args()
-    reexec_with_hugepages()  # see the module docstring
+    args = parser.parse_args(argv)
+    minimum = {"layers": 1, "width": 128, "vocab": 4, "batch": 1, "seq": 2, "steps": 1,
+               "repeats": 1, "every": 1}
+    for name, low in minimum.items():
+        if getattr(args, name) < low:
+            parser.error(f"--{name} {getattr(args, name)}: expected an integer >= {low}")
+    if args.width % 128:
+        parser.error(f"--width {args.width}: expected a multiple of 128 (heads of width 128)")
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        parser.error(f"--dir {args.dir!r}: expected a directory (it is a file)")
+    return args
 
-    root = Path(args.dir)
-    shutil.rmtree(root, ignore_errors=True)
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    reexec_with_hugepages()  # see the module docstring
+    try:
+        root = make_workdir(args.dir)
+    except OSError as e:
+        print(f"{os.path.basename(__file__)}: error: --dir {args.dir!r}: expected a directory "
+              f"this run can create files in ({e.strerror or e})", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        benchmark(args, root)
+    finally:
+        remove_workdir(root)
+
+
+def benchmark(args: argparse.Namespace, root: Path) -> None:
+    """The measurements, with every file under `root`."""
     cfg = load_config(None, overrides(args))
     trainer = build_trainer(cfg, devices=jax.devices()[:1])
     holder = {}
@@ -287,7 +331,6 @@ def main() -> None:
     ]
     for name, value in rows:
         print(f"{name:<52}{value:>12}")
-    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Conversion throughput (GB/s of tensor data) and peak resident memory, jaxmoe <-> HF.
 
-    JAX_PLATFORMS=cpu python tools/bench_convert.py --layers 12 --dir /tmp/bench_convert
+    JAX_PLATFORMS=cpu python tools/bench_convert.py --layers 12 --dir /tmp
+
+All files go into a fresh `bench_convert-XXXXXX` directory created inside --dir (which is
+created if missing); only that directory is deleted afterwards (kept with --keep).
 
 Builds a Mixtral-shaped model (width 1024, 8 experts of width 2048 per layer, --layers layers;
 12 layers = 0.70B parameters = 2.8 GB in float32) twice on disk: as a per-layer-chunked export
@@ -21,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,19 +132,37 @@ def run(task: str, *args: str) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def make_workdir(base: str, tool: str = "bench_convert") -> Path:
+    """A fresh, empty directory inside `base` (created if missing) for this run's files;
+    nothing already in `base` is touched. Raises OSError when `base` cannot hold it."""
+    os.makedirs(base, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=base, prefix=f"{tool}-"))
+
+
+def remove_workdir(workdir: Path) -> None:
+    """Deletes what `make_workdir` created, and nothing else."""
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=os.path.basename(__file__),
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--dir", default="/tmp/bench_convert")
+    parser.add_argument("--dir", default=tempfile.gettempdir(),
+                        help="parent of the run's fresh bench_convert-XXXXXX directory")
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         child(args.child[0], args.child[1:])
         return
-    root = Path(args.dir)
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
+    if args.layers < 1:
+        parser.error(f"--layers {args.layers}: expected an integer >= 1")
+    try:
+        root = make_workdir(args.dir)
+    except OSError as e:
+        parser.error(f"--dir {args.dir!r}: expected a directory this run can create files in "
+                     f"({e.strerror or e})")
     try:
         sizes = build(args.layers, root)
         rows = [("import only (floor)", run("none"))]
@@ -154,8 +176,10 @@ def main() -> None:
         rows.append(("plain file copy of the HF files (I/O ceiling)",
                      run("copy", str(root / "hf32"), str(root / "copy"))))
     finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+        if args.keep:
+            print(f"files kept in {root}")
+        else:
+            remove_workdir(root)
     print(f"model: {args.layers} layers, {sizes['model_gb']:.2f} GB float32; one layer "
           f"{sizes['one_layer_gb']:.3f} GB; largest per-layer slice "
           f"{sizes['largest_layer_slice_gb']:.3f} GB; largest stored array "

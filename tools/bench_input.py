@@ -1,10 +1,12 @@
 """Input-pipeline throughput: tokens/s with 0/1/2 grain workers, packing vs padding efficiency.
 
-    JAX_PLATFORMS=cpu python tools/bench_input.py --batches 200 --workers 0 1 2
+    JAX_PLATFORMS=cpu python tools/bench_input.py --batches 200 --workers 0,1,2 seq_len=1024
 
 Prints a markdown table; the last row is a one-line summary for docs. Tokens/s counts real
 (non-padding) tokens delivered to the caller, measured after the first batch (worker start-up
-excluded). Extra `key=value` arguments override DataConfig fields (e.g. seq_len=1024).
+excluded). `--workers` is a comma-separated list of grain worker counts (the padded row uses
+the first). Extra `key=value` arguments override DataConfig fields (values are YAML, e.g.
+seq_len=1024 or paths=[a.jsonl,b.jsonl]).
 """
 
 from __future__ import annotations
@@ -39,15 +41,51 @@ def measure(cfg: DataConfig, batch_size: int, batches: int) -> dict[str, float]:
             "efficiency": real / slots, "seconds": seconds}
 
 
+def worker_counts(text: str) -> list[int]:
+    """`--workers 0,1,2` -> [0, 1, 2] (argparse type: one-line error on bad input)."""
+    try:
+        counts = [int(w) for w in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(w < 0 for w in counts):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a comma-separated list of integers >= 0, e.g. 0,1,2")
+    return counts
+
+
+def parse_overrides(p: argparse.ArgumentParser, overrides: list[str]) -> DataConfig:
+    """DataConfig from `key=value` overrides; bad input -> p.error (one line, exit 2)."""
+    fields = {f.name for f in dataclasses.fields(DataConfig)}
+    kw = {}
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if not sep or key not in fields:
+            p.error(f"override {o!r}: expected key=value with key a DataConfig field "
+                    f"({', '.join(sorted(fields))})")
+        try:
+            kw[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            p.error(f"override {o!r}: expected a YAML value ({' '.join(str(e).split())})")
+    try:
+        return DataConfig(**kw)
+    except (ValueError, TypeError) as e:
+        p.error(f"overrides {' '.join(overrides)!r}: {' '.join(str(e).split())}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batches", type=int, default=200)
+    p = argparse.ArgumentParser(prog=os.path.basename(__file__),
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, default=200, help="timed batches (>= 1)")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--workers", type=worker_counts, default=[0, 1, 2],
+                   help="comma-separated grain worker counts, e.g. 0,1,2")
     p.add_argument("overrides", nargs="*", help="DataConfig key=value overrides")
     args = p.parse_args(argv)
-    kw = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
-    base = DataConfig(**kw)
+    if args.batches < 1:
+        p.error(f"--batches {args.batches}: expected an integer >= 1")
+    if args.batch_size < 1:
+        p.error(f"--batch_size {args.batch_size}: expected an integer >= 1")
+    base = parse_overrides(p, args.overrides)
     print(f"config: source={base.source} tokenizer={base.tokenizer} seq_len={base.seq_len} "
           f"batch={args.batch_size} batches={args.batches} cpus={os.cpu_count()}")
     print("| mode | workers | tokens/s (real) | slots/s | packing efficiency |")
@@ -56,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     for packing in (True, False):
         for workers in args.workers if packing else args.workers[:1]:
             cfg = dataclasses.replace(base, packing=packing, num_workers=workers)
-            r = measure(cfg, args.batch_size, args.batches)
+            try:
+                r = measure(cfg, args.batch_size, args.batches)
+            except (ValueError, OSError, StopIteration) as e:
+                msg = " ".join(str(e).split()) or "the dataset ended before the timed batches"
+                print(f"{p.prog}: error: {msg}", file=sys.stderr)
+                return 2
             results[(packing, workers)] = r
             print(f"| {'packed' if packing else 'padded'} | {workers} | "
                   f"{r['tokens_per_s']:,.0f} | {r['slots_per_s']:,.0f} | "

@@ -158,10 +158,13 @@ def expert_swiglu_rows(rng: np.random.Generator, steps: int):
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=os.path.basename(__file__),
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="timed calls per row (>= 1)")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: expected an integer >= 1")
     rng = np.random.default_rng(0)
     m, k, n = 1024, 256, 512
     x = jnp.asarray(rng.normal(size=(m, k)), BF16)

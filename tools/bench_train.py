@@ -144,11 +144,14 @@ def torch_mixtral_step(dtype: str):
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=os.path.basename(__file__),
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per row (>= 1)")
     parser.add_argument("--no-torch", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: expected an integer >= 1")
     reexec_with_hugepages()  # see the module docstring
 
     peak = matmul_flops_per_s()

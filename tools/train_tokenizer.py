@@ -5,12 +5,14 @@
     python tools/train_tokenizer.py --format synthetic --num_documents 20000 \
         --kind sentencepiece --vocab_size 512 --out /tmp/tok/spm.model
 
-Special tokens <pad>, <bos>, <eos> get ids 0, 1, 2 (the DataConfig defaults).
+Special tokens <pad>, <bos>, <eos> get ids 0, 1, 2 (the DataConfig defaults). `--kind bpe`
+writes a tokenizer.json (`--out` must end in .json), `--kind sentencepiece` a .model file.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import itertools
 import os
 import sys
@@ -20,9 +22,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from input_pipeline.sources import iter_texts
 from input_pipeline.tokenizer import train_tokenizer
 
+OUT_SUFFIX = {"bpe": ".json", "sentencepiece": ".model"}  # what `data.tokenizer` recognises
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or repr(e)
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=os.path.basename(__file__),
+                                description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="*", help="input files or glob patterns")
     p.add_argument("--format", choices=("jsonl", "parquet", "arrayrecord", "synthetic"),
                    required=True)
@@ -35,12 +44,35 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.format != "synthetic" and not args.inputs:
         p.error("inputs are required unless --format synthetic")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.format == "synthetic" and args.inputs:
+        p.error(f"inputs {args.inputs!r}: expected none with --format synthetic")
+    for pattern in args.inputs:
+        if not glob.glob(os.path.expanduser(pattern)):
+            p.error(f"inputs: {pattern!r} matches no file; expected existing files or glob "
+                    "patterns that match some")
+    if args.vocab_size < 4:
+        p.error(f"--vocab_size {args.vocab_size}: expected an integer >= 4 (3 special tokens "
+                "and at least one more)")
+    if args.max_documents is not None and args.max_documents < 1:
+        p.error(f"--max_documents {args.max_documents}: expected an integer >= 1")
+    if args.num_documents < 1:
+        p.error(f"--num_documents {args.num_documents}: expected an integer >= 1")
+    suffix = OUT_SUFFIX[args.kind]
+    if not args.out.endswith(suffix) or not os.path.basename(args.out)[:-len(suffix)]:
+        p.error(f"--out {args.out!r}: expected a file name ending in {suffix} for "
+                f"--kind {args.kind}")
+    if os.path.isdir(args.out):
+        p.error(f"--out {args.out!r}: is a directory; expected a file path")
     bad: dict[str, int] = {}
-    texts = (t for _, t in iter_texts(args.format, tuple(args.inputs), args.field,
-                                      bad_counts=bad, num_documents=args.num_documents))
-    texts = itertools.islice(texts, args.max_documents)
-    train_tokenizer(texts, args.out, args.vocab_size, kind=args.kind)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        texts = (t for _, t in iter_texts(args.format, tuple(args.inputs), args.field,
+                                          bad_counts=bad, num_documents=args.num_documents))
+        texts = itertools.islice(texts, args.max_documents)
+        train_tokenizer(texts, args.out, args.vocab_size, kind=args.kind)
+    except (ValueError, RuntimeError, OSError, ImportError) as e:
+        print(f"{p.prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}; skipped bad records: {bad or 'none'}")
     return 0
 

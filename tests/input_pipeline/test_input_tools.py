@@ -54,3 +54,124 @@ def test_train_tokenizer_tool(tmp_path) -> None:
     tok = make_tokenizer(DataConfig(tokenizer=out))
     assert tok.decode(tok.encode("doc 00012 ab cd")) == "doc 00012 ab cd"
     assert tok.vocab_size <= 280
+
+
+def _one_error_line(err: str, tool: str) -> str:
+    """The tool's error: one `<tool>.py: error: ...` line, no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()
+             and not line.startswith(("usage:", " "))]
+    assert len(lines) == 1 and lines[0].startswith(f"{tool}.py: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _fails(tool: str, argv: list[str], capsys) -> str:
+    """Runs `tool` expecting exit code 2 (a p.error or a caught error); returns its line."""
+    try:
+        rc = _tool(tool).main(argv)
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    return _one_error_line(capsys.readouterr().err, tool)
+
+
+def test_build_arrayrecord_strict_abort_leaves_no_shard(tmp_path, capsys) -> None:
+    src = tmpfile(tmp_path, "in.jsonl")
+    with open(src, "w") as f:
+        f.write('{"text": "good one"}\n{broken\n{"text": "good two"}\n')
+    out_dir = tmp_path / "ar"
+    line = _fails("build_arrayrecord", ["--format", "jsonl", "--strict", "--out",
+                                        str(out_dir / "y"), src], capsys)
+    assert "in.jsonl:2" in line and "invalid_json" in line
+    assert not out_dir.exists() or os.listdir(out_dir) == []  # no shard, no temporary dir
+
+
+def test_write_arrayrecord_is_all_or_nothing(tmp_path) -> None:
+    from input_pipeline.convert import write_arrayrecord
+
+    def texts():
+        yield from ["a", "b", "c"]
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_arrayrecord(texts(), tmpfile(tmp_path, "y"), 2)
+    assert os.listdir(tmp_path) == []
+    assert write_arrayrecord(["a", "b", "c"], tmpfile(tmp_path, "y"), 2) == [2, 1]
+    assert sorted(os.listdir(tmp_path)) == ["y-00000-of-00002.arrayrecord",
+                                            "y-00001-of-00002.arrayrecord"]
+    with pytest.raises(FileExistsError, match="y-00000-of-00002"):
+        write_arrayrecord(["a"], tmpfile(tmp_path, "y"), 1)  # would mix with the 2-shard set
+    assert len(os.listdir(tmp_path)) == 2
+
+
+def test_build_arrayrecord_refuses_to_mix_shard_sets(tmp_path, capsys) -> None:
+    src = write_jsonl(tmpfile(tmp_path, "in.jsonl"), unique_texts(6))
+    out = tmpfile(tmp_path, "ar/corpus")
+    tool = _tool("build_arrayrecord")
+    assert tool.main(["--format", "jsonl", "--out", out, "--num_shards", "2", src]) == 0
+    before = {p: open(os.path.join(tmp_path, "ar", p), "rb").read()
+              for p in os.listdir(tmp_path / "ar")}
+    capsys.readouterr()
+    line = _fails("build_arrayrecord", ["--format", "jsonl", "--out", out, "--num_shards", "3",
+                                        src], capsys)
+    assert "--out" in line and "corpus-00000-of-00002.arrayrecord" in line
+    after = {p: open(os.path.join(tmp_path, "ar", p), "rb").read()
+             for p in os.listdir(tmp_path / "ar")}
+    assert after == before  # nothing written, nothing removed
+    # The same shard set again replaces its own files.
+    assert tool.main(["--format", "jsonl", "--out", out, "--num_shards", "2", src]) == 0
+    assert sorted(os.listdir(tmp_path / "ar")) == sorted(before)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--num_shards", "0"], "--num_shards 0: expected"),
+    (["no_such_*.jsonl"], "inputs: "),
+])
+def test_build_arrayrecord_bad_arguments(tmp_path, capsys, extra, expected) -> None:
+    src = write_jsonl(tmpfile(tmp_path, "in.jsonl"), unique_texts(3))
+    inputs = [] if any(a.endswith(".jsonl") for a in extra) else [src]
+    argv = ["--format", "jsonl", "--out", tmpfile(tmp_path, "ar/y"), *extra, *inputs]
+    line = _fails("build_arrayrecord", argv, capsys)
+    assert expected in line and "data.paths" not in line
+    assert not os.path.exists(tmp_path / "ar")
+
+
+def test_build_arrayrecord_os_error_is_one_line(tmp_path, capsys) -> None:
+    src = write_jsonl(tmpfile(tmp_path, "in.jsonl"), unique_texts(3))
+    blocker = tmpfile(tmp_path, "file")
+    open(blocker, "w").close()
+    line = _fails("build_arrayrecord", ["--format", "jsonl", "--out", blocker + "/sub/y", src],
+                  capsys)
+    assert "file" in line
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--format", "jsonl", "no_such_*.jsonl", "--vocab_size", "300"], "inputs: 'no_such_"),
+    (["--format", "synthetic", "--kind", "sentencepiece", "--vocab_size", "300"],
+     "--out '{out}': expected a file name ending in .model"),
+    (["--format", "synthetic", "--max_documents", "-1", "--vocab_size", "300"],
+     "--max_documents -1: expected"),
+    (["--format", "synthetic", "--vocab_size", "0"], "--vocab_size 0: expected"),
+    (["--format", "synthetic", "--num_documents", "0", "--vocab_size", "300"],
+     "--num_documents 0: expected"),
+])
+def test_train_tokenizer_bad_arguments(tmp_path, capsys, argv, expected) -> None:
+    out = tmpfile(tmp_path, "tok/t.json")
+    line = _fails("train_tokenizer", [*argv, "--out", out], capsys)
+    assert expected.format(out=out) in line
+    assert not os.path.exists(tmp_path / "tok")
+
+
+def test_train_tokenizer_library_errors_are_one_line(tmp_path, capsys, monkeypatch) -> None:
+    tool = _tool("train_tokenizer")
+
+    def fail(*args, **kwargs):  # what SentencePiece raises for too small a vocab
+        raise RuntimeError("Internal: trainer_interface.cc(664) [...]\nVocabulary size is "
+                           "smaller than required_chars. 300 vs 400.")
+
+    monkeypatch.setattr(tool, "train_tokenizer", fail)
+    rc = tool.main(["--format", "synthetic", "--num_documents", "20", "--kind",
+                    "sentencepiece", "--vocab_size", "300", "--out", tmpfile(tmp_path, "s.model")])
+    assert rc == 2
+    line = _one_error_line(capsys.readouterr().err, "train_tokenizer")
+    assert "trainer_interface.cc(664)" in line and "300 vs 400" in line

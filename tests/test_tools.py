@@ -1,0 +1,198 @@
+"""Argument and directory handling of the benchmark tools (tools/bench_*.py), without timing.
+
+Nothing here runs a measurement: each test stops a tool at its argument checks, or replaces
+the measuring function, so a missing check fails fast instead of starting a benchmark.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import pytest
+
+TOOLS = os.path.join(os.path.dirname(__file__), "..", "tools")
+
+
+@functools.cache
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Reached(Exception):
+    """Raised by a stand-in for the first expensive call after argument checking."""
+
+
+def _reached(*args, **kwargs):
+    raise _Reached
+
+
+def _rejects(main, argv: list[str], capsys, expected: str, tool: str) -> None:
+    """`main(argv)` exits 2 with one `<tool>.py: error: ...` line naming `expected`."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("usage:", " "))]
+    assert lines == [lines[0]] and lines[0].startswith(f"{tool}.py: error: "), err
+    assert expected in lines[0], err
+
+
+def _user_dir(tmp_path):
+    base = tmp_path / "mine"
+    base.mkdir()
+    (base / "precious.txt").write_text("user data")
+    (base / "sub").mkdir()
+    (base / "sub" / "more.txt").write_text("more")
+    return base
+
+
+def _untouched(base) -> None:
+    assert sorted(os.listdir(base)) == ["precious.txt", "sub"]
+    assert (base / "precious.txt").read_text() == "user data"
+    assert (base / "sub" / "more.txt").read_text() == "more"
+
+
+@pytest.mark.parametrize("name", ["bench_convert", "bench_checkpoint"])
+def test_workdir_is_fresh_and_only_it_is_removed(tmp_path, name) -> None:
+    tool = _tool(name)
+    base = _user_dir(tmp_path)
+    work = tool.make_workdir(str(base))
+    assert work.parent == base and os.listdir(work) == []
+    (work / "export").mkdir()
+    (work / "export" / "x.bin").write_bytes(b"0" * 10)
+    tool.remove_workdir(work)
+    _untouched(base)
+    new = tool.make_workdir(str(tmp_path / "new" / "dir"))  # a missing --dir is created
+    assert new.parent == tmp_path / "new" / "dir"
+
+
+def test_bench_convert_failure_removes_only_its_workdir(tmp_path, monkeypatch, capsys) -> None:
+    tool = _tool("bench_convert")
+    base = _user_dir(tmp_path)
+    monkeypatch.setattr(tool, "build", _reached)
+    with pytest.raises(_Reached):
+        tool.main(["--layers", "1", "--dir", str(base)])
+    _untouched(base)
+
+
+def test_bench_checkpoint_failure_removes_only_its_workdir(tmp_path, monkeypatch) -> None:
+    tool = _tool("bench_checkpoint")
+    base = _user_dir(tmp_path)
+    monkeypatch.setattr(tool, "reexec_with_hugepages", lambda: None)
+    seen = []
+
+    def benchmark(args, root):
+        seen.append(root)
+        (root / "1000").mkdir()
+        raise _Reached
+
+    monkeypatch.setattr(tool, "benchmark", benchmark)
+    with pytest.raises(_Reached):
+        tool.main(["--dir", str(base)])
+    assert seen and seen[0].parent == base
+    _untouched(base)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--layers", "0"], "--layers 0: expected"),
+    (["--layers", "-2"], "--layers -2: expected"),
+    (["--dir", "{file}"], "--dir '{file}'"),
+])
+def test_bench_convert_bad_arguments(tmp_path, monkeypatch, capsys, argv, expected) -> None:
+    tool = _tool("bench_convert")
+    monkeypatch.setattr(tool, "build", _reached)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("user data")
+    argv = [a.format(file=blocker) for a in argv]
+    _rejects(tool.main, argv, capsys, expected.format(file=blocker), "bench_convert")
+    assert blocker.read_text() == "user data"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--layers", "0"], "--layers 0: expected"),
+    (["--steps", "0"], "--steps 0: expected"),
+    (["--repeats", "0"], "--repeats 0: expected"),
+    (["--every", "0"], "--every 0: expected"),
+    (["--width", "100"], "--width 100: expected"),
+    (["--width", "1000"], "--width 1000: expected a multiple of 128"),
+    (["--vocab", "3"], "--vocab 3: expected"),
+    (["--batch", "0"], "--batch 0: expected"),
+    (["--seq", "1"], "--seq 1: expected"),
+    (["--dir", "{file}"], "--dir '{file}'"),
+])
+def test_bench_checkpoint_bad_arguments(tmp_path, monkeypatch, capsys, argv, expected) -> None:
+    tool = _tool("bench_checkpoint")
+    monkeypatch.setattr(tool, "reexec_with_hugepages", _reached)  # never restart pytest
+    monkeypatch.setattr(tool, "benchmark", _reached)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("user data")
+    argv = [a.format(file=blocker) for a in argv]
+    _rejects(tool.main, argv, capsys, expected.format(file=blocker), "bench_checkpoint")
+    assert blocker.read_text() == "user data"
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "-3"]])
+def test_bench_train_rejects_steps(monkeypatch, capsys, argv) -> None:
+    tool = _tool("bench_train")
+    monkeypatch.setattr(tool, "reexec_with_hugepages", _reached)
+    monkeypatch.setattr(tool, "matmul_flops_per_s", _reached)
+    _rejects(tool.main, argv, capsys, f"--steps {argv[1]}: expected", "bench_train")
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "-3"]])
+def test_bench_matmul_rejects_steps(monkeypatch, capsys, argv) -> None:
+    tool = _tool("bench_matmul")
+    monkeypatch.setattr(tool, "seconds", _reached)
+    monkeypatch.setattr(tool, "jnp", None)  # anything past the checks fails at once
+    _rejects(tool.main, argv, capsys, f"--steps {argv[1]}: expected", "bench_matmul")
+
+
+def _fake_measure(cfg, batch_size, batches):
+    return {"tokens_per_s": 1000.0 * (cfg.num_workers + 1), "slots_per_s": 2000.0,
+            "efficiency": 0.5, "seconds": 1.0}
+
+
+def test_bench_input_workers_list_keeps_overrides(monkeypatch, capsys) -> None:
+    tool = _tool("bench_input")
+    seen = []
+    monkeypatch.setattr(tool, "measure",
+                        lambda cfg, b, n: seen.append(cfg) or _fake_measure(cfg, b, n))
+    assert tool.main(["--batches", "1", "--workers", "0,2", "seq_len=64",
+                      "num_documents=50"]) == 0
+    out = capsys.readouterr().out
+    assert "seq_len=64" in out and "(0w)" in out and "(2w)" in out
+    assert [(c.packing, c.num_workers) for c in seen] == [(True, 0), (True, 2), (False, 0)]
+    assert {(c.seq_len, c.num_documents) for c in seen} == {(64, 50)}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--batches", "0"], "--batches 0: expected"),
+    (["--batch_size", "0"], "--batch_size 0: expected"),
+    (["--workers", "0,x"], "'0,x': expected a comma-separated list"),
+    (["--workers=-1"], "'-1': expected a comma-separated list"),
+    (["--workers", ""], "'': expected a comma-separated list"),
+    (["seq_len"], "override 'seq_len': expected key=value"),
+    (["no_such_field=1"], "override 'no_such_field=1': expected key=value"),
+    (["seq_len=["], "override 'seq_len=[': expected a YAML value"),
+    (["seq_len=1"], "data.seq_len=1: expected"),
+    (["seq_len=abc"], "'seq_len=abc'"),
+])
+def test_bench_input_bad_arguments(monkeypatch, capsys, argv, expected) -> None:
+    tool = _tool("bench_input")
+    monkeypatch.setattr(tool, "measure", _reached)
+    _rejects(tool.main, argv, capsys, expected, "bench_input")
+
+
+def test_bench_input_dataset_errors_are_one_line(tmp_path, capsys) -> None:
+    tool = _tool("bench_input")
+    missing = tmp_path / "none_*.jsonl"
+    rc = tool.main(["--batches", "1", "--workers", "0", "source=jsonl", f"paths={missing}"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bench_input.py: error: ")
+    assert "none_*.jsonl" in err and "Traceback" not in err
