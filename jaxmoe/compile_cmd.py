@@ -55,6 +55,19 @@ def expert_parallel_degree(mesh_shape: Mapping[str, int], rules: Any) -> int:
     return math.prod(mesh_shape[a] for a in mesh_axes_of("expert", rules))
 
 
+def expert_buffer_fill(buffer_factor: float, n_ep: int) -> float:
+    """The fraction of each expert receive buffer that holds tokens at balanced load.
+
+    A device receives as many rows as it sends (its local token copies) when the experts are
+    balanced; its buffer holds `buffer_factor` x that (0: the worst case, `n_ep` x). A factor
+    below 1 makes the buffer smaller than the balanced load: it is full (and copies are
+    dropped), so the fill is 1, never more. Without expert parallelism there is no buffer."""
+    if n_ep <= 1:
+        return 1.0
+    factor = buffer_factor if buffer_factor > 0 else n_ep
+    return min(1.0, 1.0 / factor)
+
+
 def _model_flops(cfg: config_lib.Config) -> float:
     from jaxmoe.model.params import training_flops_per_token
 
@@ -82,9 +95,13 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
 
         rules = sharding.make_rules(cfg.mesh.rules)
         ici, dcn = sharding.config_degrees(cfg.mesh)
-        n_dcn = 1
-        for v in dcn.values():
-            n_dcn *= v
+        n_dcn = math.prod(dcn.values())
+        if n_dcn != target.num_slices:
+            set_dcn = {f"mesh.dcn_{a}": v for a, v in dcn.items() if v > 1}
+            raise sharding.MeshError(
+                f"mesh: DCN degrees {set_dcn or '(none)'} (product {n_dcn}) != --num-slices "
+                f"{target.num_slices}; expected mesh.dcn_* degrees whose product is "
+                f"{target.num_slices}")
         shape = sharding.mesh_shape(ici, target.devices // n_dcn)
         shape = {a: shape[a] * dcn[a] for a in sharding.MESH_AXES}
         sharding.check_model_fits(shape, rules, cfg.model, cfg.train.batch_size,
@@ -93,7 +110,7 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
         tx = make_optimizer(cfg.train.optimizer, cfg.train.steps)
         abstract = jax.eval_shape(lambda: init_state(cfg.model, tx, cfg.train.seed))
         specs = sharding.state_shardings(abstract, mesh, rules)
-        return estimate.analytic(target, cfg, shape, abstract, specs, model_flops)
+        return estimate.analytic(target, cfg, shape, abstract, specs, model_flops, dcn)
     start = time.perf_counter()
     trainer = build_trainer(cfg, devices)
     compiled = aot.compile_train_step(trainer)
@@ -101,13 +118,16 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
     text = compiled.as_text()
     if hlo_out:
         _write_atomic(hlo_out, text)
-    stats = hlo.analyse(text, estimate.link_model(target.chip, list(trainer.mesh.devices.flat)))
+    chip = target.chip
+    stats = hlo.analyse(text, estimate.link_model(chip, list(trainer.mesh.devices.flat)),
+                        num_slices=target.num_slices,
+                        dcn_bw=chip.dcn_bw / chip.devices_per_chip)
     n_ep = expert_parallel_degree(trainer.mesh.shape, trainer.rules)
-    factor = cfg.mesh.expert_buffer_factor or n_ep  # 0: worst-case buffers, n_ep x
     report = estimate.from_compiled(target, dict(trainer.mesh.shape),
                                     aot.memory_stats(compiled), stats,
                                     aot.cost_flops(compiled), model_flops,
-                                    buffer_fill=1.0 / factor if n_ep > 1 else 1.0)
+                                    buffer_fill=expert_buffer_fill(cfg.mesh.expert_buffer_factor,
+                                                               n_ep))
     report.notes.append(f"compiled in {seconds:.0f} s on this host")
     return report
 

@@ -52,7 +52,7 @@ def default_dims(chips: int, ndim: int) -> tuple[int, ...]:
     """The usual slice shape for `chips` chips: powers of two kept as even as possible
     (v5p: 64 -> 4x4x4, 128 -> 4x4x8; v6e: 256 -> 16x16); a trailing 1 for small 3D ones."""
     if chips & (chips - 1):
-        raise TargetError(f"{chips} chips: give the shape explicitly (e.g. v5p:4x4x6)")
+        raise TargetError(f"{chips} chips: not a power of two; give the shape explicitly")
     dims = [1] * ndim
     while math.prod(dims) < chips:
         i = dims.index(min(dims))
@@ -78,8 +78,18 @@ def target_from_name(name: str, num_slices: int = 1) -> Target:
     spec = m.group(2)
     if "x" in spec or ":" in name:
         dims = tuple(int(v) for v in spec.split("x"))
+        if min(dims) < 1:
+            raise TargetError(f"--topology {name!r}: every dimension of the shape must be "
+                              f">= 1 (e.g. {chip.name}:{_example_shape(chip)})")
+        if chip.platform == "tpu" and len(dims) != chip.torus_dims:
+            raise TargetError(f"--topology {name!r}: {chip.name} is a {chip.torus_dims}D torus; "
+                              f"expected {chip.torus_dims} dimensions "
+                              f"(e.g. {chip.name}:{_example_shape(chip)})")
         return Target(name, chip, math.prod(dims), dims, num_slices)
     count = int(spec)
+    if count < 1:
+        raise TargetError(f"--topology {name!r}: expected a positive "
+                          f"{'GPU' if chip.platform == 'gpu' else 'TensorCore/chip'} count")
     if chip.platform == "gpu":
         return Target(name, chip, count, (count,), num_slices)
     cores = CORES_IN_NAME.get(chip.name, 1)
@@ -87,27 +97,59 @@ def target_from_name(name: str, num_slices: int = 1) -> Target:
         raise TargetError(f"--topology {name!r}: {chip.name} names count TensorCores "
                           f"({cores} per chip); expected a multiple of {cores}")
     chips = count // cores
-    return Target(name, chip, chips, default_dims(chips, chip.torus_dims), num_slices)
+    try:
+        dims = default_dims(chips, chip.torus_dims)
+    except TargetError:
+        raise TargetError(f"--topology {name!r}: {chips} chips is not a power of two; give "
+                          f"the torus shape explicitly (e.g. {chip.name}:"
+                          f"{_example_shape(chip, chips)})") from None
+    return Target(name, chip, chips, dims, num_slices)
+
+
+def _example_shape(chip: Chip, chips: int = 0) -> str:
+    """A shape of `chip`'s torus rank to suggest in messages (`chips` of them when that
+    factors simply, else a small power of two)."""
+    ndim = max(chip.torus_dims, 1)
+    if chips > 1:
+        dims = [1] * ndim
+        rest = chips
+        for p in (2, 3, 5, 7):  # spread small prime factors, largest dims last
+            while rest % p == 0:
+                dims[dims.index(min(dims))] *= p
+                rest //= p
+        if rest == 1:  # ones last, as Cloud names the flat shapes (2x2x1)
+            return "x".join(map(str, sorted(dims, key=lambda v: (v == 1, v))))
+    return "x".join(["4"] * ndim)
 
 
 def topology_devices(target: Target) -> list[Any] | None:
-    """Compile-only devices of `target` (None when this JAX cannot describe it)."""
+    """Compile-only devices of `target`; None when no compiler for it is installed (no
+    libtpu, no GPU plugin): the caller falls back to the analytic estimate. A shape that the
+    installed compiler refuses raises TargetError with its reason."""
+    from jax._src import xla_bridge
     from jax.experimental import topologies
 
     # libtpu takes a host-wide lock file on load; compile-only use needs no exclusive access,
     # and a test run or a second `jaxmoe compile` must not fail on it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if target.chip.platform == "tpu":
+        if xla_bridge.get_tpu_library_path() is None:
+            return None  # no libtpu
+        name = target.topology_name
+        kwargs = {"num_slices": target.num_slices} if target.num_slices > 1 else {}
+    else:
+        name, kwargs = target.name, {}
+    platform = "tpu" if target.chip.platform == "tpu" else "cuda"
     try:
-        if target.chip.platform == "tpu":
-            kwargs = {"num_slices": target.num_slices} if target.num_slices > 1 else {}
-            topo = topologies.get_topology_desc(platform="tpu",
-                                                topology_name=target.topology_name, **kwargs)
-        else:
-            topo = topologies.get_topology_desc(platform="cuda",
-                                                topology_name=target.name)
-    # No libtpu, no GPU plugin, or a shape libtpu refuses: the analytic estimate only.
-    except (RuntimeError, ValueError, NotImplementedError, ImportError):
+        topo = topologies.get_topology_desc(platform=platform, topology_name=name, **kwargs)
+    except (ImportError, NotImplementedError):  # no plugin registered for the platform
         return None
+    except (RuntimeError, ValueError) as e:
+        reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        slices = f" x {target.num_slices} slices" if target.num_slices > 1 else ""
+        who = "libtpu" if platform == "tpu" else f"the {platform} plugin"
+        raise TargetError(f"--topology {target.name!r}: {who} refuses {name}"
+                          f"{slices}: {reason}") from None
     return list(topo.devices)
 
 
@@ -116,8 +158,8 @@ def abstract_inputs(trainer: Any) -> tuple[Any, dict[str, jax.ShapeDtypeStruct]]
     import jax.numpy as jnp
 
     state = jax.eval_shape(trainer.init)
-    b, l = trainer.cfg.train.batch_size, trainer.cfg.data.seq_len
-    batch = {k: jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=trainer.batch_sharding)
+    b, seq = trainer.cfg.train.batch_size, trainer.cfg.data.seq_len
+    batch = {k: jax.ShapeDtypeStruct((b, seq), jnp.int32, sharding=trainer.batch_sharding)
              for k in ("inputs", "targets", "segment_ids", "positions")}
     return state, batch
 

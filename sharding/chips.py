@@ -20,7 +20,8 @@ Numbers are per chip, as published by the vendor (sources below, checked 2026-11
   B200     https://www.nvidia.com/en-us/data-center/dgx-b200/ (2.25 PFLOP/s dense bf16 per
            GPU, 180 GB, 8 TB/s; NVLink 1800 GB/s).
 DCN / inter-node bandwidth for GPUs is taken as 400 Gb/s per GPU (one InfiniBand NDR port
-per GPU, the usual H100/H200 cluster design); TPU v4/v5e/v6e/7x DCN as 25-50 Gb/s per chip
+per GPU, the usual H100/H200 cluster design), for groups larger than one NVLink domain of
+`NVLINK_DOMAIN` = 8 GPUs (an HGX node); TPU v4/v5e/v6e/7x DCN as 25-50 Gb/s per chip
 is a planning assumption, not a published figure (only v5p's 50 Gb/s is).
 """
 
@@ -30,6 +31,7 @@ import dataclasses
 
 GB = 1e9
 GIB = 2**30
+NVLINK_DOMAIN = 8  # GPUs joined by NVLink (one HGX node); larger groups go over the network
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,8 +10,10 @@ axes, which must be among the batch axes, so every expert device brings its own 
   devices each hold a slice of every expert's MLP width).
 
 Expert weights enter the shard_map split over the expert (and tensor) axes, so they are
-never all-gathered across the expert axis; an FSDP split of their `embed` dimension is
-gathered by XLA before the map, as for any FSDP weight.
+never all-gathered across the expert axis; an FSDP split of their `embed` dimension enters
+the map still split and is all-gathered inside it (`lax.all_gather` over the embed axes,
+just before the expert matmuls), so that its transpose in the backward pass is a
+reduce-scatter of the gradients rather than a psum of whole replicated ones.
 
 Two interchangeable exchanges (`impl`):
   * "padded": `lax.all_to_all` of per-destination buffers of a static size. Runs on every

@@ -10,7 +10,8 @@ counts multiply, fusions/calls inherit), and
     elements are counted, as XLA's own cost analysis does) and the grouped-matmul
     custom calls (`ragged-dot`) of Mosaic kernels;
   * collectives are collected by kind with their result bytes, group size, the bytes each
-    device sends over the wire (ring algorithms) and whether a group spans slices (DCN).
+    device sends over the wire (ring algorithms) and whether a group spans slices (DCN);
+    on multi-slice TPU programs the cross-slice steps are megascale `send`s (DCN).
 
 Trip counts come from the loop condition (`counter < N`, counter from 0, as lax.scan and
 fori_loop lower); a loop whose count cannot be read counts once and is reported.
@@ -333,15 +334,35 @@ def _collective(ins: Instr) -> tuple[str, float] | None:
     return kind, nbytes(arrays)
 
 
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="([A-Z_]+)"')
+
+
+def _megascale(ins: Instr) -> tuple[str, float] | None:
+    """(kind, bytes) of a cross-slice transfer: on multi-slice TPU programs libtpu lowers a
+    collective's DCN step to host-transfer `send`/`recv` pairs tagged with
+    `_xla_megascale_transfer_type` (e.g. "ALL_REDUCE") and `_xla_megascale_target`; each
+    pair is one collective over the slices, counted at its `send`."""
+    if ins.opcode != "send":
+        return None
+    m = _MEGASCALE.search(ins.attrs)
+    if not m:
+        return None
+    kind = m.group(1).lower().replace("_", "-")
+    return (kind if kind in COLLECTIVES else "all-reduce"), nbytes(ins.result[:1])
+
+
 Link = Callable[[np.ndarray], tuple[float, bool]]  # device ids -> (bytes/s, crosses DCN)
 
 
-def analyse(text: str, link: Link | None = None, scan_once: bool = False) -> dict:
+def analyse(text: str, link: Link | None = None, scan_once: bool = False,
+            num_slices: int = 2, dcn_bw: float = 0.0) -> dict:
     """{"flops": matmul FLOPs per device per step, "kernel_flops": the part in custom-call
     kernels (grouped matmuls), "collectives": {kind: CollectiveStats}, "unknown_loops": [...]}
     for one device's program. `link(group of device ids)` gives the
     bandwidth a group communicates at and whether it crosses slices (DCN); `scan_once`
-    counts loop bodies once (to compare with XLA's cost analysis)."""
+    counts loop bodies once (to compare with XLA's cost analysis). Cross-slice (megascale)
+    transfers are collectives over `num_slices` slices, all DCN, at `dcn_bw` bytes/s per
+    device when given."""
     comps, entry = parse_module(text)
     mult, unknown = multiplicities(comps, entry, scan_once)
     flops = kernel_flops = 0.0
@@ -355,6 +376,18 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False) -> dic
             flops += f
             if ins.opcode == "custom-call":
                 kernel_flops += f
+            ms = _megascale(ins)
+            if ms is not None:
+                kind, size = ms
+                wire = _wire(kind, size, num_slices)
+                s = colls[kind]
+                s.count += m
+                s.bytes += m * size
+                s.wire_bytes += m * wire
+                s.dcn_wire_bytes += m * wire
+                if dcn_bw:
+                    s.seconds += m * wire / dcn_bw
+                continue
             c = _collective(ins)
             if c is None:
                 continue

@@ -30,20 +30,23 @@ class MeshError(ValueError):
     """The requested mesh does not fit the devices or the model."""
 
 
-def mesh_shape(degrees: dict[str, int], num_devices: int) -> dict[str, int]:
-    """Resolves one -1 degree so that the product equals `num_devices`."""
+def mesh_shape(degrees: dict[str, int], num_devices: int,
+               per_slice: str = "") -> dict[str, int]:
+    """Resolves one -1 degree so that the product equals `num_devices`. `per_slice` (e.g.
+    " per slice") qualifies the device count in messages when DCN degrees split the devices."""
     fixed = math.prod(v for v in degrees.values() if v != -1)
     shape = dict(degrees)
     for axis, v in degrees.items():
         if v == -1:
             if num_devices % fixed:
-                raise MeshError(f"mesh: {num_devices} devices are not divisible by the fixed "
-                                f"degrees {({a: d for a, d in degrees.items() if d != -1})} "
+                raise MeshError(f"mesh: {num_devices} devices{per_slice} are not divisible by "
+                                f"the fixed degrees "
+                                f"{({a: d for a, d in degrees.items() if d != -1})} "
                                 f"(product {fixed}) to fill mesh.{axis}=-1")
             shape[axis] = num_devices // fixed
     if math.prod(shape.values()) != num_devices:
         raise MeshError(f"mesh {shape}: product {math.prod(shape.values())} != "
-                        f"{num_devices} devices")
+                        f"{num_devices} devices{per_slice}")
     return shape
 
 
@@ -86,15 +89,26 @@ def make_mesh(degrees: dict[str, int], devices: Sequence[jax.Device] | None = No
     if len(devices) % n_dcn:
         raise MeshError(f"mesh: {len(devices)} devices are not divisible by the DCN degrees "
                         f"{ {a: v for a, v in dcn.items() if v > 1} } (product {n_dcn})")
-    ici = mesh_shape({a: degrees.get(a, 1) for a in MESH_AXES}, len(devices) // n_dcn)
+    granules, by_process = _granules(devices)
+    if n_dcn == 1 and granules > 1 and not by_process:
+        # A flat mesh would put ICI steps of some axis across slices (DCN).
+        raise MeshError(f"mesh: the {len(devices)} devices are in {granules} slices but no "
+                        f"DCN degree is set; expected mesh.dcn_data/dcn_fsdp/dcn_expert/"
+                        f"dcn_tensor with product {granules}")
+    if n_dcn > 1 and granules != n_dcn:
+        shown = {f"mesh.dcn_{a}": v for a, v in dcn.items() if v > 1}
+        if by_process and granules == 1:
+            where = "but the devices are one slice in one process (nothing to cross over DCN)"
+        else:
+            where = f"but the devices are in {granules} {'processes' if by_process else 'slices'}"
+        raise MeshError(f"mesh: DCN degrees {shown} (product {n_dcn}) {where}; expected a "
+                        f"product of {granules}")
+    per = (f" per {'process' if by_process else 'slice'} ({len(devices)} devices / DCN "
+           f"product {n_dcn})" if n_dcn > 1 else "")
+    ici = mesh_shape({a: degrees.get(a, 1) for a in MESH_AXES}, len(devices) // n_dcn, per)
     ici_shape = tuple(ici[a] for a in MESH_AXES)
     if n_dcn == 1:
         return Mesh(_device_grid(ici_shape, devices), MESH_AXES)
-    granules, by_process = _granules(devices)
-    if granules != n_dcn:
-        raise MeshError(f"mesh: DCN degrees {({a: v for a, v in dcn.items() if v > 1})} "
-                        f"(product {n_dcn}) != {granules} "
-                        f"{'processes' if by_process else 'slices'} holding the devices")
     grid = mesh_utils.create_hybrid_device_mesh(
         ici_shape, tuple(dcn[a] for a in MESH_AXES), devices,
         process_is_granule=by_process, allow_split_physical_axes=True)

@@ -1,9 +1,10 @@
-"""`jaxmoe compile`'s expert-parallel degree follows the logical-axis rules (`mesh.rules`)."""
+"""`jaxmoe compile`'s expert-parallel degree follows the logical-axis rules (`mesh.rules`), and
+the expert receive buffers' fill at balanced load follows `mesh.expert_buffer_factor`."""
 
 import pytest
 
 import sharding
-from jaxmoe.compile_cmd import expert_parallel_degree
+from jaxmoe.compile_cmd import expert_buffer_fill, expert_parallel_degree
 
 SHAPE = {"data": 2, "fsdp": 3, "expert": 4, "tensor": 5}
 
@@ -16,3 +17,16 @@ SHAPE = {"data": 2, "fsdp": 3, "expert": 4, "tensor": 5}
 ])
 def test_expert_parallel_degree(overrides, degree):
     assert expert_parallel_degree(SHAPE, sharding.make_rules(overrides)) == degree
+
+
+@pytest.mark.parametrize("factor, n_ep, fill", [
+    (0.0, 4, 0.25),   # 0: worst-case buffers, n_ep x the balanced load
+    (2.0, 4, 0.5),
+    (1.0, 4, 1.0),
+    (0.25, 2, 1.0),   # a buffer smaller than the balanced load is full (copies dropped)
+    (0.5, 8, 1.0),
+    (0.0, 1, 1.0),    # no expert parallelism: no receive buffer
+    (3.0, 1, 1.0),
+])
+def test_expert_buffer_fill(factor, n_ep, fill):
+    assert expert_buffer_fill(factor, n_ep) == pytest.approx(fill)

@@ -6,11 +6,16 @@ Needs `libtpu` (a plain PyPI wheel: `pip install libtpu`, or `pip install -e .[t
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxmoe.cli import main
-from sharding import aot
+from sharding import aot, estimate
+from sharding.chips import get_chip
+from sharding.hlo import CollectiveStats
 
 
 @pytest.mark.parametrize("name, chips, dims", [
@@ -23,10 +28,30 @@ def test_topology_names(name, chips, dims):
     assert (t.chips, t.dims) == (chips, dims)
 
 
-@pytest.mark.parametrize("name", ["v5p", "v5p-7", "x9-8", "v5p-96"])
-def test_bad_topology_names(name):
-    with pytest.raises(aot.TargetError):
+@pytest.mark.parametrize("name, expected", [
+    ("v5p", "expected e.g. v5p-128"), ("v5p-7", "expected a multiple of 2"),
+    ("x9-8", "chip 'x9'"), ("v5p-96", "48 chips is not a power of two"),
+    ("v5p-0", "expected a positive"), ("v5p:0x4x4", "must be >= 1"),
+    ("h100-0", "expected a positive GPU count"),
+    ("v5e-6", "give the torus shape explicitly (e.g. v5e:2x3)"),
+    ("v6e:4x4x4", "v6e is a 2D torus; expected 2 dimensions"),
+])
+def test_bad_topology_names(name, expected):
+    with pytest.raises(aot.TargetError) as e:
         aot.target_from_name(name)
+    msg = str(e.value)
+    assert f"--topology {name!r}" in msg and expected in msg and "\n" not in msg, msg
+
+
+def test_shape_libtpu_refuses_is_an_error_not_an_estimate(capsys):
+    with pytest.raises(aot.TargetError) as e:
+        aot.topology_devices(aot.target_from_name("v5p:3x3x3"))
+    msg = str(e.value)
+    assert msg.startswith("--topology 'v5p:3x3x3': libtpu refuses v5p:3x3x3: ") and \
+        "\n" not in msg, msg
+    rc = main(["compile", "--config", "configs/tiny_moe.yaml", "--topology", "v5p:3x3x3"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "libtpu refuses" in err and "source:" not in out, (out, err)
 
 
 def mfu(out: str) -> float:
@@ -54,6 +79,127 @@ def test_gpu_target_falls_back_to_the_analytic_estimate(capsys):
     rc = main(["compile", "--config", "configs/tiny_moe.yaml", "--topology", "h100-8"])
     out = capsys.readouterr().out
     assert rc == 0 and "source: analytic" in out and 0 < mfu(out) < 100, out
+    assert "(model FLOPs with rematerialisation, analytic)" in out and "HLO" not in out, out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--num-slices", "2", "mesh.dcn_data=3"],
+     "DCN degrees {'mesh.dcn_data': 3} (product 3) != --num-slices 2"),
+    (["--num-slices", "2"], "DCN degrees (none) (product 1) != --num-slices 2"),
+    (["mesh.dcn_data=2"], "(product 2) != --num-slices 1"),
+])
+def test_analytic_dcn_degrees_must_match_num_slices(capsys, args, expected):
+    rc = main(["compile", "--config", "configs/tiny_moe.yaml", "--topology", "h100-8"] + args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and expected in err and "\n" not in err, err
+
+
+def test_multi_slice_plan_counts_dcn_collectives():
+    """libtpu lowers the cross-slice step of the gradient all-reduce to megascale send/recv;
+    they must show up as DCN traffic (about 10 s: tiny model, 2 x v5p:2x2x1)."""
+    from jaxmoe import config as config_lib
+    from jaxmoe.compile_cmd import plan
+
+    cfg = config_lib.load_config("configs/tiny_moe.yaml", ["mesh.data=4", "mesh.dcn_data=2"])
+    report = plan(cfg, "v5p-8", num_slices=2)
+    assert report.source == "compiled" and report.mesh["data"] == 8
+    ar = report.collectives["all-reduce"]
+    assert ar.dcn_wire_bytes > 0 and ar.wire_bytes > ar.dcn_wire_bytes
+    # The DCN bytes go at 50 Gb/s per chip (ICI: 400 GB/s per ring).
+    dcn_s = ar.dcn_wire_bytes / get_chip("v5p").dcn_bw
+    assert report.overlapped_comm_s >= dcn_s * 0.999 and dcn_s > 0
+
+
+# ----------------------------------------------------------------- the analytic model by hand
+
+def _tiny_analytic(topology: str, mesh_shape: dict, dcn: dict | None = None, accum: int = 2,
+                   num_slices: int = 1):
+    """A one-leaf state (f32[1024, 96] split over fsdp) and a 2-layer MoE, small enough to
+    work every number out by hand."""
+    model = SimpleNamespace(num_layers=2, embed_dim=64, num_heads=4, num_experts_per_tok=2,
+                            expert_mlp_dim=128, mlp_dim=256, vocab_size=512, remat="full",
+                            num_experts=4, is_moe_layer=lambda i: True)
+    cfg = SimpleNamespace(model=model, data=SimpleNamespace(seq_len=32),
+                          train=SimpleNamespace(batch_size=16, grad_accum_steps=accum))
+    state = [jax.ShapeDtypeStruct((1024, 96), jnp.float32)]
+    specs = [SimpleNamespace(spec=("fsdp", None))]
+    return estimate.analytic(aot.target_from_name(topology, num_slices), cfg, mesh_shape,
+                             state, specs, 8e9, dcn)
+
+
+def test_analytic_memory_and_collectives_by_hand():
+    r = _tiny_analytic("h100-8", {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1})
+    state = 1024 // 2 * 96 * 4  # 196608 bytes of params + 2 Adam moments on this device
+    params = state / 3
+    # micro-batch: 16 sequences / 8 batch shards / 2 micro-batches = 1 sequence, 32 tokens
+    saved = 2 * 32 * 64 * 2
+    working = 2 * 1 * 4 * 32 * 32 * 4 + 3 * 32 * 256 * 2 + 2 * 32 * 512 * 4
+    assert r.memory["arguments"] == state
+    assert r.memory["temporaries"] == params + saved + working == 286720
+    assert r.memory["total"] == 483328
+    assert r.executed_flops == pytest.approx(8e9 * 4 / 3 / 8)
+    c = r.collectives
+    # Every collective runs once per micro-batch (2): FSDP gathers (fwd + bwd per layer) of
+    # the bf16 parameters, gradient reduce-scatters, the data all-reduce, expert all-to-alls.
+    assert (c["all-gather"].count, c["all-gather"].bytes, c["all-gather"].wire_bytes) == (
+        2 * 4, 2 * 4 * 32768, 2 * 4 * 32768 / 2)
+    assert (c["reduce-scatter"].count, c["reduce-scatter"].bytes) == (2 * 2, 2 * 2 * 65536)
+    assert (c["all-reduce"].count, c["all-reduce"].bytes, c["all-reduce"].wire_bytes) == (
+        2, 2 * 65536, 2 * 65536 * 2 * 1 / 2)
+    assert (c["all-to-all"].count, c["all-to-all"].bytes) == (2 * 12, 2 * 12 * 32 * 2 * 64 * 2)
+    assert all(s.dcn_wire_bytes == 0 for s in c.values())  # 8 GPUs: one NVLink domain
+    nvlink = 900e9
+    assert r.overlapped_comm_s == pytest.approx((131072 + 131072 + 131072) / nvlink)
+    assert r.exposed_comm_s == pytest.approx(98304 / nvlink)
+    one = _tiny_analytic("h100-8", {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}, accum=1)
+    assert one.collectives["all-to-all"].bytes == c["all-to-all"].bytes  # 2 x half the tokens
+    assert one.collectives["all-gather"].bytes * 2 == c["all-gather"].bytes
+
+
+def test_analytic_dcn_axes_go_at_dcn_bandwidth():
+    # 16 GPUs: data (4) x the 4 devices inside it span 16 > 8 GPUs: the data all-reduce
+    # leaves the NVLink domain; fsdp (2 x 2 = 4) and expert (2) stay inside.
+    r = _tiny_analytic("h100-16", {"data": 4, "fsdp": 2, "expert": 2, "tensor": 1})
+    c = r.collectives
+    assert c["all-reduce"].dcn_wire_bytes == c["all-reduce"].wire_bytes > 0
+    assert c["all-gather"].dcn_wire_bytes == c["reduce-scatter"].dcn_wire_bytes == 0
+    ib, nvlink = 400e9 / 8, 900e9
+    assert r.overlapped_comm_s == pytest.approx(
+        (c["all-gather"].wire_bytes + c["reduce-scatter"].wire_bytes) / nvlink
+        + c["all-reduce"].wire_bytes / ib)
+    # TPU: a dcn_data degree puts the data axis on DCN (50 Gb/s per v5p chip).
+    t = _tiny_analytic("v5p-8", {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1},
+                       dcn={"data": 2}, num_slices=2)
+    ar = t.collectives["all-reduce"]
+    assert ar.dcn_wire_bytes == ar.wire_bytes == 2 * 65536 * 2 * 1 / 2
+    assert t.overlapped_comm_s == pytest.approx(
+        (t.collectives["all-gather"].wire_bytes + t.collectives["reduce-scatter"].wire_bytes)
+        / 400e9 + ar.wire_bytes / 6.25e9)
+
+
+def test_comm_times_and_link_model():
+    v5p, chip7 = get_chip("v5p"), get_chip("tpu7x")
+    colls = {"all-gather": CollectiveStats(wire_bytes=4e9),
+             "all-reduce": CollectiveStats(wire_bytes=8e9, dcn_wire_bytes=2e9),
+             "all-to-all": CollectiveStats(wire_bytes=1.2e9),
+             "reduce-scatter": CollectiveStats(wire_bytes=1e9, seconds=0.5)}
+    over, exp = estimate.comm_times(colls, v5p)
+    # ring = 2 of 6 links of 1200 GB/s = 400 GB/s; DCN 6.25 GB/s; given seconds win.
+    assert over == pytest.approx(4e9 / 400e9 + 6e9 / 400e9 + 2e9 / 6.25e9 + 0.5)
+    assert exp == pytest.approx(1.2e9 / 400e9)
+    # Two devices per chip share its links: twice the time.
+    assert estimate.comm_times(colls, chip7)[1] == pytest.approx(2 * 1.2e9 / 400e9)
+
+    def dev(coords, slice_index=0):
+        return SimpleNamespace(coords=coords, slice_index=slice_index)
+
+    devices = [dev((0, 0, 0)), dev((1, 0, 0)), dev((0, 1, 0)), dev((1, 1, 0)),
+               dev((0, 0, 0), 1)]
+    link = estimate.link_model(v5p, devices)
+    assert link([0, 1]) == (pytest.approx(1200e9 / 3), False)  # one torus dimension
+    assert link([0, 1, 2, 3]) == (pytest.approx(1200e9 * 2 / 3), False)  # two of them
+    assert link([0, 4]) == (pytest.approx(6.25e9), True)  # across slices
+    assert estimate.link_model(chip7, devices)([0, 4])[0] == pytest.approx(6.25e9 / 2)
 
 
 def test_plan_that_does_not_fit_exits_3(capsys):

@@ -100,3 +100,41 @@ ENTRY %main (a: f32[8,16]) -> f32[8,16] {
     ar = stats["collectives"]["all-reduce"]
     assert ar.count == 5 and ar.bytes == 5 * 8 * 16 * 4
     assert ar.wire_bytes == pytest.approx(ar.bytes * 2 * 3 / 4)
+
+
+MEGASCALE = """HloModule m
+
+ENTRY %main (a: f32[4,128]) -> f32[4,128] {
+  %a = f32[4,128]{1,0} parameter(0)
+  %ar = f32[4,128]{1,0} all-reduce(%a), replica_groups={{0,1,2,3}}, to_apply=%add
+  %aa = token[] after-all()
+  %send = (f32[4,128]{1,0}, u32[], token[]) send(%ar, %aa), channel_id=3, \
+is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name=\
+"xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",_xla_megascale_target=\
+"{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %recv = (f32[4,128]{1,0}, u32[], token[]) recv(%aa), channel_id=2, is_host_transfer=true, \
+frontend_attributes={_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type=\
+"ALL_REDUCE"}
+  %send-done = token[] send-done(%send), channel_id=3, is_host_transfer=true
+  %recv-done = (f32[4,128]{1,0}, token[]) recv-done(%recv), channel_id=2
+  ROOT %r = f32[4,128]{1,0} get-tuple-element(%recv-done), index=0
+}
+"""
+
+
+@pytest.mark.parametrize("slices", [2, 4])
+def test_megascale_transfers_are_dcn_collectives(slices):
+    """A cross-slice all-reduce (libtpu: a tagged send/recv pair) is one all-reduce over the
+    slices, all of its wire bytes on DCN, at the given DCN bandwidth; the ICI all-reduce
+    before it stays on ICI."""
+    ici_bw, dcn_bw = 400e9, 6.25e9
+    stats = hlo.analyse(MEGASCALE, link=lambda g: (ici_bw, False), num_slices=slices,
+                        dcn_bw=dcn_bw)
+    ar = stats["collectives"]["all-reduce"]
+    size = 4 * 128 * 4
+    dcn_wire = 2 * size * (slices - 1) / slices
+    ici_wire = 2 * size * 3 / 4
+    assert ar.count == 2 and ar.bytes == 2 * size
+    assert ar.dcn_wire_bytes == pytest.approx(dcn_wire)
+    assert ar.wire_bytes == pytest.approx(ici_wire + dcn_wire)
+    assert ar.seconds == pytest.approx(ici_wire / ici_bw + dcn_wire / dcn_bw)

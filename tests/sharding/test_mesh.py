@@ -40,7 +40,9 @@ def build(*overrides: str):
     (["mesh.data=2", "mesh.expert=4", "train.batch_size=16", "train.grad_accum_steps=4"],
      ("micro-batch train.batch_size/grad_accum_steps=4 is not divisible by the batch axes "
       "mesh.data*mesh.fsdp*mesh.expert=8")),
-    (["mesh.data=4", "mesh.dcn_data=2"], "!= 1 processes holding the devices"),
+    (["mesh.data=4", "mesh.dcn_data=2"],
+     "DCN degrees {'mesh.dcn_data': 2} (product 2) but the devices are one slice in one "
+     "process"),
     (["mesh.data=1", "mesh.expert=8", "model.num_experts=0"],
      "expert parallelism needs an MoE model"),
     (["mesh.data=2", "mesh.expert=4", "mesh.rules={batch: [data]}"],
@@ -84,3 +86,57 @@ def test_hybrid_mesh_keeps_dcn_steps_across_slices():
     assert (slices[0] == 0).all() and (slices[1] == 1).all()
     with pytest.raises(sharding.MeshError, match="DCN degrees"):
         sharding.make_mesh({"data": 1, "fsdp": 2}, devices, dcn={"data": 4})
+
+
+@pytest.mark.parametrize("degrees, dcn, expected", [
+    # No DCN degree: a flat mesh would run some axis's ICI ring across the slices.
+    ({"fsdp": 8}, None, "8 devices are in 2 slices but no DCN degree is set; expected "
+                        "mesh.dcn_data/dcn_fsdp/dcn_expert/dcn_tensor with product 2"),
+    ({"data": -1}, {}, "in 2 slices but no DCN degree is set"),
+    ({"data": 3}, {"data": 2}, "product 3 != 4 devices per slice (8 devices / DCN product 2)"),
+    ({"fsdp": 2}, {"data": 2, "fsdp": 2},
+     "DCN degrees {'mesh.dcn_data': 2, 'mesh.dcn_fsdp': 2} (product 4) but the devices are in "
+     "2 slices; expected a product of 2"),
+])
+def test_multi_slice_devices_need_matching_dcn_degrees(degrees, dcn, expected):
+    from sharding import aot
+
+    devices = aot.topology_devices(aot.target_from_name("v5p:2x2x1", num_slices=2))
+    with pytest.raises(sharding.MeshError) as e:
+        sharding.make_mesh(degrees, devices, dcn=dcn)
+    msg = str(e.value)
+    assert expected in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("kwargs, env, expected", [
+    ({"num_processes": 2, "process_id": 0}, {},
+     "num_processes=2, process_id=0: expected a coordinator address too"),
+    ({}, {"JAXMOE_PROCESS_ID": "1"}, "num_processes=None, process_id=1: expected a coordinator"),
+    ({"coordinator_address": "127.0.0.1:1", "process_id": 0}, {},
+     "coordinator 127.0.0.1:1: expected --num-processes and --process-id"),
+    ({"coordinator_address": "127.0.0.1:1", "num_processes": 2, "process_id": 2}, {},
+     "process_id=2, num_processes=2: expected 0 <= process_id < num_processes"),
+    ({"coordinator_address": "127.0.0.1:1", "num_processes": 0, "process_id": 0}, {},
+     "process_id=0, num_processes=0: expected 0 <= process_id < num_processes"),
+    ({}, {"JAXMOE_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAXMOE_NUM_PROCESSES": "two",
+          "JAXMOE_PROCESS_ID": "0"}, "JAXMOE_NUM_PROCESSES='two': expected an integer"),
+])
+def test_multihost_settings_refused_one_line(monkeypatch, kwargs, env, expected):
+    """Bad multi-process settings fail before `jax.distributed` is touched."""
+    from sharding import multihost
+
+    for name in (multihost.ENV_ADDRESS, multihost.ENV_COUNT, multihost.ENV_ID):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("jax.distributed.initialize reached with bad settings")
+
+    monkeypatch.setattr(jax.distributed, "initialize", unreachable)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.config, "update", lambda *a, **k: None)
+    with pytest.raises(multihost.MultiHostError) as e:
+        multihost.initialize(**kwargs)
+    msg = str(e.value)
+    assert expected in msg and "\n" not in msg, msg
