@@ -28,4 +28,4 @@ bench: install-dev
 	JAX_PLATFORMS=cpu $(BIN)/python tools/bench_train.py
 
 clean:  # the environment and caches; trained runs (runs/) are left alone
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache *.egg-info

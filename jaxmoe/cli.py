@@ -87,8 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like `parse_args`, but `key=value` overrides may also come after options
+    (`... --param-dtype float32 model.compute_dtype=float32`): argparse stops collecting a
+    positional list at the first option."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.fn(args)
     except config_lib.ConfigError as e:
@@ -97,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         # Imported only if loaded: a MeshError/MultiHostError implies its module was.
         mesh, multi = sys.modules.get("sharding.mesh"), sys.modules.get("sharding.multihost")
+        sources = sys.modules.get("input_pipeline.sources")
+        if sources and isinstance(e, sources.BadRecordError):  # data.strict=true
+            print(f"jaxmoe: data error: {e} (data.strict=true stops at the first bad record)",
+                  file=sys.stderr)
+            return 1
         if not ((mesh and isinstance(e, mesh.MeshError))
                 or (multi and isinstance(e, multi.MultiHostError))):
             raise

@@ -223,7 +223,9 @@ def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: 
                   f"{target.total_chips} x {chip.name}", target.total_chips, target.devices,
                   mesh_shape, "analytic", memory, chip.hbm_bytes / chip.devices_per_chip,
                   None, executed, model_flops, colls, executed / peak, over, exp, peak,
-                  ["analytic estimate: no compiler for this target in the installed JAX"])
+                  ["analytic estimate: no compiler for this target in the installed JAX"
+                   + (" (pip install 'jaxmoe[tpu]' for libtpu, then the plan is compiled)"
+                      if chip.platform == "tpu" else "")])
 
 
 # ----------------------------------------------------------------------------- printing

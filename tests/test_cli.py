@@ -49,3 +49,47 @@ def test_train_checks_data_before_starting(tmp_path, capsys, override, message):
                      override]) == 2
     assert capsys.readouterr().err.strip() == f"jaxmoe: config error: {message}"
     assert not run_dir.exists()
+
+
+def test_overrides_may_follow_options():
+    from jaxmoe.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["train", "--config", "c.yaml", "a.b=1", "--run-dir",
+                                       "r", "--no-progress", "c.d=2"])
+    assert args.overrides == ["a.b=1", "c.d=2"] and args.run_dir == "r"
+    args = parse_args(build_parser(), ["convert", "from-hf", "hf", "out", "--param-dtype",
+                                       "float32", "model.compute_dtype=float32"])
+    assert args.overrides == ["model.compute_dtype=float32"] and args.param_dtype == "float32"
+    for argv in (["train", "--config", "c.yaml", "--run-dir", "r", "--bogus"],
+                 ["checkpoint", "inspect", "d", "x=1"]):  # no overrides there
+        with pytest.raises(SystemExit) as e:
+            parse_args(build_parser(), argv)
+        assert e.value.code == 2
+
+
+def test_train_refuses_a_run_dir_that_is_a_file_or_holds_other_files(tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("1,2")
+    for run_dir, problem in ((a_file, "is a file; expected a directory"),
+                             (other, "holds other files and no jaxmoe run (no config.yaml)")):
+        assert main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(run_dir),
+                     "train.steps=1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"jaxmoe: config error: --run-dir {run_dir}: {problem}"), err
+        assert "\n" not in err
+    assert a_file.read_text() == "mine" and sorted(p.name for p in other.iterdir()) == [
+        "data.csv"]
+
+
+def test_strict_bad_record_is_one_line(tmp_path, capsys):
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"text": "fine"}\n{not json\n' + '{"text": "more"}\n' * 50)
+    rc = main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir",
+               str(tmp_path / "run"), "--no-progress", "train.steps=1", "data.source=jsonl",
+               f"data.paths=[{data}]", "data.strict=true"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith(f"jaxmoe: data error: {data}:2: bad record"), err
+    assert err[-1].endswith("(data.strict=true stops at the first bad record)")

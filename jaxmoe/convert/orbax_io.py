@@ -34,7 +34,7 @@ import tensorstore as ts
 from flax import nnx
 
 from jaxmoe import config as config_lib
-from jaxmoe.checkpoint.damage import write_problem
+from jaxmoe.checkpoint.damage import explain, write_problem
 from jaxmoe.model import MoETransformer
 from jaxmoe.staging import staging_dir
 
@@ -165,7 +165,10 @@ class ParamsReader:
                        else {"driver": "file", "path": str(item / stored)})
             spec = {"driver": "zarr3" if zarr3 else "zarr", "kvstore": kvstore,
                     "recheck_cached_data": False, "recheck_cached_metadata": False}
-            self._stores[name] = ts.open(spec, read=True, context=self._context).result()
+            try:
+                self._stores[name] = ts.open(spec, read=True, context=self._context).result()
+            except ValueError as e:  # missing or damaged array metadata
+                raise CheckpointFormatError(str(explain(e, self.step_dir))) from e
         return self._stores[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -182,7 +185,12 @@ class ParamsReader:
         store = self.store(name)
         if start is not None:
             store = store[start:stop]
-        return store.copy() if isinstance(store, np.ndarray) else np.asarray(store.read().result())
+        if isinstance(store, np.ndarray):
+            return store.copy()
+        try:
+            return np.asarray(store.read().result())
+        except ValueError as e:  # TensorStore: a truncated, missing or corrupt data file
+            raise CheckpointFormatError(str(explain(e, self.step_dir))) from e
 
 
 class ParamsWriter:

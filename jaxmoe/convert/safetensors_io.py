@@ -76,7 +76,16 @@ def read_header(path: Path) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise SafetensorsError(f"{path}: header length {n} is implausible (damaged file?)")
-        header = json.loads(f.read(n))
+        text = f.read(n)
+    if len(text) != n:
+        raise SafetensorsError(f"{path}: header of {n} bytes cut off after {len(text)} "
+                               "(truncated file)")
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{path}: header is not valid JSON ({e}; damaged file?)") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: header is not a JSON object (damaged file?)")
     return header, 8 + n
 
 
@@ -90,7 +99,10 @@ class SafetensorsReader:
         self.directory = Path(directory)
         index = self.directory / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map")
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+                raise SafetensorsError(f"{index}: not a JSON index ({e})") from None
             if not isinstance(weight_map, dict):
                 raise SafetensorsError(f"{index}: expected a 'weight_map' mapping")
             files = sorted(set(weight_map.values()))

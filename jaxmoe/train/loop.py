@@ -123,10 +123,22 @@ def _eval_batches(cfg: config_lib.Config, per_process_batch: int) -> list[dict[s
     return batches
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """A run directory is new, empty, or a run (it has the config.yaml every run writes
+    first): training into a folder of other files would scatter checkpoints among them."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise config_lib.ConfigError(f"--run-dir {run_dir}: is a file; expected a directory")
+    if run_dir.is_dir() and not (run_dir / "config.yaml").is_file() and any(run_dir.iterdir()):
+        raise config_lib.ConfigError(
+            f"--run-dir {run_dir}: holds other files and no jaxmoe run (no config.yaml); "
+            "expected a new or empty directory, or a run to resume")
+
+
 def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
           sample: bool = True) -> dict[str, Any]:
     """Trains `cfg` for `cfg.train.steps` steps; returns a summary (losses, paths, sample)."""
     run_dir = Path(run_dir)
+    check_run_dir(run_dir)
     is_main = jax.process_index() == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

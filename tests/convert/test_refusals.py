@@ -154,3 +154,24 @@ def test_full_disk_during_conversion_says_one_line_and_leaves_nothing(hf_mixtral
         "File too large" in err, err
     assert not (tmp_path / "hf").exists() and not (tmp_path / "back").exists()
     assert _no_leftovers(tmp_path) == []
+
+
+def test_damaged_inputs_are_one_line(hf_mixtral, tmp_path, capsys):
+    """A truncated data file of a jaxmoe checkpoint, and a safetensors file cut inside its
+    header, each give one line naming the file or array (were tracebacks)."""
+    ckpt = _export(tmp_path, "mixtral")
+    data = max((p for p in (ckpt / "params").rglob("*") if p.is_file() and
+                "zarr.json" not in p.name), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:50])
+    assert cli.main(["convert", "to-hf", str(ckpt), str(tmp_path / "hf"), "--format",
+                     "mixtral"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"jaxmoe convert: checkpoint {ckpt}") and "\n" not in err, err
+    assert not (tmp_path / "hf").exists()
+
+    bad = _rewrite(hf_mixtral, tmp_path / "bad_hf")
+    shard = next(bad.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:200])  # inside the JSON header
+    assert cli.main(["convert", "from-hf", str(bad), str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"jaxmoe convert: {shard}: header of ") and "\n" not in err, err

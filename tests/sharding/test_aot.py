@@ -219,3 +219,11 @@ def test_mixtral_on_v5p_128(capsys):
     frac = float(re.search(r"GiB HBM \(([0-9.]+)%\)", out).group(1))
     assert 10 < frac < 100
     assert 10 < mfu(out) < 100
+
+
+def test_analytic_note_says_how_to_compile_for_tpu():
+    """Without libtpu a TPU target is estimated analytically; the note says how to compile."""
+    tpu = _tiny_analytic("v5p-8", {"data": 2, "fsdp": 2, "expert": 1, "tensor": 1})
+    assert any("pip install 'jaxmoe[tpu]'" in n for n in tpu.notes), tpu.notes
+    gpu = _tiny_analytic("h100-8", {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1})
+    assert not any("jaxmoe[tpu]" in n for n in gpu.notes), gpu.notes
