@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -60,3 +61,15 @@ def _existing_parent(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def scratch_dir(base: str | Path, prefix: str = "jaxmoe-") -> Path:
+    """A fresh, empty directory inside `base` (created if missing) for one run's scratch
+    files; nothing already in `base` is touched. Raises OSError when `base` cannot hold it."""
+    os.makedirs(base, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=base, prefix=prefix))
+
+
+def remove_scratch_dir(path: Path) -> None:
+    """Deletes what `scratch_dir` created, and nothing else."""
+    shutil.rmtree(path, ignore_errors=True)

@@ -36,8 +36,8 @@ Usage: JAX_PLATFORMS=cpu python tools/bench_checkpoint.py [--dir /tmp]
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -55,6 +55,7 @@ from jaxmoe.checkpoint import priority
 from jaxmoe.checkpoint.run import abstract_state
 from jaxmoe.config import load_config, to_dict
 from jaxmoe.hugepages import reexec_with_hugepages
+from jaxmoe.staging import remove_scratch_dir, scratch_dir
 from jaxmoe.train.loop import build_trainer
 
 
@@ -159,16 +160,10 @@ def state_bytes(state) -> int:
                if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
 
 
-def make_workdir(base: str, tool: str = "bench_checkpoint") -> Path:
-    """A fresh, empty directory inside `base` (created if missing) for this run's files;
-    nothing already in `base` is touched. Raises OSError when `base` cannot hold it."""
-    os.makedirs(base, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=base, prefix=f"{tool}-"))
-
-
-def remove_workdir(workdir: Path) -> None:
-    """Deletes what `make_workdir` created, and nothing else."""
-    shutil.rmtree(workdir, ignore_errors=True)
+# A fresh directory inside --dir for this run's files, and its removal (nothing else in
+# --dir is touched).
+make_workdir = functools.partial(scratch_dir, prefix="bench_checkpoint-")
+remove_workdir = remove_scratch_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,6 +19,7 @@ cost more than disk speed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -29,6 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxmoe.staging import remove_scratch_dir, scratch_dir  # noqa: E402
 
 MODEL = dict(vocab_size=32000, embed_dim=1024, num_heads=16, num_kv_heads=4, head_dim=64,
              num_experts=8, num_experts_per_tok=2, expert_mlp_dim=2048)
@@ -132,16 +135,10 @@ def run(task: str, *args: str) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def make_workdir(base: str, tool: str = "bench_convert") -> Path:
-    """A fresh, empty directory inside `base` (created if missing) for this run's files;
-    nothing already in `base` is touched. Raises OSError when `base` cannot hold it."""
-    os.makedirs(base, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=base, prefix=f"{tool}-"))
-
-
-def remove_workdir(workdir: Path) -> None:
-    """Deletes what `make_workdir` created, and nothing else."""
-    shutil.rmtree(workdir, ignore_errors=True)
+# A fresh directory inside --dir for this run's files, and its removal (nothing else in
+# --dir is touched).
+make_workdir = functools.partial(scratch_dir, prefix="bench_convert-")
+remove_workdir = remove_scratch_dir
 
 
 def main(argv: list[str] | None = None) -> None:
