@@ -4,6 +4,7 @@ An output `DIR` is written into a sibling `.DIR.partial-PID` and renamed into pl
 when complete, so an interrupted run never leaves a half-written `DIR`. A run killed hard
 (SIGKILL, power loss) cannot remove its own staging directory; the next run that writes the
 same output removes the ones whose process is gone, so they do not pile up.
+`scratch_dir` gives a tool a fresh directory inside a user's folder that it may delete whole.
 """
 
 from __future__ import annotations
