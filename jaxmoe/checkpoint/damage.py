@@ -58,11 +58,6 @@ def _stored(leaf: Any) -> tuple[tuple[int, ...], Any]:
     return tuple(leaf.shape), np.dtype(leaf.dtype)
 
 
-def _stored_shape(leaf: Any) -> tuple[int, ...]:
-    """The shape an array is stored with: typed PRNG keys are stored as their key data."""
-    return _stored(leaf)[0]
-
-
 def _dtype_hint(step_dir: Path, stored: np.dtype, expected: np.dtype) -> str:
     if jnp.issubdtype(stored, jnp.floating) and jnp.issubdtype(expected, jnp.floating):
         return (f"; restoring would cast it, so resume with model.param_dtype={stored}, or "
