@@ -98,6 +98,15 @@ def test_bench_checkpoint_failure_removes_only_its_workdir(tmp_path, monkeypatch
     _untouched(base)
 
 
+def _rejects_next_to_a_user_file(tool, name, argv, expected, tmp_path, capsys) -> None:
+    """`{file}` in argv/expected stands for a user's file, which must survive the refusal."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("user data")
+    argv = [a.format(file=blocker) for a in argv]
+    _rejects(tool.main, argv, capsys, expected.format(file=blocker), name)
+    assert blocker.read_text() == "user data"
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--layers", "0"], "--layers 0: expected"),
     (["--layers", "-2"], "--layers -2: expected"),
@@ -106,11 +115,7 @@ def test_bench_checkpoint_failure_removes_only_its_workdir(tmp_path, monkeypatch
 def test_bench_convert_bad_arguments(tmp_path, monkeypatch, capsys, argv, expected) -> None:
     tool = _tool("bench_convert")
     monkeypatch.setattr(tool, "build", _reached)
-    blocker = tmp_path / "a_file"
-    blocker.write_text("user data")
-    argv = [a.format(file=blocker) for a in argv]
-    _rejects(tool.main, argv, capsys, expected.format(file=blocker), "bench_convert")
-    assert blocker.read_text() == "user data"
+    _rejects_next_to_a_user_file(tool, "bench_convert", argv, expected, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -129,11 +134,7 @@ def test_bench_checkpoint_bad_arguments(tmp_path, monkeypatch, capsys, argv, exp
     tool = _tool("bench_checkpoint")
     monkeypatch.setattr(tool, "reexec_with_hugepages", _reached)  # never restart pytest
     monkeypatch.setattr(tool, "benchmark", _reached)
-    blocker = tmp_path / "a_file"
-    blocker.write_text("user data")
-    argv = [a.format(file=blocker) for a in argv]
-    _rejects(tool.main, argv, capsys, expected.format(file=blocker), "bench_checkpoint")
-    assert blocker.read_text() == "user data"
+    _rejects_next_to_a_user_file(tool, "bench_checkpoint", argv, expected, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "-3"]])
