@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import time
 
 import pytest
 
@@ -197,3 +198,29 @@ def test_bench_input_dataset_errors_are_one_line(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench_input.py: error: ")
     assert "none_*.jsonl" in err and "Traceback" not in err
+
+
+def test_bench_checkpoint_slowdown_is_the_mean() -> None:
+    """Reference: arithmetic. Two of four steps twice as slow cost 50% (their median says 0)."""
+    tool = _tool("bench_checkpoint")
+    assert tool.slowdown([1.0, 1.0, 2.0, 2.0], base=1.0) == pytest.approx(0.5)
+    assert tool.slowdown([1.0, 1.0, 1.0, 1.0], base=1.0, blocking=0.4) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("mode", ["buffered", "direct", "touch"])
+def test_bench_checkpoint_external_writers_run_and_clean_up(tmp_path, mode) -> None:
+    """Each external process finishes (a few MB, not a whole chunk) and leaves no file."""
+    tool = _tool("bench_checkpoint")
+    steps = []
+
+    def step() -> float:  # a training step stand-in; sleeps so the loop does not spin
+        time.sleep(0.01)
+        steps.append(1)
+        return 0.01
+
+    out = tool.external_writer_steps(step, mode, 3 << 20, tmp_path / "external")
+    if isinstance(out, str):  # O_DIRECT refused by this file system: said, not raised
+        assert mode == "direct" and "O_DIRECT" in out
+    else:
+        assert out == [0.01] * len(steps) and steps
+    assert os.listdir(tmp_path / "external") == []

@@ -9,13 +9,16 @@ as `jaxmoe train` writes them (OCDBT + zarr3, no compression unless --compressio
 Measured:
   1. baseline step time (median over --steps steps, no save in flight);
   2. async save: how long `save` blocks the loop, the wall time until the bytes are on disk
-     (-> GB/s), and the median time of the steps that ran while the write was in flight;
-     slowdown = (their time + the blocking time) / (as many baseline steps) - 1, and the same
-     amortised over --every steps (a save every N steps); for TensorStore writer threads at
-     normal priority and moved to SCHED_IDLE (what `jaxmoe train` does), in one run; and
-     the CPU time (user / system) the writer threads spent per save; and, as a floor, the
-     slowdown of the steps while a *separate* SCHED_IDLE process writes the same number of
-     bytes the way the zarr3 encoder does (fresh buffer per chunk, copy, write, fsync);
+     (-> GB/s), and the steps that ran while the write was in flight: slowdown = (their
+     total time + the blocking time) / (as many baseline steps) - 1 (the mean; the median
+     step is printed too, but a save that hits a few steps hard costs their total), and the
+     same amortised over --every steps (a save every N steps); for TensorStore writer
+     threads at normal priority and moved to SCHED_IDLE (what `jaxmoe train` does), in one
+     run; and the CPU time (user / system) the writer threads spent per save; and, to tell
+     the costs apart, the slowdown of the steps while a *separate* SCHED_IDLE process
+     handles the same number of bytes: written the way the zarr3 encoder does (fresh buffer
+     per chunk, copy, buffered write, fsync), written with O_DIRECT from one reused buffer
+     (no page cache, no fresh memory), and only allocated and filled (nothing written);
   3. synchronous save (GB/s), next to one plain file write + fsync of the same bytes (what
      the disk itself sustains);
   4. restore onto the same sharding, warm (files in the page cache) and cold (their pages
@@ -102,40 +105,76 @@ def raw_write_seconds(directory: Path, arrays: list[np.ndarray]) -> float:
     return seconds
 
 
-# A separate process that writes `size` bytes the way TensorStore's zarr3 encoder does (a
-# freshly allocated buffer per 64 MB chunk, filled by a copy, then written), at SCHED_IDLE,
-# then fsyncs: the floor for any in-process writer on this machine.
+# A separate process at SCHED_IDLE that handles `size` bytes in one of three ways, to tell
+# apart what an in-process writer costs the training steps on this machine:
+#   buffered  the way TensorStore's zarr3 encoder does (a freshly allocated buffer per 64 MB
+#             chunk, filled by a copy, written through the page cache), then fsync;
+#   direct    the same bytes from one reused, aligned buffer with O_DIRECT (no page cache,
+#             no fresh memory): what the disk's DMA alone costs;
+#   touch     only the fresh buffers and the copies, nothing written: what allocating and
+#             filling new memory costs.
 _EXTERNAL_WRITER = """
-import os, sys
+import mmap, os, sys
 import numpy as np
 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-size, path = int(sys.argv[1]), sys.argv[2]
-chunk = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8)
-with open(path, "wb") as f:
-    for start in range(0, size, chunk.size):
-        n = min(chunk.size, size - start)
-        buf = np.empty(n, np.uint8)
-        buf[:] = chunk[:n]
-        f.write(buf)
-    f.flush()
-    os.fsync(f.fileno())
-os.unlink(path)
+mode, size, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+CHUNK = 64 << 20
+chunk = np.random.default_rng(0).integers(0, 255, CHUNK, dtype=np.uint8)
+if mode == "direct":
+    buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT requires
+    buf[:] = chunk.tobytes()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+    try:
+        for start in range(0, size, CHUNK):  # whole aligned chunks; truncated below
+            os.write(fd, buf)
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.unlink(path)
+elif mode == "touch":
+    for start in range(0, size, CHUNK):
+        buf = np.empty(min(CHUNK, size - start), np.uint8)
+        buf[:] = chunk[:buf.size]
+        del buf
+else:
+    with open(path, "wb") as f:
+        for start in range(0, size, CHUNK):
+            n = min(CHUNK, size - start)
+            buf = np.empty(n, np.uint8)
+            buf[:] = chunk[:n]
+            f.write(buf)
+        f.flush()
+        os.fsync(f.fileno())
+    os.unlink(path)
 """
+EXTERNAL_MODES = ("buffered", "direct", "touch")
 
 
-def external_writer_steps(step, size: int, directory: Path) -> list[float]:
-    """Times of the training steps that run while a separate SCHED_IDLE process writes
-    `size` bytes to `directory`."""
+def external_writer_steps(step, mode: str, size: int, directory: Path) -> list[float] | str:
+    """Times of the training steps that run while a separate SCHED_IDLE process handles
+    `size` bytes in `directory` (`mode`: see _EXTERNAL_WRITER), or why it could not (a file
+    system without O_DIRECT, such as tmpfs)."""
     import subprocess
     directory.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", _EXTERNAL_WRITER, str(size),
-                             str(directory / "external.bin")])
+    proc = subprocess.Popen([sys.executable, "-c", _EXTERNAL_WRITER, mode, str(size),
+                             str(directory / "external.bin")], stderr=subprocess.PIPE)
     times = [step()]  # at least one step overlaps the write
     while proc.poll() is None:
         times.append(step())
     if proc.returncode:
-        raise RuntimeError(f"external writer failed with exit code {proc.returncode}")
+        lines = proc.stderr.read().decode(errors="replace").strip().splitlines()
+        if mode == "direct" and lines and "Invalid argument" in lines[-1]:
+            return "no O_DIRECT on this file system"
+        raise RuntimeError(f"external {mode} writer failed with exit code {proc.returncode}: "
+                           f"{lines[-1] if lines else ''}")
     return times
+
+
+def slowdown(times: list[float], base: float, blocking: float = 0.0) -> float:
+    """Extra wall time of `times` (plus `blocking`) over as many baseline steps, as a
+    fraction. The mean, not the median: a save that hits a few steps hard costs its total."""
+    return (sum(times) + blocking) / (len(times) * base) - 1
 
 
 def writer_cpu_seconds() -> tuple[float, float]:
@@ -269,14 +308,14 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
     base = statistics.median(baseline)
     async_rows = []
     for mode, (during, blocking, async_wall, cpu) in results.items():
-        busy = statistics.median(during) if during else float("nan")
         n_over = len(during) / args.repeats
-        window_slowdown = (n_over * busy + statistics.mean(blocking)) / (n_over * base) - 1 \
-            if during else float("nan")
-        extra = n_over * (busy - base) + statistics.mean(blocking)
+        window = slowdown(during, base, sum(blocking)) if during else float("nan")
+        window_median = (statistics.median(during) / base - 1) if during else float("nan")
+        extra = (sum(during) + sum(blocking)) / args.repeats - n_over * base
         amortised = extra / (args.every * base)
         async_rows += [
-            (f"[{mode}] step time while an async save runs", f"{busy:.3f} s"),
+            (f"[{mode}] step time while an async save runs (mean)",
+             f"{statistics.mean(during):.3f} s" if during else "n/a"),
             (f"[{mode}] save() blocks the loop for (mean)", f"{statistics.mean(blocking):.3f} s"),
             (f"[{mode}] async save, start -> on disk", f"{statistics.mean(async_wall):.2f} s"),
             (f"[{mode}] async save throughput", f"{gb / statistics.mean(async_wall):.2f} GB/s"),
@@ -284,14 +323,21 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
              f"{statistics.mean(c[0] for c in cpu):.2f} s"),
             (f"[{mode}] writer threads' CPU per save, system",
              f"{statistics.mean(c[1] for c in cpu):.2f} s"),
-            (f"[{mode}] slowdown of the steps during the save", f"{100 * window_slowdown:.1f} %"),
+            (f"[{mode}] slowdown of the steps during the save", f"{100 * window:.1f} %"),
+            (f"[{mode}]   the same from the median step", f"{100 * window_median:.1f} %"),
             (f"[{mode}] slowdown amortised over {args.every} steps", f"{100 * amortised:.2f} %"),
         ]
 
-    external = external_writer_steps(step, size, root / "external")
-    external_slowdown = statistics.median(external) / base - 1
-    async_rows.append(("steps during an idle external process's write, slowdown",
-                       f"{100 * external_slowdown:.1f} %"))
+    # --repeats rounds, each running every mode once; a refused mode (no O_DIRECT) says why
+    external: dict[str, list[float] | str] = {mode: [] for mode in EXTERNAL_MODES}
+    for _ in range(args.repeats):
+        for mode in EXTERNAL_MODES:
+            if isinstance(external[mode], list):
+                got = external_writer_steps(step, mode, size, root / "external")
+                external[mode] = got if isinstance(got, str) else external[mode] + got
+    for mode, got in external.items():
+        value = got if isinstance(got, str) else f"{100 * slowdown(got, base):.1f} %"
+        async_rows.append((f"steps during an idle external process, {mode}", value))
 
     t0 = time.perf_counter()
     ckpt.save(manager, 1000, holder["state"], config, {"batches": 0})
