@@ -100,9 +100,22 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, hugepages: bool = False) -> int:
+    """Runs one command; `hugepages`: `train` restarts itself with huge pages for malloc
+    (jaxmoe/hugepages.py) once its arguments, config and data files have been checked, so
+    bad input gets its one-line error before the restart says anything."""
     args = parse_args(build_parser(), argv)
     try:
+        if hugepages and args.command == "train":
+            from pathlib import Path
+
+            from jaxmoe.hugepages import reexec_with_hugepages
+            from jaxmoe.train.run_dir import check_run_dir
+
+            config_lib.check_data(_load(args))
+            check_run_dir(Path(args.run_dir))
+
+            reexec_with_hugepages()
         return args.fn(args)
     except config_lib.ConfigError as e:
         print(f"jaxmoe: config error: {e}", file=sys.stderr)
@@ -132,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> int:
     """The `jaxmoe` command; `train` runs in a process started with huge pages for malloc."""
-    if sys.argv[1:2] == ["train"]:
-        from jaxmoe.hugepages import reexec_with_hugepages
-
-        reexec_with_hugepages()
-    return main()
+    return main(hugepages=True)
 
 
 if __name__ == "__main__":

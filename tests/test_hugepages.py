@@ -111,16 +111,28 @@ _CLI = ("import sys, jaxmoe.hugepages as h\n"
         "sys.exit(entry())\n")
 
 
-def test_cli_restarts_for_train_only():
-    """`train` (here stopped by a config error before anything compiles) restarts wherever
-    glibc has the tunable; `info` never does; the installed console script calls `entry`."""
-    env = _clean_env()
-    train = subprocess.run([sys.executable, "-c", _CLI, "train", "--config",
-                            "configs/tiny_moe.yaml", "--run-dir", "unused",
-                            "model.num_experts_per_tok=99"],
-                           env=env, capture_output=True, text=True, timeout=120)
-    assert train.returncode == 2 and "model.num_experts_per_tok" in train.stderr
-    assert (_NOTE in train.stderr) == _CAN_EXEC, train.stderr
+def test_cli_restarts_for_train_only(tmp_path):
+    """`train` restarts wherever glibc has the tunable, after its input was checked: a config
+    error or a bad run directory gets its one line with no restart note before it; a valid
+    command (here stopped after the restart by a mesh that does not fit the one CPU device)
+    restarts. `info` never does; the installed console script calls `entry`."""
+    env = _clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+    def train(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _CLI, "train", "--config",
+                               "configs/tiny_moe.yaml", *extra], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    bad = train("--run-dir", str(tmp_path / "bad"), "model.num_experts_per_tok=99")
+    assert bad.returncode == 2 and _NOTE not in bad.stderr, bad.stderr
+    assert bad.stderr.strip().startswith("jaxmoe: config error: model.num_experts_per_tok=99")
+    run_dir_file = train("--run-dir", "README.md")
+    assert run_dir_file.returncode == 2 and _NOTE not in run_dir_file.stderr
+    assert "--run-dir README.md: is a file" in run_dir_file.stderr
+    mesh = train("--run-dir", str(tmp_path / "mesh"), "mesh.data=2")
+    assert mesh.returncode == 2 and "jaxmoe: mesh error" in mesh.stderr, mesh.stderr
+    assert (_NOTE in mesh.stderr) == _CAN_EXEC, mesh.stderr
+    assert not (tmp_path / "bad").exists()
     info = subprocess.run([sys.executable, "-c", _CLI, "info", "--config",
                            "configs/tiny_moe.yaml"], env=env, capture_output=True, text=True,
                           timeout=120)

@@ -25,6 +25,7 @@ from jaxmoe.model.moe.block import expert_dispatch
 from jaxmoe.model.params import active_params, total_params, training_flops_per_token
 from jaxmoe.train.metrics import MetricsWriter
 from jaxmoe.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxmoe.train.run_dir import check_run_dir
 from jaxmoe.train.state import TrainState, init_state, model_graphdef
 from jaxmoe.train.step import make_eval_step, make_train_step
 
@@ -121,17 +122,6 @@ def _eval_batches(cfg: config_lib.Config, per_process_batch: int) -> list[dict[s
             f"data.eval_fraction={cfg.data.eval_fraction}: the held-out split gave no tokens; "
             "expected a larger fraction or corpus")
     return batches
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """A run directory is new, empty, or a run (it has the config.yaml every run writes
-    first): training into a folder of other files would scatter checkpoints among them."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise config_lib.ConfigError(f"--run-dir {run_dir}: is a file; expected a directory")
-    if run_dir.is_dir() and not (run_dir / "config.yaml").is_file() and any(run_dir.iterdir()):
-        raise config_lib.ConfigError(
-            f"--run-dir {run_dir}: holds other files and no jaxmoe run (no config.yaml); "
-            "expected a new or empty directory, or a run to resume")
 
 
 def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
