@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None, *, hugepages: bool = False) -> int:
 
             config_lib.check_data(_load(args))
             check_run_dir(Path(args.run_dir))
-
             reexec_with_hugepages()
         return args.fn(args)
     except config_lib.ConfigError as e:
