@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     export = commands.add_parser("export-params",
                                  help="write a params-only checkpoint for inference")
     export.add_argument("dir", help="run directory, checkpoints/ folder or step folder")
-    export.add_argument("out", help="output directory (must not exist)")
+    export.add_argument("out", help="new or empty output directory")
     export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="cast floating parameters (default: keep the stored dtype)")
     export.set_defaults(fn=cmd_export_params)

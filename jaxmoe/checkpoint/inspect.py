@@ -212,16 +212,16 @@ def restore_params(path: str | Path, *, dtype: Any = None,
 
 
 def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:
-    """Writes the parameters of the checkpoint at `path` to `out` (which must not exist).
+    """Writes the parameters of the checkpoint at `path` to `out` (a new or empty folder).
 
     Each array is read straight into shards spread over this process's devices
     (`spreader`), so no device holds more than its share of a model that fits them
     together. One process only (the output folder is assembled and renamed locally). The
     export is assembled in a sibling temporary folder and renamed into place, so `out`
-    either holds a complete export or does not exist."""
+    either holds a complete export or is as it was."""
     out = Path(out).absolute()
-    if out.exists():
-        raise CheckpointError(f"{out}: already exists; choose a new output directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: exists and is not empty; choose a new output directory")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise CheckpointError(f"--dtype {dtype}: expected float32, bfloat16 or float16")
     if jax.process_count() > 1:
@@ -248,6 +248,8 @@ def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None
         header = {"source": str(step_dir), "step": int(step_dir.name) if
                   step_dir.name.isdigit() else None, "dtype": dtype or "as stored"}
         (tmp / EXPORT_MARKER).write_text(json.dumps(header, indent=1))
+        if out.exists():
+            out.rmdir()  # empty (checked before starting)
         os.rename(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
