@@ -13,7 +13,10 @@ Measured:
      total time + the blocking time) / (as many baseline steps) - 1 (the mean; the median
      step is printed too, but a save that hits a few steps hard costs their total), and the
      same amortised over --every steps (a save every N steps); for TensorStore writer
-     threads at normal priority and moved to SCHED_IDLE (what `jaxmoe train` does), in one
+     threads at normal priority and moved to SCHED_IDLE (what `jaxmoe train` does), each
+     saving the state itself or a reused copy of it (`--snapshot`; the copy is what
+     `jaxmoe train` saves from on CPU, jaxmoe/checkpoint/snapshot.py: its buffers are
+     allocated once before the measurement, as a run does at its first save), in one
      run; and the CPU time (user / system) the writer threads spent per save; and, to tell
      the costs apart, the slowdown of the steps while a *separate* SCHED_IDLE process
      handles the same number of bytes: written the way the zarr3 encoder does (fresh buffer
@@ -33,7 +36,7 @@ afterwards.
 
 Usage: JAX_PLATFORMS=cpu python tools/bench_checkpoint.py [--dir /tmp]
        [--layers 8] [--width 1024] [--steps 4] [--repeats 2] [--every 100] [--compression]
-       [--writer-priority idle|normal|both] [--batch 2] [--seq 256]
+       [--writer-priority idle|normal|both] [--snapshot on|off|both] [--batch 2] [--seq 256]
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import numpy as np
 from jaxmoe.checkpoint import manager as ckpt
 from jaxmoe.checkpoint import priority
 from jaxmoe.checkpoint.run import abstract_state
+from jaxmoe.checkpoint.snapshot import StateSnapshot
 from jaxmoe.config import load_config, to_dict
 from jaxmoe.hugepages import reexec_with_hugepages
 from jaxmoe.staging import remove_scratch_dir, scratch_dir
@@ -221,6 +225,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compression", action="store_true", help="zstd on every chunk")
     parser.add_argument("--writer-priority", choices=("idle", "normal", "both"), default="both",
                         help="SCHED_IDLE writer threads (what jaxmoe train does), normal, or both")
+    parser.add_argument("--snapshot", choices=("on", "off", "both"), default="both",
+                        help="save from a reused copy of the state (what jaxmoe train does "
+                             "on CPU), from the state itself, or both")
     args = parser.parse_args(argv)
     minimum = {"layers": 1, "width": 128, "vocab": 4, "batch": 1, "seq": 2, "steps": 1,
                "repeats": 1, "every": 1}
@@ -275,17 +282,27 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
     manager = ckpt.make_manager(root, keep_last=2, compression=args.compression)
     config = to_dict(cfg)
 
-    modes = ["normal", "idle"] if args.writer_priority == "both" else [args.writer_priority]
+    priorities = ["normal", "idle"] if args.writer_priority == "both" else [args.writer_priority]
+    copies = ["off", "on"] if args.snapshot == "both" else [args.snapshot]
+    # "normal" first: threads moved to SCHED_IDLE cannot be moved back
+    modes = [f"{p}, snapshot {c}" for p in priorities for c in copies]
+    snapshot = StateSnapshot()
+    if "on" in copies:  # a run allocates the copy at its first save; measured apart here
+        t0 = time.perf_counter()
+        jax.block_until_ready(snapshot.take(holder["state"]))
+        print(f"snapshot buffers allocated and filled once in {time.perf_counter() - t0:.2f} s",
+              flush=True)
     baseline = []
     results = {}
-    for mode in modes:  # "normal" first: threads moved to SCHED_IDLE cannot be moved back
+    for mode in modes:
         during, blocking, async_wall, cpu = [], [], [], []
         for r in range(args.repeats):
             baseline += [step() for _ in range(args.steps)]
             cpu0 = writer_cpu_seconds()
             t0 = time.perf_counter()
             ckpt.save(manager, 10 * (len(results) * args.repeats + r + 1), holder["state"],
-                      config, {"batches": r}, writer_priority=mode)
+                      config, {"batches": r}, writer_priority=mode.split(",")[0],
+                      snapshot=snapshot if mode.endswith("on") else None)
             blocking.append(time.perf_counter() - t0)
             done: list[float] = []
             # A side thread notes when the bytes are on disk; the loop keeps training meanwhile.
@@ -294,14 +311,14 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
             watcher.start()
             overlapped = []
             while watcher.is_alive():
-                if mode == "idle":
+                if mode.startswith("idle"):
                     priority.deprioritize_writers()  # as the training loop does every step
                 overlapped.append(step())
             watcher.join()
             async_wall.append(done[0] - t0)
             cpu.append(tuple(b - a for a, b in zip(cpu0, writer_cpu_seconds())))
             during += overlapped
-            print(f"async save ({mode} writers) {r + 1}: blocked {blocking[-1]:.3f} s, on disk "
+            print(f"async save [{mode}] {r + 1}: blocked {blocking[-1]:.3f} s, on disk "
                   f"after {async_wall[-1]:.2f} s, {len(overlapped)} steps ran meanwhile",
                   flush=True)
         results[mode] = (during, blocking, async_wall, cpu)
@@ -361,7 +378,7 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
 
     print(f"\ncheckpoint: {gb:.2f} GB of arrays, {on_disk:.2f} GB on disk"
           f"{' (zstd)' if args.compression else ''}")
-    print(f"{'measure':<52}{'value':>12}")
+    print(f"{'measure':<62}{'value':>12}")
     rows = [
         ("baseline step time (median)", f"{base:.3f} s"),
         *async_rows,
@@ -371,7 +388,7 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
         ("restore throughput, warm page cache", f"{gb / restores['warm']:.2f} GB/s"),
     ]
     for name, value in rows:
-        print(f"{name:<52}{value:>12}")
+        print(f"{name:<62}{value:>12}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxmoe.checkpoint import priority
 from jaxmoe.checkpoint.damage import CheckpointError, check_shapes, explain
+from jaxmoe.checkpoint.snapshot import StateSnapshot
 from jaxmoe.model import logical as L
 
 ITEMS = ("state", "data", "config")
@@ -157,16 +158,22 @@ def _save_args(state: Any) -> Any:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, config: dict[str, Any],
-         data_state: dict[str, Any] | None = None, *, writer_priority: str = "idle") -> None:
+         data_state: dict[str, Any] | None = None, *, writer_priority: str = "idle",
+         snapshot: StateSnapshot | None = None) -> None:
     """Starts saving `state` (and the data iterator state, config) as step `step`.
 
     With an async manager this returns once the arrays are on the host; the write continues
     in the background (`manager.wait_until_finished()` waits for it). `data_state` is copied
     through JSON now, so the iterator may move on immediately. writer_priority "idle" moves
     the TensorStore writer threads to SCHED_IDLE (see priority.py; call
-    `priority.deprioritize_writers()` again while the save runs), "normal" leaves them."""
+    `priority.deprioritize_writers()` again while the save runs), "normal" leaves them.
+    snapshot: the save reads a copy of `state`'s CPU arrays kept there (snapshot.py), after
+    any save still in flight (which may read the previous copy) has finished."""
     if writer_priority not in ("idle", "normal"):
         raise ValueError(f"writer_priority={writer_priority!r}: expected 'idle' or 'normal'")
+    if snapshot is not None:
+        manager.wait_until_finished()
+        state = snapshot.take(state)
     items = {"state": ocp.args.PyTreeSave(state, save_args=_save_args(state)),
              "config": ocp.args.JsonSave(json.loads(json.dumps(config)))}
     if data_state is not None:

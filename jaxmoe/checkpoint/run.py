@@ -30,6 +30,7 @@ from jaxmoe import config as config_lib
 from jaxmoe.checkpoint import manager as ckpt
 from jaxmoe.checkpoint import priority
 from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch
+from jaxmoe.checkpoint.snapshot import StateSnapshot
 
 
 def _log(message: str) -> None:
@@ -91,6 +92,7 @@ class RunCheckpointer:
         t = cfg.train
         self.manager = ckpt.make_manager(self.directory, keep_last=t.keep_checkpoints,
                                          keep_every=t.keep_every, async_save=async_save)
+        self._snapshot = StateSnapshot() if async_save and t.checkpoint_snapshot else None
         self.last_saved = self.manager.latest_step()
 
     def path(self, step: int) -> Path:
@@ -153,8 +155,9 @@ class RunCheckpointer:
 
     def save(self, step: int, state: Any, train_iter: Any, *, wait: bool = False) -> Path:
         """Saves step `step` (unless it already is); `wait` blocks until it is on disk."""
-        if step != self.last_saved:
-            ckpt.save(self.manager, step, state, self._config, train_iter.get_state())
+        if step != self.last_saved:  # a save waited for needs no copy to write from
+            ckpt.save(self.manager, step, state, self._config, train_iter.get_state(),
+                      snapshot=None if wait else self._snapshot)
             self.last_saved = step
         if wait:
             self.manager.wait_until_finished()
@@ -163,6 +166,8 @@ class RunCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        if self._snapshot is not None:
+            self._snapshot.release()
 
 
 class PreemptionGuard:
