@@ -21,6 +21,7 @@ def main(port: int, process_id: int, directory: str) -> None:
     from jaxmoe import config as config_lib
     from jaxmoe.checkpoint import manager as ckpt
     from jaxmoe.checkpoint.run import PreemptionGuard, abstract_state
+    from jaxmoe.checkpoint.snapshot import StateSnapshot
     from jaxmoe.train.loop import build_trainer
     from tests.checkpoint._helpers import perturbed, tiny_config
 
@@ -30,8 +31,9 @@ def main(port: int, process_id: int, directory: str) -> None:
     with saver.context():
         state = perturbed(saver.init())
     manager = ckpt.make_manager(directory)
+    # as `jaxmoe train` saves on CPU: from a copy, made by both processes together
     ckpt.save(manager, 5, state, config_lib.to_dict(saver.cfg),
-              {"process": process_id, "batches": 10 + process_id})
+              {"process": process_id, "batches": 10 + process_id}, snapshot=StateSnapshot())
     manager.wait_until_finished()
 
     def gathered(tree):
