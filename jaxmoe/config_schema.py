@@ -119,8 +119,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 3  # the newest K checkpoints are kept ...
     keep_every: int = 0  # ... plus every step that is a multiple of this (0: none)
-    # async saves on CPU devices write from a reused copy of the state (one more state in
-    # host memory) so the next steps keep donating their buffers (jaxmoe/checkpoint/snapshot.py)
+    # async saves on CPU devices write from a reused copy of the state, so the next steps keep
+    # donating their buffers (jaxmoe/checkpoint/snapshot.py): one more train state in host
+    # memory, taken when a run with checkpoint_every starts
     checkpoint_snapshot: bool = True
     sample_prompt: str = "12+7="
     sample_tokens: int = 48

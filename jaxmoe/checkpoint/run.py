@@ -102,7 +102,19 @@ class RunCheckpointer:
         """(state, step): the latest complete checkpoint, or a fresh `trainer.init()` at 0.
 
         The data iterator is moved to where the checkpointed run stood, so the resumed run
-        sees exactly the batches the uninterrupted run would have seen."""
+        sees exactly the batches the uninterrupted run would have seen. When async saves
+        will read a copy of the state (snapshot.py), its memory is taken now: a host that
+        cannot hold it fails here, not at the first save hours later."""
+        state, step = self._restore_or_init(trainer, train_iter)
+        if self._snapshot is not None and self.cfg.train.checkpoint_every \
+                and step < self.cfg.train.steps:
+            self._snapshot.take(state)
+            if self._snapshot.nbytes:
+                _log(f"holding a {self._snapshot.nbytes / 1e9:.2f} GB copy of the train state "
+                     "for async saves to write from (train.checkpoint_snapshot=false: none)")
+        return state, step
+
+    def _restore_or_init(self, trainer: Any, train_iter: Any) -> tuple[Any, int]:
         step = self.manager.latest_step()
         if step is None:
             with trainer.context():

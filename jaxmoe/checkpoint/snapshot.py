@@ -32,18 +32,12 @@ def _fits(buffers: tuple[jax.Array, ...], arrays: list[jax.Array]) -> bool:
         and b.sharding.is_equivalent_to(a.sharding, a.ndim) for b, a in zip(buffers, arrays))
 
 
-def _fresh_copy(arrays: list[jax.Array]) -> tuple[jax.Array, ...]:
-    shardings = tuple(a.sharding for a in arrays)
-    return jax.jit(lambda src: tuple(x.copy() for x in src), out_shardings=shardings)(arrays)
-
-
-def _copy_into(buffers: tuple[jax.Array, ...], arrays: list[jax.Array]) -> tuple[jax.Array, ...]:
-    """Writes `arrays` into `buffers` (donated: XLA reuses their memory for the result)."""
-    shardings = tuple(a.sharding for a in arrays)
-    into = jax.jit(lambda dst, src: tuple(jax.lax.dynamic_update_slice(d, x, (0,) * x.ndim)
-                                          for d, x in zip(dst, src)),
-                   donate_argnums=0, out_shardings=shardings)
-    return into(buffers, arrays)
+# Built once: jit's cache then compiles each once per set of shapes and shardings, and a
+# save does not trace or compile again. Outputs keep their inputs' shardings.
+_fresh_copy = jax.jit(lambda src: tuple(x.copy() for x in src))
+# Writes `src` into `dst`, which is donated: XLA reuses its memory for the result.
+_copy_into = jax.jit(lambda dst, src: tuple(jax.lax.dynamic_update_slice(d, x, (0,) * x.ndim)
+                                            for d, x in zip(dst, src)), donate_argnums=0)
 
 
 class StateSnapshot:
@@ -53,7 +47,7 @@ class StateSnapshot:
     it first): its buffers are overwritten."""
 
     def __init__(self) -> None:
-        # per set of devices (one jit each): the copies and what they were made for
+        # per set of devices (one jitted copy each): the copies of the last `take`
         self._groups: dict[frozenset, tuple[jax.Array, ...]] = {}
 
     def take(self, tree: Any) -> Any:
@@ -70,14 +64,19 @@ class StateSnapshot:
             arrays = [leaves[i] for i in where]
             kept = self._groups.pop(devices, None)  # released before a fresh allocation
             if kept is not None and _fits(kept, arrays):
-                copies = _copy_into(kept, arrays)
+                copies = _copy_into(kept, tuple(arrays))
             else:
                 del kept
-                copies = _fresh_copy(arrays)
+                copies = _fresh_copy(tuple(arrays))
             self._groups[devices] = copies
             for i, copy in zip(where, copies):
                 out[i] = copy
         return jax.tree.unflatten(treedef, out)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the copies held (over all devices; 0 before the first `take`)."""
+        return sum(x.nbytes for copies in self._groups.values() for x in copies)
 
     def release(self) -> None:
         """Drops the copies (their memory returns once no save reads them)."""

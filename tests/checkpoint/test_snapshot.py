@@ -12,7 +12,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxmoe.checkpoint import manager as ckpt
+from jaxmoe.checkpoint.run import RunCheckpointer
 from jaxmoe.checkpoint.snapshot import StateSnapshot
+from jaxmoe.train.loop import build_trainer
+from tests.checkpoint._helpers import tiny_config
 
 P = jax.sharding.PartitionSpec
 
@@ -52,7 +55,7 @@ def test_copies_are_exact_sharded_like_the_source_and_reuse_their_buffers():
 def test_a_step_after_an_async_save_still_donates_its_buffers(tmp_path):
     """Without the copy the save holds a view of the state's buffer, and the next donating
     step must write its result to a fresh buffer (on this host: ~1 s per GB of new pages)."""
-    manager = ckpt.make_manager(tmp_path / "ckpt", keep_last=1)
+    manager = ckpt.make_manager(tmp_path / "ckpt", keep_last=2)
     step = jax.jit(lambda x: x * 1.5 + 1, donate_argnums=0)
     x = jax.device_put(jnp.ones((4096, 4096), jnp.float32), jax.devices()[0])  # 64 MB
     snap = StateSnapshot()
@@ -63,8 +66,30 @@ def test_a_step_after_an_async_save_still_donates_its_buffers(tmp_path):
             x = step(x)
             assert _address(x) == address  # donated: the result took the input's buffer
         manager.wait_until_finished()
-        restored = manager.restore(2, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore()))["state"]
-        np.testing.assert_array_equal(np.asarray(restored["x"]), np.full((4096, 4096), 2.5))
+        for n, value in ((1, 1.0), (2, 2.5)):  # each save holds the state it was given
+            restored = manager.restore(n, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore()))["state"]
+            np.testing.assert_array_equal(np.asarray(restored["x"]),
+                                          np.full((4096, 4096), value))
     finally:
         manager.close()
+
+
+def test_a_run_that_saves_takes_the_copy_when_it_starts(tmp_path, capsys):
+    """A host that cannot hold the copy fails at the start of the run, not at its first save;
+    `train.checkpoint_snapshot=false` holds none. Reference: the state's own byte count."""
+    for snapshot in (True, False):
+        cfg = tiny_config("train.checkpoint_every=2", "train.steps=4",
+                          f"train.checkpoint_snapshot={str(snapshot).lower()}")
+        trainer = build_trainer(cfg, devices=jax.devices()[:1])
+        run = RunCheckpointer(tmp_path / f"run_{snapshot}", cfg)
+        try:
+            state, step = run.restore_or_init(trainer, train_iter=None)
+            out = capsys.readouterr().out
+            held = run._snapshot.nbytes if run._snapshot is not None else 0
+            expected = sum(x.nbytes for x in jax.tree.leaves(state)
+                           if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+            assert step == 0 and held == (expected if snapshot else 0)
+            assert ("holding a" in out) == snapshot, out
+        finally:
+            run.close()
