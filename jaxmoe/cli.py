@@ -109,12 +109,13 @@ def main(argv: list[str] | None = None, *, hugepages: bool = False) -> int:
         if hugepages and args.command == "train":
             from pathlib import Path
 
-            from jaxmoe.hugepages import reexec_with_hugepages
+            from jaxmoe import hugepages as hp
             from jaxmoe.train.run_dir import check_run_dir
 
-            config_lib.check_data(_load(args))
-            check_run_dir(Path(args.run_dir))
-            reexec_with_hugepages()
+            if hp.wanted():  # a restart will follow: bad input is refused before it
+                config_lib.check_data(_load(args))
+                check_run_dir(Path(args.run_dir))
+            hp.reexec_with_hugepages()  # in the restarted process: says what it runs with
         return args.fn(args)
     except config_lib.ConfigError as e:
         print(f"jaxmoe: config error: {e}", file=sys.stderr)
