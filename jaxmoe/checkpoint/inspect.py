@@ -219,7 +219,7 @@ def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None
     together. One process only (the output folder is assembled and renamed locally). The
     export is assembled in a sibling temporary folder and renamed into place, so `out`
     either holds a complete export or is as it was."""
-    out = Path(out).absolute()
+    out = Path(out).resolve()  # a symlink: the folder it names
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: exists and is not empty; choose a new output directory")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
@@ -248,9 +248,7 @@ def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None
         header = {"source": str(step_dir), "step": int(step_dir.name) if
                   step_dir.name.isdigit() else None, "dtype": dtype or "as stored"}
         (tmp / EXPORT_MARKER).write_text(json.dumps(header, indent=1))
-        if out.exists():
-            out.rmdir()  # empty (checked before starting)
-        os.rename(tmp, out)
+        os.rename(tmp, out)  # takes the place of an empty folder atomically
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and not isinstance(e, CheckpointError):

@@ -87,16 +87,14 @@ def _plan(groups: list[list[lo.Rule]], abstract: dict[str, Any], dtype: np.dtype
 
 
 def _prepare_out(out: str | Path, nbytes: int) -> tuple[Path, Path]:
-    out = Path(out).absolute()
+    out = Path(out).resolve()  # a symlink: the folder it names
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise lo.ConversionError(f"{out}: exists and is not empty; choose a new output directory")
     return out, staging_dir(out, nbytes)
 
 
 def _commit(tmp: Path, out: Path) -> None:
-    if out.exists():
-        out.rmdir()  # empty (checked before starting)
-    os.replace(tmp, out)
+    os.replace(tmp, out)  # takes the place of an empty folder (checked before) atomically
 
 
 def _uncovered(rules: Sequence[lo.Rule], abstract: dict[str, Any]) -> list[str]:

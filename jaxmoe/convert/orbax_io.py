@@ -197,7 +197,7 @@ class ParamsWriter:
     """Builds a params-only export at `out_dir` (see the module docstring)."""
 
     def __init__(self, out_dir: str | Path, cfg: config_lib.Config, source: str = ""):
-        self.out_dir = Path(out_dir).absolute()
+        self.out_dir = Path(out_dir).resolve()  # a symlink: the folder it names
         if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
             raise CheckpointFormatError(f"{self.out_dir}: exists and is not empty; choose a new "
                                         "output directory")
@@ -289,9 +289,7 @@ class ParamsWriter:
         (self.tmp_dir / EXPORT_MARKER).write_text(json.dumps(
             {"source": self.source, "step": None, "dtype": self.cfg.model.param_dtype,
              "converted_by": "jaxmoe convert from-hf"}, indent=1))
-        if self.out_dir.exists():
-            self.out_dir.rmdir()  # empty (checked in __init__)
-        os.replace(self.tmp_dir, self.out_dir)
+        os.replace(self.tmp_dir, self.out_dir)  # takes the place of an empty folder atomically
         return self.out_dir
 
     def abort(self) -> None:
