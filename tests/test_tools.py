@@ -209,7 +209,8 @@ def test_bench_checkpoint_slowdown_is_the_mean() -> None:
 
 @pytest.mark.parametrize("mode", ["buffered", "direct", "touch"])
 def test_bench_checkpoint_external_writers_run_and_clean_up(tmp_path, mode) -> None:
-    """Each external process finishes (a few MB, not a whole chunk) and leaves no file."""
+    """Each external process finishes (3 MB; `direct` writes one whole 64 MB chunk and cuts
+    it to size) and leaves no file."""
     tool = _tool("bench_checkpoint")
     steps = []
 
