@@ -205,6 +205,9 @@ def test_bench_checkpoint_slowdown_is_the_mean() -> None:
     tool = _tool("bench_checkpoint")
     assert tool.slowdown([1.0, 1.0, 2.0, 2.0], base=1.0) == pytest.approx(0.5)
     assert tool.slowdown([1.0, 1.0, 1.0, 1.0], base=1.0, blocking=0.4) == pytest.approx(0.1)
+    # a writer thread that exited mid-save takes its CPU time out of the sum: not a number
+    assert tool.cpu_seconds([1.0, 2.0]) == "1.50 s"
+    assert tool.cpu_seconds([1.0, -0.5]).startswith("n/a")
 
 
 @pytest.mark.parametrize("mode", ["buffered", "direct", "touch"])

@@ -201,6 +201,13 @@ def writer_cpu_seconds() -> tuple[float, float]:
     return user, system
 
 
+def cpu_seconds(per_save) -> str:
+    """Mean of per-save CPU times, or "n/a" when a writer thread exited during a save (its
+    time left the sum with it, so a difference can even come out negative)."""
+    values = list(per_save)
+    return "n/a (threads exited)" if min(values) < 0 else f"{statistics.mean(values):.2f} s"
+
+
 def state_bytes(state) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(state)
                if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
@@ -341,10 +348,8 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
             (f"[{mode}] save() blocks the loop for (mean)", f"{statistics.mean(blocking):.3f} s"),
             (f"[{mode}] async save, start -> on disk", f"{statistics.mean(async_wall):.2f} s"),
             (f"[{mode}] async save throughput", f"{gb / statistics.mean(async_wall):.2f} GB/s"),
-            (f"[{mode}] writer threads' CPU per save, user",
-             f"{statistics.mean(c[0] for c in cpu):.2f} s"),
-            (f"[{mode}] writer threads' CPU per save, system",
-             f"{statistics.mean(c[1] for c in cpu):.2f} s"),
+            (f"[{mode}] writer threads' CPU per save, user", cpu_seconds(c[0] for c in cpu)),
+            (f"[{mode}] writer threads' CPU per save, system", cpu_seconds(c[1] for c in cpu)),
             (f"[{mode}] slowdown of the steps during the save", f"{100 * window:.1f} %"),
             (f"[{mode}]   the same from the median step", f"{100 * window_median:.1f} %"),
             (f"[{mode}] slowdown amortised over {args.every} steps", f"{100 * amortised:.2f} %"),
