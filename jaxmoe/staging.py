@@ -58,6 +58,15 @@ def staging_dir(out: str | Path, nbytes: int = 0) -> Path:
     return tmp
 
 
+def output_folder(out: str | Path) -> tuple[Path, str | None]:
+    """(the folder an export is to be renamed to, a symlink followed; why it cannot be, or
+    None). It must be new or an empty folder: a rename replaces only an empty one."""
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return out, f"{out}: exists and is not empty; choose a new output directory"
+    return out, None
+
+
 def _existing_parent(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent

@@ -3,7 +3,7 @@
 import os
 import subprocess
 
-from jaxmoe.staging import stale_staging_dirs, staging_dir
+from jaxmoe.staging import output_folder, staging_dir, stale_staging_dirs
 
 
 def test_staging_dir_removes_only_dead_processes_dirs(tmp_path):
@@ -23,3 +23,18 @@ def test_staging_dir_removes_only_dead_processes_dirs(tmp_path):
     assert not stale.exists() and live.exists() and other.exists()
     (tmp / "f").write_bytes(b"x")
     assert list(staging_dir(out).iterdir()) == []  # our own leftover is emptied
+
+
+def test_output_folder_is_new_or_empty_and_follows_a_symlink(tmp_path):
+    """Reference: rename(2), which puts a folder in place of a missing or empty one only."""
+    empty, full, link = tmp_path / "empty", tmp_path / "full", tmp_path / "link"
+    empty.mkdir()
+    full.mkdir()
+    (full / "x").write_text("mine")
+    link.symlink_to(empty)
+    assert output_folder(tmp_path / "new") == (tmp_path / "new", None)
+    assert output_folder(empty) == (empty, None)
+    assert output_folder(link) == (empty, None)  # the folder the link names
+    for bad in (full, full / "x"):
+        out, problem = output_folder(bad)
+        assert problem == f"{bad}: exists and is not empty; choose a new output directory"

@@ -32,7 +32,7 @@ from jaxmoe.checkpoint.damage import (
     write_problem,
 )
 from jaxmoe.checkpoint.manager import TMP_MARKER
-from jaxmoe.staging import staging_dir
+from jaxmoe.staging import output_folder, staging_dir
 
 EXPORT_MARKER = "export.json"
 
@@ -219,9 +219,9 @@ def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None
     together. One process only (the output folder is assembled and renamed locally). The
     export is assembled in a sibling temporary folder and renamed into place, so `out`
     either holds a complete export or is as it was."""
-    out = Path(out).resolve()  # a symlink: the folder it names
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out}: exists and is not empty; choose a new output directory")
+    out, problem = output_folder(out)
+    if problem:
+        raise CheckpointError(problem)
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise CheckpointError(f"--dtype {dtype}: expected float32, bfloat16 or float16")
     if jax.process_count() > 1:

@@ -57,8 +57,7 @@ class StateSnapshot:
         for i, x in enumerate(leaves):
             if _on_cpu(x):
                 groups.setdefault(frozenset(x.sharding.device_set), []).append(i)
-        if set(self._groups) - set(groups):
-            self._groups = {k: v for k, v in self._groups.items() if k in groups}
+        self._groups = {k: v for k, v in self._groups.items() if k in groups}
         out = list(leaves)
         for devices, where in groups.items():
             arrays = [leaves[i] for i in where]

@@ -34,7 +34,7 @@ from jaxmoe.convert.mixtral import FORMAT as MIXTRAL
 from jaxmoe.convert.orbax_io import ParamsReader, ParamsWriter, abstract_params
 from jaxmoe.convert.qwen_moe import QWEN2_MOE, QWEN3_MOE
 from jaxmoe.convert.safetensors_io import SafetensorsReader, ShardedWriter, TensorPlan
-from jaxmoe.staging import staging_dir
+from jaxmoe.staging import output_folder, staging_dir
 
 FORMATS: dict[str, lo.Format] = {f.name: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3)}
 OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -87,9 +87,9 @@ def _plan(groups: list[list[lo.Rule]], abstract: dict[str, Any], dtype: np.dtype
 
 
 def _prepare_out(out: str | Path, nbytes: int) -> tuple[Path, Path]:
-    out = Path(out).resolve()  # a symlink: the folder it names
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise lo.ConversionError(f"{out}: exists and is not empty; choose a new output directory")
+    out, problem = output_folder(out)
+    if problem:
+        raise lo.ConversionError(problem)
     return out, staging_dir(out, nbytes)
 
 

@@ -36,7 +36,7 @@ from flax import nnx
 from jaxmoe import config as config_lib
 from jaxmoe.checkpoint.damage import explain, write_problem
 from jaxmoe.model import MoETransformer
-from jaxmoe.staging import staging_dir
+from jaxmoe.staging import output_folder, staging_dir
 
 STATE_ITEM, CONFIG_ITEM = "state", "config"
 CONFIG_FILE = "metadata"  # orbax JsonCheckpointHandler's file name inside the config item
@@ -197,10 +197,9 @@ class ParamsWriter:
     """Builds a params-only export at `out_dir` (see the module docstring)."""
 
     def __init__(self, out_dir: str | Path, cfg: config_lib.Config, source: str = ""):
-        self.out_dir = Path(out_dir).resolve()  # a symlink: the folder it names
-        if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
-            raise CheckpointFormatError(f"{self.out_dir}: exists and is not empty; choose a new "
-                                        "output directory")
+        self.out_dir, problem = output_folder(out_dir)
+        if problem:
+            raise CheckpointFormatError(problem)
         self.cfg, self.source = cfg, source
         _, self.abstract = abstract_params(cfg.model)
         self.tmp_dir = staging_dir(self.out_dir, sum(
