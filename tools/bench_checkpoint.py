@@ -16,9 +16,9 @@ Measured:
      threads at normal priority and moved to SCHED_IDLE (what `jaxmoe train` does), each
      saving the state itself or a reused copy of it (`--snapshot`; the copy is what
      `jaxmoe train` saves from on CPU, jaxmoe/checkpoint/snapshot.py: its buffers are
-     allocated once before the measurement, as a run does at its first save), in one
-     run; and the CPU time (user / system) the writer threads spent per save; and, to tell
-     the costs apart, the slowdown of the steps while a *separate* SCHED_IDLE process
+     allocated once before the measurement, as a run does when it starts), in one run;
+     and the CPU time (user / system) the writer threads spent per save; and, to tell the
+     costs apart, the slowdown of the steps while a *separate* SCHED_IDLE process
      handles the same number of bytes: written the way the zarr3 encoder does (fresh buffer
      per chunk, copy, buffered write, fsync), written with O_DIRECT from one reused buffer
      (no page cache, no fresh memory), and only allocated and filled (nothing written);
@@ -297,7 +297,7 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
     # "normal" first: threads moved to SCHED_IDLE cannot be moved back
     modes = [f"{p}, snapshot {c}" for p in priorities for c in copies]
     snapshot = StateSnapshot()
-    if "on" in copies:  # a run allocates the copy at its first save; measured apart here
+    if "on" in copies:  # a run allocates the copy when it starts; measured apart here
         t0 = time.perf_counter()
         jax.block_until_ready(snapshot.take(holder["state"]))
         print(f"snapshot buffers allocated and filled once in {time.perf_counter() - t0:.2f} s",
