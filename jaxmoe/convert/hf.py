@@ -93,10 +93,6 @@ def _prepare_out(out: str | Path, nbytes: int) -> tuple[Path, Path]:
     return out, staging_dir(out, nbytes)
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    os.replace(tmp, out)  # takes the place of an empty folder (checked before) atomically
-
-
 def _uncovered(rules: Sequence[lo.Rule], abstract: dict[str, Any]) -> list[str]:
     """Arrays no rule maps; only router selection biases may be left (formats without one)."""
     covered = {n for r in rules for n in r.leaves}
@@ -155,7 +151,7 @@ def to_hf(checkpoint: str | Path, out: str | Path, fmt: str, dtype: str = "float
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _commit(tmp, out)
+    os.replace(tmp, out)  # takes the place of an empty folder (checked before) atomically
     return Report(out, len(plan), writer.bytes_written, time.perf_counter() - start)
 
 
