@@ -229,6 +229,7 @@ def check_utf8(text: str) -> str:
 
 def parse_text(kind: str, field: str, payload: Any) -> str:
     """The document text of a raw record; raises `BadRecord` for every kind of bad record."""
+    decoded = False  # text from a strict UTF-8 decode holds no lone surrogate: not re-checked
     if kind == "jsonl":
         try:
             obj = json.loads(_decode(payload))
@@ -240,16 +241,17 @@ def parse_text(kind: str, field: str, payload: Any) -> str:
     elif kind == "parquet":
         if payload is None or isinstance(payload, _Missing):
             raise BadRecord("missing_field", f"no value in column {field!r}")
-        text = _decode(payload) if isinstance(payload, bytes) else payload  # binary column
+        decoded = isinstance(payload, bytes)  # a binary column
+        text = _decode(payload) if decoded else payload
     elif kind == "arrayrecord":
-        text = _decode(payload)
+        text, decoded = _decode(payload), True
     else:  # synthetic
         text = payload
     if not isinstance(text, str):
         raise BadRecord("missing_field", f"field {field!r} is a {type(text).__name__}, not text")
     if not text.strip():
         raise BadRecord("empty_text")
-    return check_utf8(text)
+    return text if decoded else check_utf8(text)
 
 
 def iter_texts(kind: str, patterns: tuple[str, ...], field: str = "text", *,
