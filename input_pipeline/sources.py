@@ -209,6 +209,11 @@ def open_source(src: SourceConfig, cfg: DataConfig, split: str) -> RecordSource:
     return ConcatSource(whole._files, start, stop)  # pylint: disable=protected-access
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (for a tool's `error:` line), or its repr."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or repr(e)
+
+
 def _decode(payload: bytes) -> str:
     try:
         return payload.decode("utf-8")

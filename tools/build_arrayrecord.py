@@ -19,10 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from input_pipeline.convert import convert_to_arrayrecord, shard_paths, stale_shards
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or repr(e)
+from input_pipeline.sources import one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                                              field=args.field, num_shards=args.num_shards,
                                              strict=args.strict)
     except (ValueError, OSError, ImportError) as e:  # BadRecordError is a ValueError
-        print(f"{p.prog}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{p.prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     for path, n in zip(shard_paths(args.out, args.num_shards), counts):
         print(f"{path}: {n} records")

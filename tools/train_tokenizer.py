@@ -19,14 +19,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from input_pipeline.sources import iter_texts
+from input_pipeline.sources import iter_texts, one_line
 from input_pipeline.tokenizer import train_tokenizer
 
 OUT_SUFFIX = {"bpe": ".json", "sentencepiece": ".model"}  # what `data.tokenizer` recognises
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or repr(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         texts = itertools.islice(texts, args.max_documents)
         train_tokenizer(texts, args.out, args.vocab_size, kind=args.kind)
     except (ValueError, RuntimeError, OSError, ImportError) as e:
-        print(f"{p.prog}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{p.prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}; skipped bad records: {bad or 'none'}")
     return 0
