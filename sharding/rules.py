@@ -54,7 +54,8 @@ DEFAULT_RULES: Rules = (
 def make_rules(overrides: dict[str, Any] | None = None) -> Rules:
     """DEFAULT_RULES with single logical names re-mapped (`mesh.rules` in the config).
 
-    An override replaces every default rule of that logical name; lists become tuples."""
+    An override replaces every default rule of that logical name, in the place of the first
+    one; lists become tuples."""
     overrides = overrides or {}
     for name, value in overrides.items():
         axes = value if isinstance(value, (list, tuple)) else [value]
@@ -62,9 +63,20 @@ def make_rules(overrides: dict[str, Any] | None = None) -> Rules:
             if a is not None and a not in MESH_AXES:
                 raise ValueError(f"mesh.rules.{name}={value!r}: expected mesh axes among "
                                  f"{', '.join(MESH_AXES)} or null")
-    rules = [(n, a) for n, a in DEFAULT_RULES if n not in overrides]
-    extra = [(n, tuple(v) if isinstance(v, list) else v) for n, v in overrides.items()]
-    return tuple(extra + rules)
+    # Each override takes the place of the first default rule of its name: precedence
+    # between names stays as in the defaults (put first, an `embed` override would take
+    # its mesh axes from `batch` in every [batch, length, embed] activation).
+    rules, placed = [], set()
+    for n, a in DEFAULT_RULES:
+        if n not in overrides:
+            rules.append((n, a))
+        elif n not in placed:
+            v = overrides[n]
+            rules.append((n, tuple(v) if isinstance(v, list) else v))
+            placed.add(n)
+    rules += [(n, tuple(v) if isinstance(v, list) else v)
+              for n, v in overrides.items() if n not in placed]
+    return tuple(rules)
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
