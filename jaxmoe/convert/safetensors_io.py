@@ -234,6 +234,7 @@ class ShardedWriter:
 
     def _drain(self) -> None:
         """Background thread: appends queued tensors to their shard files."""
+        stopped = False  # the producer's end mark has been taken off the queue
         try:
             while (item := self._pending.get()) is not None:
                 shard, data = item
@@ -244,11 +245,12 @@ class ShardedWriter:
                     self._file.write(_header_bytes(self.shards[shard], self.metadata))
                     self._open_shard = shard
                 self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
-            self._close_file()
+            stopped = True
+            self._close_file()  # its fsync can still fail (a full disk, a quota)
         except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread by _join)
             self._error = e
             self._discard_file()
-            while self._pending.get() is not None:  # unblock the producer until the end
+            while not stopped and self._pending.get() is not None:  # unblock the producer
                 pass
 
     def _close_file(self) -> None:

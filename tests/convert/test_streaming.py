@@ -178,6 +178,34 @@ def test_safetensors_writer_reports_disk_errors(tmp_path):
         writer.close()
 
 
+def test_safetensors_writer_reports_a_failed_final_fsync(tmp_path, monkeypatch):
+    """Closing the last shard fails after the end mark was taken: an error, not a hang."""
+    import threading
+
+    from jaxmoe.convert import safetensors_io
+
+    def fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors_io.os, "fsync", fsync)
+    a = np.ones((4,), np.float32)
+    writer = ShardedWriter(tmp_path, [TensorPlan("a", a.dtype, a.shape)], 10**6)
+    writer.write("a", a)
+    outcome = []
+
+    def close():
+        try:
+            writer.close()
+        except SafetensorsError as e:
+            outcome.append(str(e))
+
+    closer = threading.Thread(target=close, daemon=True)
+    closer.start()
+    closer.join(timeout=20)
+    assert not closer.is_alive(), "close() hung after a failed fsync"
+    assert outcome and "No space left on device" in outcome[0]
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (63, 5), (130, 257), (0, 3)])
 def test_strip_transpose_equals_numpy(shape):
     from jaxmoe.convert.safetensors_io import contiguous
