@@ -55,14 +55,15 @@ def expert_parallel_degree(mesh_shape: Mapping[str, int], rules: Any) -> int:
     return math.prod(mesh_shape[a] for a in mesh_axes_of("expert", rules))
 
 
-def expert_buffer_fill(buffer_factor: float, n_ep: int) -> float:
+def expert_buffer_fill(buffer_factor: float, n_ep: int, dispatch: str = "dropless") -> float:
     """The fraction of each expert receive buffer that holds tokens at balanced load.
 
     A device receives as many rows as it sends (its local token copies) when the experts are
     balanced; its buffer holds `buffer_factor` x that (0: the worst case, `n_ep` x). A factor
     below 1 makes the buffer smaller than the balanced load: it is full (and copies are
-    dropped), so the fill is 1, never more. Without expert parallelism there is no buffer."""
-    if n_ep <= 1:
+    dropped), so the fill is 1, never more. Without expert parallelism there is no buffer;
+    capacity dispatch runs every slot, empty or not, through the expert kernel (fill 1)."""
+    if n_ep <= 1 or dispatch != "dropless":
         return 1.0
     factor = buffer_factor if buffer_factor > 0 else n_ep
     return min(1.0, 1.0 / factor)
@@ -127,7 +128,7 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
                                     aot.memory_stats(compiled), stats,
                                     aot.cost_flops(compiled), model_flops,
                                     buffer_fill=expert_buffer_fill(cfg.mesh.expert_buffer_factor,
-                                                               n_ep))
+                                                                   n_ep, cfg.model.dispatch))
     report.notes.append(f"compiled in {seconds:.0f} s on this host")
     return report
 

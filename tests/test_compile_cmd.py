@@ -30,3 +30,5 @@ def test_expert_parallel_degree(overrides, degree):
 ])
 def test_expert_buffer_fill(factor, n_ep, fill):
     assert expert_buffer_fill(factor, n_ep) == pytest.approx(fill)
+    # Capacity dispatch sends every slot through the expert kernel, empty or not.
+    assert expert_buffer_fill(factor, n_ep, "capacity") == 1.0
