@@ -93,8 +93,8 @@ def make_mesh(degrees: dict[str, int], devices: Sequence[jax.Device] | None = No
     if n_dcn == 1 and granules > 1 and not by_process:
         # A flat mesh would put ICI steps of some axis across slices (DCN).
         raise MeshError(f"mesh: the {len(devices)} devices are in {granules} slices but no "
-                        f"DCN degree is set; expected mesh.dcn_data/dcn_fsdp/dcn_expert/"
-                        f"dcn_tensor with product {granules}")
+                        f"DCN degree is set; expected mesh.dcn_data/dcn_fsdp with product "
+                        f"{granules}")
     if n_dcn > 1 and granules != n_dcn:
         shown = {f"mesh.dcn_{a}": v for a, v in dcn.items() if v > 1}
         if by_process and granules == 1:

@@ -91,7 +91,7 @@ def test_hybrid_mesh_keeps_dcn_steps_across_slices():
 @pytest.mark.parametrize("degrees, dcn, expected", [
     # No DCN degree: a flat mesh would run some axis's ICI ring across the slices.
     ({"fsdp": 8}, None, "8 devices are in 2 slices but no DCN degree is set; expected "
-                        "mesh.dcn_data/dcn_fsdp/dcn_expert/dcn_tensor with product 2"),
+                        "mesh.dcn_data/dcn_fsdp with product 2"),
     ({"data": -1}, {}, "in 2 slices but no DCN degree is set"),
     ({"data": 3}, {"data": 2}, "product 3 != 4 devices per slice (8 devices / DCN product 2)"),
     ({"fsdp": 2}, {"data": 2, "fsdp": 2},
