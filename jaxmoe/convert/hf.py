@@ -187,14 +187,27 @@ def hf_model_config(hf_dir: str | Path, overrides: Sequence[str] = (),
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise lo.ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
-    hf = json.loads(path.read_text())
+    try:
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise lo.ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise lo.ConversionError(f"{path}: expected a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type")
     forms = [f for f in FORMATS.values() if model_type in f.model_types]
     if not forms:
         raise lo.ConversionError(f"{path}: model_type {model_type!r} is not supported (expected "
                                  f"one of {', '.join(FORMATS)})")
     form = forms[0]
-    fields = form.model_fields(hf)
+    try:
+        fields = form.model_fields(hf)
+    except lo.ConversionError:
+        raise
+    except KeyError as e:
+        raise lo.ConversionError(f"{path}: missing key {e.args[0]!r} (needed for a "
+                                 f"{form.name} model)") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise lo.ConversionError(f"{path}: a value of an unexpected type ({e})") from None
     if param_dtype is not None:
         fields["param_dtype"] = param_dtype
     cfg = config_lib.config_from_dict({"model": fields}, list(overrides))

@@ -235,11 +235,12 @@ def base_hf_config(cfg: Config, dtype: str) -> dict[str, Any]:
             **rope_fields(m)}
 
 
-def hf_rope(fmt: str, hf: dict[str, Any]) -> dict[str, Any]:
-    """ModelConfig rotary fields from an HF config (new `rope_parameters` or old keys)."""
+def hf_rope(fmt: str, hf: dict[str, Any], default_theta: float = 10000.0) -> dict[str, Any]:
+    """ModelConfig rotary fields from an HF config (new `rope_parameters` or old keys);
+    `default_theta`: the format's transformers default, for a config that leaves it out."""
     params = dict(hf.get("rope_parameters") or {})
     old = dict(hf.get("rope_scaling") or {})
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", hf.get("rope_theta", default_theta))
     kind = params.get("rope_type") or old.get("rope_type") or old.get("type") or "default"
     out: dict[str, Any] = {"rope_theta": float(theta)}
     if kind == "default":
@@ -262,8 +263,10 @@ def hf_rope(fmt: str, hf: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def base_model_fields(fmt: str, hf: dict[str, Any]) -> dict[str, Any]:
-    """ModelConfig fields every decoder format shares."""
+def base_model_fields(fmt: str, hf: dict[str, Any], rope_theta: float = 10000.0,
+                      norm_eps: float = 1e-6) -> dict[str, Any]:
+    """ModelConfig fields every decoder format shares. `rope_theta`, `norm_eps`: the
+    format's transformers defaults, for a config.json that leaves them out."""
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")
         refuse(fmt, f"quantized weights (quantization_config: {method}) are not supported; "
@@ -275,10 +278,10 @@ def base_model_fields(fmt: str, hf: dict[str, Any]) -> dict[str, Any]:
             "num_layers": hf["num_hidden_layers"], "num_heads": heads,
             "num_kv_heads": hf.get("num_key_value_heads") or heads,
             "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
-            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+            "norm_eps": float(hf.get("rms_norm_eps", norm_eps)),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
             "init_std": float(hf.get("initializer_range", 0.02)),
-            "num_experts_per_tok": hf["num_experts_per_tok"], **hf_rope(fmt, hf)}
+            "num_experts_per_tok": hf["num_experts_per_tok"], **hf_rope(fmt, hf, rope_theta)}
 
 
 def dense_pattern(num_layers: int, dense: set[int]) -> tuple[int, int]:

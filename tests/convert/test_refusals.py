@@ -112,6 +112,53 @@ def test_unsupported_hf_configs_are_refused(hf_mixtral, tmp_path, change, parts)
     _refused(e, *parts)
 
 
+@pytest.mark.parametrize("text,parts", [
+    ('{"model_type": "mixtral", ', ["config.json: not valid JSON ("]),
+    ("[1, 2]", ["config.json: expected a JSON object, got list"]),
+    (None, ["config.json: missing key 'num_experts_per_tok' (needed for a mixtral model)"]),
+    ("hidden", ["config.json: a value of an unexpected type ("]),
+])
+def test_damaged_hf_config_is_one_line(hf_mixtral, tmp_path, text, parts):
+    from jaxmoe.convert.hf import hf_model_config
+
+    config = json.loads((hf_mixtral / "config.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    if text is None:
+        config.pop("num_experts_per_tok")
+        text = json.dumps(config)
+    elif text == "hidden":
+        text = json.dumps({**config, "rope_parameters": "fast"})
+    (bad / "config.json").write_text(text)
+    with pytest.raises(ConversionError) as e:
+        hf_model_config(bad)
+    _refused(e, *parts)
+
+
+@pytest.mark.parametrize("fmt", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+def test_keys_left_out_take_the_transformers_defaults(hf_mixtral, tmp_path, fmt):
+    """Reference: transformers' own config class for the model type, built from the same
+    config.json with rope_theta and rms_norm_eps left out."""
+    import transformers
+
+    from jaxmoe.convert.hf import hf_model_config
+
+    cls = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
+           "qwen3_moe": transformers.Qwen3MoeConfig,
+           "deepseek_v3": transformers.DeepseekV3Config}[fmt]
+    src = hf_mixtral if fmt == "mixtral" else save_random_hf(fmt, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    for key in ("rope_theta", "rms_norm_eps", "rope_parameters", "rope_scaling"):
+        config.pop(key, None)
+    d = tmp_path / "cfg"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    _, cfg = hf_model_config(d)
+    reference = cls(**config)
+    assert cfg.model.rope_theta == reference.rope_parameters["rope_theta"]
+    assert cfg.model.norm_eps == reference.rms_norm_eps
+
+
 def test_cli_converts_and_refuses_with_one_line(hf_mixtral, tmp_path, capsys):
     out = tmp_path / "jaxmoe"
     assert cli.main(["convert", "from-hf", str(hf_mixtral), str(out),
