@@ -22,6 +22,12 @@ def greedy_generate(graphdef, state: TrainState, prompt: list[int], max_new_toke
     """Returns the generated token ids (without the prompt), stopping at `eos_id`."""
     if not prompt:
         raise ValueError("prompt: expected at least one token id")
+    vocab = int(np.shape(state.params["embedder"]["embedding"])[0])
+    bad = [t for t in prompt if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token {bad[0]!r}: expected integer ids in [0, {vocab})")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 0")
     total = len(prompt) + max_new_tokens
     buf = np.zeros((1, total), np.int32)
     buf[0, : len(prompt)] = prompt

@@ -8,6 +8,8 @@ dropped) padding that took expert slots would change the prefix's outputs. Exact
 of token ids (the same compiled shapes; ties are measure-zero with random weights).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,3 +68,12 @@ def test_greedy_stops_at_eos_without_emitting_it(model):
     assert greedy_generate(graphdef, state, PROMPT, NEW, eos_id=eos) == full[:k]
     with pytest.raises(ValueError, match="prompt: expected at least one token id"):
         greedy_generate(graphdef, state, [], NEW)
+    # Ids outside the vocabulary would read a NaN embedding (jnp.take) and emit token 0.
+    for prompt, new, message in (([1, 48], NEW, "prompt token 48: expected integer ids in "
+                                   "[0, 48)"),
+                                 ([-1], NEW, "prompt token -1: expected"),
+                                 ([1.5], NEW, "prompt token 1.5: expected"),
+                                 ([1], -1, "max_new_tokens=-1: expected an integer >= 0")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            greedy_generate(graphdef, state, prompt, new)
+    assert greedy_generate(graphdef, state, PROMPT, 0) == []
