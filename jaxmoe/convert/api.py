@@ -47,7 +47,10 @@ class LoadedModel:
 
         segment_ids [batch, length] (optional; default all ones): tokens attend only within
         their segment (0 = padding), and positions restart at 0 at each segment start."""
-        tokens = np.asarray(tokens, np.int32)
+        tokens = np.asarray(tokens)
+        if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens dtype {tokens.dtype}: expected integer token ids")
+        tokens = tokens.astype(np.int32)
         if tokens.ndim != 2:
             raise ValueError(f"tokens shape {tokens.shape}: expected [batch, length]")
         vocab = self.config.model.vocab_size

@@ -33,6 +33,8 @@ def test_bad_inputs_and_overrides_are_refused(saved):
         model.logits([[0, 64]])
     with pytest.raises(ValueError, match=r"expected \[batch, length\]"):
         model.logits([1, 2, 3])
+    with pytest.raises(ValueError, match="tokens dtype float64: expected integer token ids"):
+        model.logits([[1.7, 2.0]])  # was truncated to [[1, 2]] silently
     with pytest.raises(ConfigError, match="model.num_experts: cannot be overridden"):
         load_checkpoint(path, overrides=["model.num_experts=8"])
     assert load_checkpoint(path, ["model.compute_dtype=bfloat16"]).config.model.compute_dtype \
