@@ -10,6 +10,7 @@ same output removes the ones whose process is gone, so they do not pile up.
 from __future__ import annotations
 
 import errno
+import glob
 import logging
 import os
 import shutil
@@ -32,7 +33,7 @@ def _pid_alive(pid: int) -> bool:
 def stale_staging_dirs(out: Path) -> list[Path]:
     """Staging directories of `out` left by processes that no longer run on this host."""
     stale = []
-    for path in out.parent.glob(f".{out.name}.partial-*"):
+    for path in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
         pid = path.name.rsplit("-", 1)[1]
         if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             stale.append(path)

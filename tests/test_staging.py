@@ -25,6 +25,17 @@ def test_staging_dir_removes_only_dead_processes_dirs(tmp_path):
     assert list(staging_dir(out).iterdir()) == []  # our own leftover is emptied
 
 
+def test_stale_dirs_of_a_name_with_glob_characters(tmp_path):
+    """`run[1]` is a file name, not the pattern `run1`: its stale folders are found, and a
+    folder of output `run1` is not."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ours, theirs = tmp_path / f".run[1].partial-{dead.pid}", tmp_path / f".run1.partial-{dead.pid}"
+    ours.mkdir()
+    theirs.mkdir()
+    assert stale_staging_dirs(tmp_path / "run[1]") == [ours]
+
+
 def test_output_folder_is_new_or_empty_and_follows_a_symlink(tmp_path):
     """Reference: rename(2), which puts a folder in place of a missing or empty one only."""
     empty, full, link = tmp_path / "empty", tmp_path / "full", tmp_path / "link"
