@@ -174,10 +174,11 @@ def rules(m: ModelConfig) -> list[lo.Rule]:
 
 def ignored(name: str, m: ModelConfig) -> bool:
     """Multi-token-prediction layers (model.layers.{>= num_layers}) and rotary caches."""
+    if name.endswith("rotary_emb.inv_freq"):  # also inside a layer (older checkpoints)
+        return True
     parts = name.split(".")
-    if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
-        return int(parts[2]) >= m.num_layers
-    return name.endswith("rotary_emb.inv_freq")
+    return (len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+            and int(parts[2]) >= m.num_layers)
 
 
 FORMAT = lo.Format(NAME, (NAME,), check, hf_config, model_fields, rules, ignored,

@@ -159,6 +159,19 @@ def test_keys_left_out_take_the_transformers_defaults(hf_mixtral, tmp_path, fmt)
     assert cfg.model.norm_eps == reference.rms_norm_eps
 
 
+def test_deepseek_skips_rotary_caches_and_prediction_layers():
+    from types import SimpleNamespace
+
+    from jaxmoe.convert import deepseek_v3
+
+    m = SimpleNamespace(num_layers=2)
+    assert deepseek_v3.ignored("model.layers.0.self_attn.rotary_emb.inv_freq", m)
+    assert deepseek_v3.ignored("model.rotary_emb.inv_freq", m)
+    assert deepseek_v3.ignored("model.layers.2.mlp.gate.weight", m)  # multi-token prediction
+    assert not deepseek_v3.ignored("model.layers.1.mlp.gate.weight", m)
+    assert not deepseek_v3.ignored("model.norm.weight", m)
+
+
 def test_cli_converts_and_refuses_with_one_line(hf_mixtral, tmp_path, capsys):
     out = tmp_path / "jaxmoe"
     assert cli.main(["convert", "from-hf", str(hf_mixtral), str(out),
