@@ -145,13 +145,15 @@ def to_hf(checkpoint: str | Path, out: str | Path, fmt: str, dtype: str = "float
         writer.close()
         hf_cfg = form.hf_config(cfg, dtype)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        # Takes the place of an empty folder (checked before) atomically; fails, leaving no
+        # copy behind, if something was put there meanwhile.
+        os.replace(tmp, out)
     except BaseException:
         try:
             writer.abort()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.replace(tmp, out)  # takes the place of an empty folder (checked before) atomically
     return Report(out, len(plan), writer.bytes_written, time.perf_counter() - start)
 
 

@@ -41,6 +41,27 @@ def test_unrepresentable_models_are_refused(tmp_path, source, changes, target, p
     assert not (tmp_path / "out").exists()
 
 
+def test_output_filled_during_the_export_leaves_no_copy(tmp_path, monkeypatch):
+    """The empty output folder gets a file while the export runs: the final rename fails
+    and neither the user's file nor a staging copy is lost or left."""
+    from jaxmoe.convert import hf
+
+    ckpt = _export(tmp_path, "mixtral")
+    out = tmp_path / "out"
+    out.mkdir()
+    real = hf.ShardedWriter.close
+
+    def close(self):
+        real(self)
+        (out / "keep.txt").write_text("x")
+
+    monkeypatch.setattr(hf.ShardedWriter, "close", close)
+    with pytest.raises(OSError):
+        to_hf(ckpt, out, "mixtral")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
 def test_nonzero_selection_bias_is_refused_without_a_bias_tensor(tmp_path):
     ckpt = _export(tmp_path, "mixtral", bias=True)
     with pytest.raises(ConversionError) as e:
