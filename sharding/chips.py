@@ -37,7 +37,8 @@ NVLINK_DOMAIN = 8  # GPUs joined by NVLink (one HGX node); larger groups go over
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """One accelerator chip. Bandwidths in bytes/s; `ici_bw` is the chip's total
-    bidirectional inter-chip bandwidth over its `ici_links` links."""
+    bidirectional inter-chip bandwidth over its `ici_links` links (what it can send is half
+    of that: collectives are timed by the bytes each device sends)."""
 
     name: str
     platform: str  # "tpu" | "gpu"
@@ -52,11 +53,12 @@ class Chip:
     torus_dims: int = 0  # 3 (v4, v5p, 7x) or 2 (v5e, v6e); 0 for GPUs
 
     def ring_bw(self) -> float:
-        """Bandwidth of a collective along one mesh axis (a bidirectional ring on one torus
-        dimension uses 2 of the chip's links); NVLink switches give GPUs the full bandwidth."""
+        """Bytes/s one chip sends in a collective along one mesh axis: a bidirectional ring on
+        one torus dimension sends over 2 of the chip's links, one direction each (half of
+        their bidirectional bandwidth); NVLink switches give GPUs one direction of all."""
         if self.platform == "gpu":
-            return self.ici_bw
-        return self.ici_bw * 2 / self.ici_links
+            return self.ici_bw / 2
+        return self.ici_bw / self.ici_links
 
 
 CHIPS: dict[str, Chip] = {c.name: c for c in [

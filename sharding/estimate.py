@@ -79,8 +79,8 @@ class Report:
 def link_model(chip: Any, devices: list[Any]):
     """`sharding.hlo.Link` for compiled programs on `devices` (the mesh's device order):
     a group spanning k of the torus's dimensions runs bidirectional rings on all k of them
-    (2k links); groups across slices go at the DCN bandwidth. Devices of one chip share
-    its links."""
+    (2k links, sending one way on each: half their bidirectional bandwidth); groups across
+    slices go at the DCN bandwidth. Devices of one chip share its links."""
     import numpy as np
 
     def link(group):
@@ -90,19 +90,20 @@ def link_model(chip: Any, devices: list[Any]):
         coords = np.asarray([getattr(d, "coords", (0,)) for d in devs])
         spanned = int((coords.max(0) != coords.min(0)).sum()) if len(devs) else 1
         dims = max(chip.torus_dims, 1)
-        return chip.ici_bw * max(spanned, 1) / dims / chip.devices_per_chip, False
+        return chip.ici_bw / 2 * max(spanned, 1) / dims / chip.devices_per_chip, False
 
     return link
 
 
 def comm_times(colls: dict[str, CollectiveStats], chip: Any) -> tuple[float, float]:
-    """(overlapped, exposed) seconds for one device's collectives (analysed `seconds`, or
-    one ring per collective when the HLO reader had no device layout)."""
+    """(overlapped, exposed) seconds for one device's collectives: the analysed `seconds`,
+    plus one ring per collective for the wire bytes they do not cover (no device layout)."""
     share = chip.devices_per_chip  # devices of one chip share its links
     over = exp = 0.0
     for kind, s in colls.items():
-        t = s.seconds or ((s.wire_bytes - s.dcn_wire_bytes) / chip.ring_bw()
-                          + s.dcn_wire_bytes / chip.dcn_bw) * share
+        dcn = s.dcn_wire_bytes - s.timed_dcn_wire_bytes
+        ici = s.wire_bytes - s.timed_wire_bytes - dcn
+        t = s.seconds + (ici / chip.ring_bw() + dcn / chip.dcn_bw) * share
         if kind in EXPOSED:
             exp += t
         else:
@@ -124,6 +125,10 @@ def from_compiled(target: Any, mesh_shape: dict[str, int], memory: dict[str, flo
     if hlo_stats["unknown_loops"]:
         notes.append(f"{len(hlo_stats['unknown_loops'])} loop(s) with unreadable trip "
                      "counts were counted once")
+    if hlo_stats.get("unknown_groups"):
+        names = hlo_stats["unknown_groups"]
+        notes.append(f"{len(names)} collective(s) with unreadable device groups (e.g. "
+                     f"{names[0]}): their bytes are counted, their communication time is not")
     return Report(target.name, target.topology_name, target.total_chips, target.devices,
                   mesh_shape, "compiled", memory, chip.hbm_bytes / chip.devices_per_chip,
                   xla_flops, balanced, model_flops, hlo_stats["collectives"],

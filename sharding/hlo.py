@@ -261,8 +261,16 @@ def instr_flops(ins: Instr, comp: Computation) -> float:
 
 # ----------------------------------------------------------------------------- collectives
 
-def replica_groups(attrs: str) -> np.ndarray | None:
-    """[groups, group size] device ids from any of XLA's three printed formats."""
+def replica_groups(attrs: str, num_devices: int | None = None) -> np.ndarray | None:
+    """[groups, group size] device ids from any of XLA's printed formats; `{}` is one group
+    of all `num_devices`; a collective-permute gives its [pairs, 2] (source, target) ids.
+    None when the attributes hold no groups this reader knows."""
+    m = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", attrs)
+    if m:
+        pairs = [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]
+        return np.asarray(pairs) if pairs else None
+    if re.search(r"replica_groups=\{\}", attrs):
+        return np.arange(num_devices)[None] if num_devices else None
     m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\[([0-9,]*)\]"
                   r"(?:T\(([0-9,]*)\))?\))?\s*\{([^}]*)\}", attrs)
     if m:
@@ -292,8 +300,6 @@ def replica_groups(attrs: str) -> np.ndarray | None:
                                                                           m.group(1))]
         if groups and all(len(g) == len(groups[0]) for g in groups):
             return np.asarray(groups)
-    if "source_target_pairs" in attrs:
-        return np.asarray([[0, 1]])
     return None
 
 
@@ -306,6 +312,8 @@ class CollectiveStats:
     wire_bytes: float = 0.0  # bytes sent by one device (ring / pairwise algorithms)
     dcn_wire_bytes: float = 0.0  # the part whose groups span slices
     seconds: float = 0.0  # wire bytes / the bandwidth of each op's group (when given)
+    timed_wire_bytes: float = 0.0  # the wire bytes `seconds` covers
+    timed_dcn_wire_bytes: float = 0.0  # ... and their DCN part
 
 
 def _wire(kind: str, size: float, n: int) -> float:
@@ -327,10 +335,10 @@ def _collective(ins: Instr) -> tuple[str, float] | None:
     if kind not in COLLECTIVES:
         return None
     arrays = ins.result
-    if op == "all-gather-start":
-        arrays = arrays[-1:]
+    if op in ("all-gather-start", "reduce-scatter-start", "all-to-all-start"):
+        arrays = arrays[len(arrays) // 2:]  # a tuple (operands..., results...)
     elif op == "collective-permute-start":
-        arrays = arrays[1:2]
+        arrays = arrays[1:2]  # (operand, result, context...)
     return kind, nbytes(arrays)
 
 
@@ -357,16 +365,32 @@ Link = Callable[[np.ndarray], tuple[float, bool]]  # device ids -> (bytes/s, cro
 def analyse(text: str, link: Link | None = None, scan_once: bool = False,
             num_slices: int = 2, dcn_bw: float = 0.0) -> dict:
     """{"flops": matmul FLOPs per device per step, "kernel_flops": the part in custom-call
-    kernels (grouped matmuls), "collectives": {kind: CollectiveStats}, "unknown_loops": [...]}
-    for one device's program. `link(group of device ids)` gives the
+    kernels (grouped matmuls), "collectives": {kind: CollectiveStats}, "unknown_loops": [...],
+    "unknown_groups": [collectives whose groups were unreadable: bytes counted, no wire
+    bytes]} for one device's program. `link(group of device ids)` gives the
     bandwidth a group communicates at and whether it crosses slices (DCN); `scan_once`
     counts loop bodies once (to compare with XLA's cost analysis). Cross-slice (megascale)
     transfers are collectives over `num_slices` slices, all DCN, at `dcn_bw` bytes/s per
     device when given."""
     comps, entry = parse_module(text)
     mult, unknown = multiplicities(comps, entry, scan_once)
+    header = re.search(r"^HloModule .*$", text, re.MULTILINE)
+    header = header.group(0) if header else ""
+    devices = math.prod(int(m.group(1)) if m else 1 for m in (
+        re.search(r"num_partitions=(\d+)", header), re.search(r"replica_count=(\d+)", header)))
     flops = kernel_flops = 0.0
     colls: dict[str, CollectiveStats] = defaultdict(CollectiveStats)
+    unknown_groups: list[str] = []
+    links: dict[bytes, tuple[float, bool]] = {}
+
+    def timing(groups: np.ndarray) -> tuple[float, bool]:
+        """(bytes/s, crosses DCN) of the slowest group (permutes: of the slowest pair)."""
+        key = groups.tobytes() + str(groups.shape).encode()
+        if key not in links:
+            results = [link(g) for g in groups]
+            links[key] = (min(bw for bw, _ in results), any(d for _, d in results))
+        return links[key]
+
     for name, comp in comps.items():
         m = mult.get(name, 0.0)
         if not m:
@@ -387,24 +411,32 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
                 s.dcn_wire_bytes += m * wire
                 if dcn_bw:
                     s.seconds += m * wire / dcn_bw
+                    s.timed_wire_bytes += m * wire
+                    s.timed_dcn_wire_bytes += m * wire
                 continue
             c = _collective(ins)
             if c is None:
                 continue
             kind, size = c
-            groups = replica_groups(ins.attrs)
-            n = groups.shape[1] if groups is not None else 2
+            s = colls[kind]
+            s.count += m
+            groups = replica_groups(ins.attrs, devices)
+            if groups is None:  # bytes counted; what each device sends is unknown
+                unknown_groups.append(ins.name)
+                s.bytes += m * size
+                continue
+            n = groups.shape[1]
             if kind == "reduce-scatter":
                 size *= n  # the operand is n results
             wire = _wire(kind, size, n)
-            s = colls[kind]
-            s.count += m
             s.bytes += m * size
             s.wire_bytes += m * wire
-            if link is not None and groups is not None and wire:
-                bw, dcn = link(groups[0])
+            if link is not None and wire:
+                bw, dcn = timing(groups)
                 s.seconds += m * wire / bw
+                s.timed_wire_bytes += m * wire
                 if dcn:
                     s.dcn_wire_bytes += m * wire
+                    s.timed_dcn_wire_bytes += m * wire
     return {"flops": flops, "kernel_flops": kernel_flops, "collectives": dict(colls),
-            "unknown_loops": unknown}
+            "unknown_loops": unknown, "unknown_groups": unknown_groups}

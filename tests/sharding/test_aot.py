@@ -105,7 +105,7 @@ def test_multi_slice_plan_counts_dcn_collectives():
     assert report.source == "compiled" and report.mesh["data"] == 8
     ar = report.collectives["all-reduce"]
     assert ar.dcn_wire_bytes > 0 and ar.wire_bytes > ar.dcn_wire_bytes
-    # The DCN bytes go at 50 Gb/s per chip (ICI: 400 GB/s per ring).
+    # The DCN bytes go at 50 Gb/s per chip (ICI: 200 GB/s sent per ring).
     dcn_s = ar.dcn_wire_bytes / get_chip("v5p").dcn_bw
     assert report.overlapped_comm_s >= dcn_s * 0.999 and dcn_s > 0
 
@@ -148,7 +148,7 @@ def test_analytic_memory_and_collectives_by_hand():
         2, 2 * 65536, 2 * 65536 * 2 * 1 / 2)
     assert (c["all-to-all"].count, c["all-to-all"].bytes) == (2 * 12, 2 * 12 * 32 * 2 * 64 * 2)
     assert all(s.dcn_wire_bytes == 0 for s in c.values())  # 8 GPUs: one NVLink domain
-    nvlink = 900e9
+    nvlink = 900e9 / 2  # what one GPU sends: one direction of its NVLink bandwidth
     assert r.overlapped_comm_s == pytest.approx((131072 + 131072 + 131072) / nvlink)
     assert r.exposed_comm_s == pytest.approx(98304 / nvlink)
     one = _tiny_analytic("h100-8", {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}, accum=1)
@@ -163,7 +163,7 @@ def test_analytic_dcn_axes_go_at_dcn_bandwidth():
     c = r.collectives
     assert c["all-reduce"].dcn_wire_bytes == c["all-reduce"].wire_bytes > 0
     assert c["all-gather"].dcn_wire_bytes == c["reduce-scatter"].dcn_wire_bytes == 0
-    ib, nvlink = 400e9 / 8, 900e9
+    ib, nvlink = 400e9 / 8, 900e9 / 2
     assert r.overlapped_comm_s == pytest.approx(
         (c["all-gather"].wire_bytes + c["reduce-scatter"].wire_bytes) / nvlink
         + c["all-reduce"].wire_bytes / ib)
@@ -174,7 +174,7 @@ def test_analytic_dcn_axes_go_at_dcn_bandwidth():
     assert ar.dcn_wire_bytes == ar.wire_bytes == 2 * 65536 * 2 * 1 / 2
     assert t.overlapped_comm_s == pytest.approx(
         (t.collectives["all-gather"].wire_bytes + t.collectives["reduce-scatter"].wire_bytes)
-        / 400e9 + ar.wire_bytes / 6.25e9)
+        / 200e9 + ar.wire_bytes / 6.25e9)
 
 
 def test_comm_times_and_link_model():
@@ -182,13 +182,17 @@ def test_comm_times_and_link_model():
     colls = {"all-gather": CollectiveStats(wire_bytes=4e9),
              "all-reduce": CollectiveStats(wire_bytes=8e9, dcn_wire_bytes=2e9),
              "all-to-all": CollectiveStats(wire_bytes=1.2e9),
-             "reduce-scatter": CollectiveStats(wire_bytes=1e9, seconds=0.5)}
+             "reduce-scatter": CollectiveStats(wire_bytes=1e9, seconds=0.5, timed_wire_bytes=1e9),
+             "collective-permute": CollectiveStats(wire_bytes=3e9, dcn_wire_bytes=1e9,
+                                                   seconds=0.25, timed_wire_bytes=1e9)}
     over, exp = estimate.comm_times(colls, v5p)
-    # ring = 2 of 6 links of 1200 GB/s = 400 GB/s; DCN 6.25 GB/s; given seconds win.
-    assert over == pytest.approx(4e9 / 400e9 + 6e9 / 400e9 + 2e9 / 6.25e9 + 0.5)
-    assert exp == pytest.approx(1.2e9 / 400e9)
+    # ring: 2 of 6 links of 1200 GB/s (bidirectional), sending one way = 200 GB/s; DCN
+    # 6.25 GB/s; analysed seconds stand for the bytes they cover, the rest goes by ring.
+    assert over == pytest.approx(4e9 / 200e9 + 6e9 / 200e9 + 2e9 / 6.25e9 + 0.5
+                                 + 0.25 + 1e9 / 200e9 + 1e9 / 6.25e9)
+    assert exp == pytest.approx(1.2e9 / 200e9)
     # Two devices per chip share its links: twice the time.
-    assert estimate.comm_times(colls, chip7)[1] == pytest.approx(2 * 1.2e9 / 400e9)
+    assert estimate.comm_times(colls, chip7)[1] == pytest.approx(2 * 1.2e9 / 200e9)
 
     def dev(coords, slice_index=0):
         return SimpleNamespace(coords=coords, slice_index=slice_index)
@@ -196,8 +200,8 @@ def test_comm_times_and_link_model():
     devices = [dev((0, 0, 0)), dev((1, 0, 0)), dev((0, 1, 0)), dev((1, 1, 0)),
                dev((0, 0, 0), 1)]
     link = estimate.link_model(v5p, devices)
-    assert link([0, 1]) == (pytest.approx(1200e9 / 3), False)  # one torus dimension
-    assert link([0, 1, 2, 3]) == (pytest.approx(1200e9 * 2 / 3), False)  # two of them
+    assert link([0, 1]) == (pytest.approx(600e9 / 3), False)  # one torus dimension, one way
+    assert link([0, 1, 2, 3]) == (pytest.approx(600e9 * 2 / 3), False)  # two of them
     assert link([0, 4]) == (pytest.approx(6.25e9), True)  # across slices
     assert estimate.link_model(chip7, devices)([0, 4])[0] == pytest.approx(6.25e9 / 2)
 

@@ -70,6 +70,58 @@ def test_replica_group_formats(attrs, groups):
     np.testing.assert_array_equal(hlo.replica_groups(attrs), groups)
 
 
+def test_empty_groups_and_permute_pairs():
+    np.testing.assert_array_equal(hlo.replica_groups("replica_groups={}, to_apply=%a", 8),
+                                  [list(range(8))])
+    assert hlo.replica_groups("replica_groups={}, to_apply=%a") is None  # count unknown
+    np.testing.assert_array_equal(
+        hlo.replica_groups("channel_id=1, source_target_pairs={{0,4},{4,0},{1,5}}"),
+        [[0, 4], [4, 0], [1, 5]])
+
+
+# Async collectives print their result as (operands..., results...); reference: the sizes
+# of the results written out by hand; all over 4 devices.
+ASYNC = """HloModule m, num_partitions=4
+
+ENTRY %main (a: f32[8], b: f32[32], c: f32[64], d: f32[16]) -> f32[2] {
+  %a = f32[8]{0} parameter(0)
+  %b = f32[32]{0} parameter(1)
+  %c = f32[64]{0} parameter(2)
+  %d = f32[16]{0} parameter(3)
+  %rs = (f32[8]{0}, f32[2]{0}) reduce-scatter-start(%a), replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
+  %rsd = f32[2]{0} reduce-scatter-done(%rs)
+  %ag = ((f32[8]{0}, f32[16]{0}), (f32[32]{0}, f32[64]{0})) all-gather-start(%a, %d), replica_groups=[1,4]<=[4], dimensions={0}
+  %agd = (f32[32]{0}, f32[64]{0}) all-gather-done(%ag)
+  %aa = (f32[16]{0}, f32[16]{0}) all-to-all-start(%d), replica_groups={}, dimensions={0}
+  %aad = f32[16]{0} all-to-all-done(%aa)
+  %cp = (f32[64]{0}, f32[64]{0}, u32[], u32[]) collective-permute-start(%c), source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %cpd = f32[64]{0} collective-permute-done(%cp)
+  %ar = f32[8]{0} all-reduce(%a), replica_groups=?, to_apply=%add
+  ROOT %r = f32[2]{0} copy(%rsd)
+}
+"""
+
+
+def test_async_collectives_count_their_results():
+    def link(group):  # devices 0, 1 in one slice, 2, 3 in another; across: 1 GB/s
+        return (100e9, False) if len({int(i) // 2 for i in group}) == 1 else (1e9, True)
+
+    stats = hlo.analyse(ASYNC, link=link)
+    c = stats["collectives"]
+    assert (c["reduce-scatter"].count, c["reduce-scatter"].bytes) == (1, 8 * 4)  # operand
+    assert c["reduce-scatter"].wire_bytes == pytest.approx(8 * 4 * 3 / 4)
+    assert (c["all-gather"].count, c["all-gather"].bytes) == (1, (32 + 64) * 4)
+    assert c["all-to-all"].bytes == 16 * 4  # `{}`: all 4 devices of num_partitions
+    assert c["all-to-all"].wire_bytes == pytest.approx(16 * 4 * 3 / 4)
+    cp = c["collective-permute"]
+    assert (cp.count, cp.bytes, cp.wire_bytes) == (1, 64 * 4, 64 * 4)
+    # The permute's slowest pair crosses "slices": all of it timed at 1 GB/s, as DCN.
+    assert cp.seconds == pytest.approx(64 * 4 / 1e9) and cp.dcn_wire_bytes == 64 * 4
+    # A group format this reader does not know: bytes counted, no wire bytes, named.
+    assert stats["unknown_groups"] == ["ar"]
+    assert (c["all-reduce"].bytes, c["all-reduce"].wire_bytes) == (8 * 4, 0)
+
+
 def test_trip_count_and_wire_bytes_from_text():
     text = """HloModule m
 
