@@ -89,10 +89,12 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
     devices = aot.topology_devices(target)
     model_flops = _model_flops(cfg)
     if devices is None:
+        from flax import nnx
         from jax.sharding import AbstractMesh
 
         from jaxmoe.train.optimizer import make_optimizer
         from jaxmoe.train.state import init_state
+        from sharding.rules import variable_axes
 
         rules = sharding.make_rules(cfg.mesh.rules)
         ici, dcn = sharding.config_degrees(cfg.mesh)
@@ -111,7 +113,11 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
         tx = make_optimizer(cfg.train.optimizer, cfg.train.steps)
         abstract = jax.eval_shape(lambda: init_state(cfg.model, tx, cfg.train.seed))
         specs = sharding.state_shardings(abstract, mesh, rules)
-        return estimate.analytic(target, cfg, shape, abstract, specs, model_flops, dcn)
+        params = [(v.get_value(), variable_axes(v) or ())
+                  for v in jax.tree.leaves(abstract.params,
+                                           is_leaf=lambda x: isinstance(x, nnx.Variable))]
+        return estimate.analytic(target, cfg, shape, abstract, specs, model_flops, dcn,
+                                 params=params, rules=rules)
     start = time.perf_counter()
     trainer = build_trainer(cfg, devices)
     compiled = aot.compile_train_step(trainer)

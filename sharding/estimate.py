@@ -9,8 +9,8 @@ Two sources, one report:
     estimate, FLOPs from the model, and the collectives each parallelism implies.
 
 Step time model: compute = executed matmul FLOPs / peak; each collective's wire bytes /
-bandwidth (one mesh axis is a ring on one torus dimension: 2 of a TPU chip's links; DCN at
-the per-chip DCN bandwidth). FSDP gathers, reduce-scatters and gradient all-reduces are
+bandwidth (the bytes a device sends; one mesh axis is a ring on one torus dimension: 2 of
+a TPU chip's links, one direction each; DCN at the per-chip DCN bandwidth). FSDP gathers, reduce-scatters and gradient all-reduces are
 issued asynchronously by XLA and assumed hidden under compute; expert all-to-alls sit
 between the router and the experts, so they are counted as exposed:
   step = max(compute, overlapped communication) + exposed communication.
@@ -153,11 +153,49 @@ def _shard_bytes(abstract_state: Any, specs: Any, mesh_shape: dict[str, int]) ->
     return total
 
 
+def weight_traffic(params: list[tuple[Any, tuple]], rules: Any, mesh_shape: dict[str, int]):
+    """Data-parallel traffic of the parameters, from their logical axes.
+
+    params: (ShapeDtypeStruct, logical names) per parameter. Returns
+    (gathered: {mesh axes: [local elements, local bytes] of the parameters FSDP-gathered
+                over those axes},
+     reduced: {mesh axes: local bytes whose gradients are all-reduced over them}).
+    A parameter dimension split over a batch axis (one that also splits the tokens) is
+    FSDP: gathered before use, its gradient reduce-scattered; an `expert` dimension is
+    expert parallelism instead (each device keeps its own experts); batch axes that split
+    no dimension of it see replicas, whose gradients are all-reduced."""
+    from sharding.rules import logical_to_spec, mesh_axes_of
+
+    batch_axes = mesh_axes_of("batch", rules)
+    gathered: dict[tuple[str, ...], list[float]] = {}
+    reduced: dict[tuple[str, ...], float] = {}
+    for leaf, names in params:
+        spec = tuple(logical_to_spec(tuple(names), rules))
+        spec += (None,) * (len(leaf.shape) - len(spec))
+        elements, fsdp, used = 1, [], set()
+        for dim, name, axes in zip(leaf.shape, names, spec):
+            axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+            elements *= math.ceil(dim / math.prod(mesh_shape.get(a, 1) for a in axes))
+            used.update(axes)
+            if name != "expert":
+                fsdp += [a for a in axes if a in batch_axes]
+        local = elements * leaf.dtype.itemsize
+        total = gathered.setdefault(tuple(fsdp), [0.0, 0.0])
+        total[0] += elements
+        total[1] += local
+        rest = tuple(a for a in batch_axes if a not in used)
+        reduced[rest] = reduced.get(rest, 0.0) + local
+    return gathered, reduced
+
+
 def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: Any,
-             state_specs: Any, model_flops: float, dcn: dict[str, int] | None = None) -> Report:
+             state_specs: Any, model_flops: float, dcn: dict[str, int] | None = None,
+             params: list[tuple[Any, tuple]] = (), rules: Any = None) -> Report:
     """Estimate without a compiler (see the module docstring for the model).
 
-    `mesh_shape` holds the full axis sizes (ICI x DCN); `dcn` the DCN part of each (default 1).
+    `mesh_shape` holds the full axis sizes (ICI x DCN); `dcn` the DCN part of each (default 1);
+    `params`: (ShapeDtypeStruct, logical axis names) of every parameter, mapped to mesh axes
+    by `rules` (`weight_traffic`) for the FSDP and data-parallel collectives.
 
     Collectives are per micro-batch: `train.grad_accum_steps` micro-batches run in a
     `lax.scan` inside the one jitted step, and XLA keeps the FSDP all-gathers and
@@ -172,7 +210,7 @@ def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: 
     dcn = {a: (dcn or {}).get(a, 1) for a in mesh_shape}
     accum = max(cfg.train.grad_accum_steps, 1)
     batch_shards = get("data", 1) * get("fsdp", 1) * get("expert", 1)
-    tp, fsdp = get("tensor", 1), get("fsdp", 1)
+    tp = get("tensor", 1)
     b_local = cfg.train.batch_size / batch_shards / accum
     seq, d = cfg.data.seq_len, m.embed_dim
     tokens = b_local * seq
@@ -189,22 +227,22 @@ def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: 
     memory["total"] = memory["arguments"] + memory["temporaries"]
     remat = 4 / 3 if m.remat != "none" else 1.0
     executed = model_flops * remat / n
-    grad_bytes = params_local  # float32 gradients of this device's parameter shard
     colls: dict[str, CollectiveStats] = {}
     axes = list(mesh_shape)
 
-    def over_dcn(axis: str) -> bool:
-        if dcn[axis] > 1:
+    def over_dcn(group_axes: tuple[str, ...]) -> bool:
+        if any(dcn[a] > 1 for a in group_axes):
             return True
         if chip.platform != "gpu":
             return False
-        # Devices fill NVLink domains in mesh order (the last axis nearest): an axis's
-        # groups span (its size x the ICI sizes of the axes after it) consecutive GPUs.
-        inner = math.prod(mesh_shape[a] // dcn[a] for a in axes[axes.index(axis) + 1:])
-        return mesh_shape[axis] * inner > NVLINK_DOMAIN
+        # Devices fill NVLink domains in mesh order (the last axis nearest): a group spans
+        # the ICI sizes of every axis from its outermost one on, consecutive GPUs.
+        first = min(axes.index(a) for a in group_axes)
+        return math.prod(mesh_shape[a] // dcn[a] for a in axes[first:]) > NVLINK_DOMAIN
 
-    def add(kind: str, count: float, size: float, axis: str) -> None:
-        group = get(axis, 1)
+    def add(kind: str, count: float, size: float, group_axes: str | tuple[str, ...]) -> None:
+        group_axes = (group_axes,) if isinstance(group_axes, str) else group_axes
+        group = math.prod(get(a, 1) for a in group_axes)
         if group <= 1:
             return
         s = colls.setdefault(kind, CollectiveStats())
@@ -212,13 +250,18 @@ def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: 
         s.count += count * accum
         s.bytes += count * accum * size
         s.wire_bytes += count * accum * size * factor
-        if over_dcn(axis):
+        if over_dcn(group_axes):
             s.dcn_wire_bytes += count * accum * size * factor
 
-    gathered = params_local * fsdp / 2  # bf16 copy of the fsdp-gathered parameters
-    add("all-gather", 2 * m.num_layers, gathered / m.num_layers, "fsdp")
-    add("reduce-scatter", m.num_layers, grad_bytes * fsdp / m.num_layers, "fsdp")
-    add("all-reduce", 1, grad_bytes, "data")
+    gathered, reduced = weight_traffic(list(params), rules, mesh_shape)
+    for group_axes, (elements, local) in sorted(gathered.items()):
+        group = math.prod(get(a, 1) for a in group_axes)
+        # a bf16 copy gathered for the forward and again for the backward pass; the
+        # gradients reduce-scattered in the parameters' dtype
+        add("all-gather", 2 * m.num_layers, elements * act * group / m.num_layers, group_axes)
+        add("reduce-scatter", m.num_layers, local * group / m.num_layers, group_axes)
+    for group_axes, local in sorted(reduced.items()):
+        add("all-reduce", 1, local, group_axes)
     add("all-reduce", 6 * m.num_layers, tokens * d * act, "tensor")  # Megatron: 2 per pass
     moe_layers = sum(m.is_moe_layer(i) for i in range(m.num_layers))
     add("all-to-all", 6 * moe_layers, tokens * m.num_experts_per_tok * d * act, "expert")

@@ -16,6 +16,7 @@ from jaxmoe.cli import main
 from sharding import aot, estimate
 from sharding.chips import get_chip
 from sharding.hlo import CollectiveStats
+from sharding.rules import DEFAULT_RULES
 
 
 @pytest.mark.parametrize("name, chips, dims", [
@@ -114,8 +115,10 @@ def test_multi_slice_plan_counts_dcn_collectives():
 
 def _tiny_analytic(topology: str, mesh_shape: dict, dcn: dict | None = None, accum: int = 2,
                    num_slices: int = 1):
-    """A one-leaf state (f32[1024, 96] split over fsdp) and a 2-layer MoE, small enough to
-    work every number out by hand."""
+    """A one-leaf state for memory (f32[1024, 96] split over fsdp), two parameters for the
+    weight collectives (a dense [embed 64, mlp 256] and an expert [expert 4, embed 64,
+    mlp 128] weight, default rules) and a 2-layer MoE, small enough to work every number
+    out by hand."""
     model = SimpleNamespace(num_layers=2, embed_dim=64, num_heads=4, num_experts_per_tok=2,
                             expert_mlp_dim=128, mlp_dim=256, vocab_size=512, remat="full",
                             num_experts=4, is_moe_layer=lambda i: True)
@@ -123,8 +126,10 @@ def _tiny_analytic(topology: str, mesh_shape: dict, dcn: dict | None = None, acc
                           train=SimpleNamespace(batch_size=16, grad_accum_steps=accum))
     state = [jax.ShapeDtypeStruct((1024, 96), jnp.float32)]
     specs = [SimpleNamespace(spec=("fsdp", None))]
+    params = [(jax.ShapeDtypeStruct((64, 256), jnp.float32), ("embed", "mlp")),
+              (jax.ShapeDtypeStruct((4, 64, 128), jnp.float32), ("expert", "embed", "mlp"))]
     return estimate.analytic(aot.target_from_name(topology, num_slices), cfg, mesh_shape,
-                             state, specs, 8e9, dcn)
+                             state, specs, 8e9, dcn, params=params, rules=DEFAULT_RULES)
 
 
 def test_analytic_memory_and_collectives_by_hand():
@@ -141,16 +146,31 @@ def test_analytic_memory_and_collectives_by_hand():
     c = r.collectives
     # Every collective runs once per micro-batch (2): FSDP gathers (fwd + bwd per layer) of
     # the bf16 parameters, gradient reduce-scatters, the data all-reduce, expert all-to-alls.
-    assert (c["all-gather"].count, c["all-gather"].bytes, c["all-gather"].wire_bytes) == (
-        2 * 4, 2 * 4 * 32768, 2 * 4 * 32768 / 2)
-    assert (c["reduce-scatter"].count, c["reduce-scatter"].bytes) == (2 * 2, 2 * 2 * 65536)
+    # The dense weight is split over fsdp x expert (64/4 x 256 = 4096 elements here) and
+    # gathered over both; the expert weight over expert (its experts) and fsdp (4/2 x 64/2 x
+    # 128 = 8192), gathered over fsdp only. Both are replicated over data: all-reduced there.
+    gather = 4096 * 2 * 4 / 2, 8192 * 2 * 2 / 2  # bf16 bytes per layer, per gather
+    assert (c["all-gather"].count, c["all-gather"].bytes) == (2 * 2 * 4, 2 * 4 * sum(gather))
+    assert c["all-gather"].wire_bytes == 2 * 4 * (gather[0] * 3 / 4 + gather[1] / 2)
+    scatter = 4096 * 4 * 4 / 2, 8192 * 4 * 2 / 2  # float32 gradient bytes per layer
+    assert (c["reduce-scatter"].count, c["reduce-scatter"].bytes) == (2 * 2 * 2,
+                                                                      2 * 2 * sum(scatter))
+    assert c["reduce-scatter"].wire_bytes == 2 * 2 * (scatter[0] * 3 / 4 + scatter[1] / 2)
+    local = (4096 + 8192) * 4
     assert (c["all-reduce"].count, c["all-reduce"].bytes, c["all-reduce"].wire_bytes) == (
-        2, 2 * 65536, 2 * 65536 * 2 * 1 / 2)
+        2, 2 * local, 2 * local * 2 * 1 / 2)
     assert (c["all-to-all"].count, c["all-to-all"].bytes) == (2 * 12, 2 * 12 * 32 * 2 * 64 * 2)
     assert all(s.dcn_wire_bytes == 0 for s in c.values())  # 8 GPUs: one NVLink domain
     nvlink = 900e9 / 2  # what one GPU sends: one direction of its NVLink bandwidth
-    assert r.overlapped_comm_s == pytest.approx((131072 + 131072 + 131072) / nvlink)
+    assert r.overlapped_comm_s == pytest.approx(
+        (c["all-gather"].wire_bytes + c["reduce-scatter"].wire_bytes
+         + c["all-reduce"].wire_bytes) / nvlink)
     assert r.exposed_comm_s == pytest.approx(98304 / nvlink)
+    # Expert parallelism without fsdp still splits the dense weights over `expert` (FSDP):
+    # they are gathered over it (the estimate counted FSDP traffic on `fsdp` only).
+    ep = _tiny_analytic("h100-8", {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1})
+    assert (ep.collectives["all-gather"].count, ep.collectives["all-gather"].bytes) == (
+        2 * 4, 2 * 4 * 4096 * 2 * 4 / 2)
     one = _tiny_analytic("h100-8", {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}, accum=1)
     assert one.collectives["all-to-all"].bytes == c["all-to-all"].bytes  # 2 x half the tokens
     assert one.collectives["all-gather"].bytes * 2 == c["all-gather"].bytes
@@ -171,7 +191,7 @@ def test_analytic_dcn_axes_go_at_dcn_bandwidth():
     t = _tiny_analytic("v5p-8", {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1},
                        dcn={"data": 2}, num_slices=2)
     ar = t.collectives["all-reduce"]
-    assert ar.dcn_wire_bytes == ar.wire_bytes == 2 * 65536 * 2 * 1 / 2
+    assert ar.dcn_wire_bytes == ar.wire_bytes == 2 * (4096 + 8192) * 4 * 2 * 1 / 2
     assert t.overlapped_comm_s == pytest.approx(
         (t.collectives["all-gather"].wire_bytes + t.collectives["reduce-scatter"].wire_bytes)
         / 200e9 + ar.wire_bytes / 6.25e9)
