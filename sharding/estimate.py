@@ -10,8 +10,9 @@ Two sources, one report:
 
 Step time model: compute = executed matmul FLOPs / peak; each collective's wire bytes /
 bandwidth (the bytes a device sends; one mesh axis is a ring on one torus dimension: 2 of
-a TPU chip's links, one direction each; DCN at the per-chip DCN bandwidth). FSDP gathers, reduce-scatters and gradient all-reduces are
-issued asynchronously by XLA and assumed hidden under compute; expert all-to-alls sit
+a TPU chip's links, one direction each; DCN at the per-chip DCN bandwidth). FSDP gathers,
+reduce-scatters and gradient all-reduces are issued asynchronously by XLA and assumed
+hidden under compute; expert all-to-alls sit
 between the router and the experts, so they are counted as exposed:
   step = max(compute, overlapped communication) + exposed communication.
 MFU = model FLOPs per step (6 x active matmul params + attention, `jaxmoe info`) /
