@@ -116,8 +116,12 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
         params = [(v.get_value(), variable_axes(v) or ())
                   for v in jax.tree.leaves(abstract.params,
                                            is_leaf=lambda x: isinstance(x, nnx.Variable))]
-        return estimate.analytic(target, cfg, shape, abstract, specs, model_flops, dcn,
-                                 params=params, rules=rules)
+        report = estimate.analytic(target, cfg, shape, abstract, specs, model_flops, dcn,
+                                   params=params, rules=rules)
+        if hlo_out:
+            report.notes.append(f"--hlo-out {hlo_out}: not written (an analytic estimate "
+                                "compiles no program)")
+        return report
     start = time.perf_counter()
     trainer = build_trainer(cfg, devices)
     compiled = aot.compile_train_step(trainer)

@@ -83,6 +83,15 @@ def test_gpu_target_falls_back_to_the_analytic_estimate(capsys):
     assert "(model FLOPs with rematerialisation, analytic)" in out and "HLO" not in out, out
 
 
+def test_analytic_estimate_says_it_wrote_no_hlo(capsys, tmp_path):
+    hlo_file = tmp_path / "step.hlo"
+    rc = main(["compile", "--config", "configs/tiny_moe.yaml", "--topology", "h100-8",
+               "--hlo-out", str(hlo_file)])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"note: --hlo-out {hlo_file}: not written" in out, out
+    assert not hlo_file.exists()
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--num-slices", "2", "mesh.dcn_data=3"],
      "DCN degrees {'mesh.dcn_data': 3} (product 3) != --num-slices 2"),
