@@ -50,11 +50,15 @@ def test_flops_apply_trip_counts(scanned_mlp):
 def test_collectives_found_with_group_sizes(scanned_mlp):
     colls = hlo.analyse(scanned_mlp.as_text())["collectives"]
     # Weights split 4 ways on their output dim: gathered for each layer (forward and
-    # backward), gradients summed over the 4 batch shards.
-    assert colls["all-gather"].count == 2 * LAYERS
-    assert colls["all-gather"].wire_bytes == pytest.approx(
-        colls["all-gather"].bytes * 3 / 4)
-    assert "all-reduce" in colls or "reduce-scatter" in colls
+    # backward) as bfloat16 (TPU's default precision feeds a float32 matmul bf16 operands:
+    # K x K x 2 bytes), gradients summed over the 4 batch shards (all-reduced in float32,
+    # K x K x 4 bytes per layer; this libtpu does not reduce-scatter them).
+    ag, ar = colls["all-gather"], colls["all-reduce"]
+    assert (ag.count, ag.bytes) == (2 * LAYERS, 2 * LAYERS * K * K * 2)
+    assert ag.wire_bytes == pytest.approx(ag.bytes * 3 / 4)
+    assert (ar.count, ar.bytes) == (LAYERS, LAYERS * K * K * 4)
+    assert ar.wire_bytes == pytest.approx(ar.bytes * 2 * 3 / 4)
+    assert set(colls) == {"all-gather", "all-reduce"}
 
 
 @pytest.mark.parametrize("attrs, groups", [
