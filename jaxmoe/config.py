@@ -238,6 +238,8 @@ def _validate_mla_and_groups(m: ModelConfig) -> None:
         for key in ("qkv_bias", "qk_norm"):
             if getattr(m, key):
                 _fail(f"model.{key}", True, "false when model.attention=mla")
+    if m.context_length < 0:
+        _fail("model.context_length", m.context_length, "an integer >= 0 (0: data.seq_len)")
     if m.rope_scaling == "yarn":
         if m.attention != "mla":
             _fail("model.rope_scaling", m.rope_scaling,

@@ -44,6 +44,9 @@ class ModelConfig:
     rope_scaling: str = "none"
     rope_scaling_factor: float = 1.0
     rope_original_max_len: int = 4096  # pre-training context of the scaled rotary table
+    # Tokens of context the model is meant for (Hugging Face `max_position_embeddings`,
+    # kept through an import and export); 0: data.seq_len.
+    context_length: int = 0
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
     yarn_mscale: float = 1.0

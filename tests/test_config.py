@@ -91,6 +91,8 @@ BAD = [
     (["model.routed_scaling_factor=-2.5"], "model.routed_scaling_factor=-2.5: expected > 0"),
     (["model.shared_expert_mlp_dim=-4"], "model.shared_expert_mlp_dim=-4: expected >= 0"),
     (["model.num_shared_experts=-1"], "model.num_shared_experts=-1: expected >= 0"),
+    (["model.context_length=-1"],
+     "model.context_length=-1: expected an integer >= 0 (0: data.seq_len)"),
     # shared experts need routed ones; their options need shared experts
     (["model.num_experts=0", "model.num_shared_experts=1"],
      "model.num_shared_experts=1: expected 0 when model.num_experts=0"),

@@ -222,7 +222,7 @@ def rope_fields(m: ModelConfig) -> dict[str, Any]:
 def base_hf_config(cfg: Config, dtype: str) -> dict[str, Any]:
     """Keys every decoder format shares (values from `cfg`)."""
     m = cfg.model
-    max_pos = cfg.data.seq_len
+    max_pos = m.context_length or cfg.data.seq_len
     if m.rope_scaling == "yarn":  # transformers checks factor == max / original
         max_pos = round(m.rope_original_max_len * m.rope_scaling_factor)
     return {"vocab_size": m.vocab_size, "hidden_size": m.embed_dim,
@@ -281,6 +281,7 @@ def base_model_fields(fmt: str, hf: dict[str, Any], rope_theta: float = 10000.0,
             "norm_eps": float(hf.get("rms_norm_eps", norm_eps)),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
             "init_std": float(hf.get("initializer_range", 0.02)),
+            "context_length": int(hf.get("max_position_embeddings") or 0),
             "num_experts_per_tok": hf["num_experts_per_tok"], **hf_rope(fmt, hf, rope_theta)}
 
 

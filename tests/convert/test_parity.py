@@ -5,6 +5,8 @@ TOL of jaxmoe's. transformers save_pretrained -> from-hf -> jaxmoe: logits withi
 transformers'; then to-hf again: every tensor byte-identical to what transformers saved.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -70,6 +72,9 @@ def test_transformers_to_jaxmoe_logits(imported):
 def test_round_trip_is_byte_identical(imported, tmp_path):
     fmt, hf_dir, ckpt = imported
     to_hf(ckpt, tmp_path / "again", fmt)
+    # The context length survives (it was the training seq_len, 256, after a round trip).
+    configs = [json.loads((d / "config.json").read_text()) for d in (hf_dir, tmp_path / "again")]
+    assert configs[0]["max_position_embeddings"] == configs[1]["max_position_embeddings"]
     original, again = read_tensors(hf_dir), read_tensors(tmp_path / "again")
     assert sorted(again) == sorted(original)
     for name, (dtype, shape, raw) in original.items():
