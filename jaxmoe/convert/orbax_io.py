@@ -207,6 +207,7 @@ class ParamsWriter:
         for c in COLLECTIONS:
             (self.tmp_dir / c).mkdir(parents=True)
         self._stores: dict[str, Any] = {}
+        self._written: dict[str, set] = collections.defaultdict(set)  # name -> indices (None: all)
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
         self._in_flight: collections.deque = collections.deque()
         self._pending_bytes = 0
@@ -248,6 +249,7 @@ class ParamsWriter:
             self._wait_oldest()
         self._in_flight.append((target.write(data), data.nbytes, name))
         self._pending_bytes += data.nbytes
+        self._written[name].add(index)
 
     def _wait_oldest(self) -> None:
         future, nbytes, name = self._in_flight.popleft()
@@ -281,6 +283,12 @@ class ParamsWriter:
         if missing:
             raise CheckpointFormatError(f"array {missing[0]}: never written ({len(missing)} "
                                         "missing)")
+        for name, indices in sorted(self._written.items()):
+            if None not in indices:  # written entry by entry: every layer must have come
+                gaps = sorted(set(range(self.abstract[name].shape[0])) - indices)
+                if gaps:
+                    raise CheckpointFormatError(f"array {name}: entries {gaps[:8]} of its "
+                                                f"leading axis never written")
         for c in COLLECTIONS:
             self._write_metadata(c)
         (self.tmp_dir / EXPORT_CONFIG).write_text(

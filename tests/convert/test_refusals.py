@@ -1,6 +1,7 @@
 """What the converter refuses, each with one line naming the problem, and the CLI."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -60,6 +61,31 @@ def test_output_filled_during_the_export_leaves_no_copy(tmp_path, monkeypatch):
         to_hf(ckpt, out, "mixtral")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_params_writer_refuses_an_export_with_a_layer_never_written(tmp_path):
+    """A stacked array written layer by layer with one layer left out (a format-module bug)
+    would read back that layer as zeros; finish() names it instead, and nothing is left."""
+    from jaxmoe.convert.orbax_io import CheckpointFormatError, ParamsWriter
+
+    cfg = jaxmoe_config("mixtral")
+    arrays = random_params(cfg)
+    writer = ParamsWriter(tmp_path / "out", cfg)
+    skipped = next(n for n in sorted(arrays) if ".units." in n)
+    for name, value in arrays.items():
+        if ".units." in name:
+            for i in range(value.shape[0]):
+                if not (name == skipped and i == 1):
+                    writer.write(name, value[i], i)
+        else:
+            writer.write(name, value)
+    with pytest.raises(CheckpointFormatError,
+                       match=rf"array {re.escape(skipped)}: entries \[1\] of its leading "
+                             "axis never written"):
+        writer.finish()
+    writer.abort()
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_nonzero_selection_bias_is_refused_without_a_bias_tensor(tmp_path):
