@@ -59,6 +59,24 @@ def test_greedy_matches_naive_loop_whatever_fills_the_padding(model):
         assert got == naive_greedy(graphdef, state, PROMPT, NEW, seed)
 
 
+def test_dropless_greedy_matches_unpadded_prefix_forwards():
+    """Reference with no padding buffer at all: each step runs the model on exactly the
+    tokens so far ([1, cursor], float32) and takes the argmax of the last position. (The
+    capacity model is left out: its per-expert capacity depends on the sequence length.)"""
+    cfg = load_config(None, BASE + ["model.dispatch=dropless"])
+    state = init_state(cfg.model, make_optimizer(cfg.train.optimizer, 10), 3)
+    graphdef = model_graphdef(cfg.model)
+    ids = list(PROMPT)
+    for _ in range(NEW):
+        n = len(ids)
+        batch = {"inputs": jnp.asarray([ids], jnp.int32),
+                 "segment_ids": jnp.ones((1, n), jnp.int32),
+                 "positions": jnp.arange(n, dtype=jnp.int32)[None]}
+        logits = forward(graphdef, state.params, state.rest, batch).logits
+        ids.append(int(np.argmax(logits[0, -1])))
+    assert greedy_generate(graphdef, state, PROMPT, NEW) == ids[len(PROMPT):]
+
+
 def test_greedy_stops_at_eos_without_emitting_it(model):
     graphdef, state = model
     full = greedy_generate(graphdef, state, PROMPT, NEW)
