@@ -126,6 +126,9 @@ def from_compiled(target: Any, mesh_shape: dict[str, int], memory: dict[str, flo
     if hlo_stats["unknown_loops"]:
         notes.append(f"{len(hlo_stats['unknown_loops'])} loop(s) with unreadable trip "
                      "counts were counted once")
+    if hlo_stats.get("conditionals"):
+        notes.append(f"{len(hlo_stats['conditionals'])} conditional(s): the FLOPs and "
+                     "collectives of every branch are counted, as if all ran")
     if hlo_stats.get("unknown_groups"):
         names = hlo_stats["unknown_groups"]
         notes.append(f"{len(names)} collective(s) with unreadable device groups (e.g. "
@@ -143,7 +146,7 @@ def _shard_bytes(abstract_state: Any, specs: Any, mesh_shape: dict[str, int]) ->
 
     total = 0.0
     for leaf, spec in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(
-            specs, is_leaf=lambda x: hasattr(x, "spec"))):
+            specs, is_leaf=lambda x: hasattr(x, "spec")), strict=True):
         shape = list(leaf.shape)
         for i, axes in enumerate(tuple(spec.spec)[:len(shape)]):
             if axes is None:

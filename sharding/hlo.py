@@ -136,10 +136,13 @@ def _trip_count(ins: Instr, comps: dict[str, Computation]) -> int | None:
 
 
 def multiplicities(comps: dict[str, Computation], entry: str,
-                   scan_once: bool = False) -> tuple[dict[str, float], list[str]]:
-    """How many times one run of `entry` runs each computation; loops of unknown count."""
+                   scan_once: bool = False
+                   ) -> tuple[dict[str, float], list[str], list[tuple[str, str]]]:
+    """How many times one run of `entry` runs each computation; loops of unknown count;
+    (computation, instruction) of each conditional: every branch is counted as if it ran
+    (an upper bound)."""
     callees: dict[str, list[tuple[str, float]]] = defaultdict(list)
-    unknown = []
+    unknown, conditionals = [], []
     for c in comps.values():
         for ins in c.instrs:
             factor = 1.0
@@ -149,8 +152,12 @@ def multiplicities(comps: dict[str, Computation], entry: str,
                     unknown.append(ins.name)
                 factor = float(n or 1)
             for kind, target in _CALLS.findall(ins.attrs):
-                if kind != "to_apply":  # reduction bodies: scalar work, not ours to count
+                # to_apply names reduction bodies (scalar work, not ours to count), except
+                # on a `call`, whose whole body runs once
+                if kind != "to_apply" or ins.opcode == "call":
                     callees[c.name].append((target, factor))
+            if ins.opcode == "conditional":
+                conditionals.append((c.name, ins.name))
             for group in _BRANCHES.findall(ins.attrs):
                 for target in re.findall(r"%([\w.\-]+)", group):
                     callees[c.name].append((target, 1.0))
@@ -171,7 +178,7 @@ def multiplicities(comps: dict[str, Computation], entry: str,
     for name in reversed(order):
         for t, f in callees[name]:
             mult[t] += mult[name] * f
-    return dict(mult), unknown
+    return dict(mult), unknown, conditionals
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -367,13 +374,14 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
     """{"flops": matmul FLOPs per device per step, "kernel_flops": the part in custom-call
     kernels (grouped matmuls), "collectives": {kind: CollectiveStats}, "unknown_loops": [...],
     "unknown_groups": [collectives whose groups were unreadable: bytes counted, no wire
-    bytes]} for one device's program. `link(group of device ids)` gives the
+    bytes], "conditionals": [conditionals whose branches were all counted]} for one
+    device's program. `link(group of device ids)` gives the
     bandwidth a group communicates at and whether it crosses slices (DCN); `scan_once`
     counts loop bodies once (to compare with XLA's cost analysis). Cross-slice (megascale)
     transfers are collectives over `num_slices` slices, all DCN, at `dcn_bw` bytes/s per
     device when given."""
     comps, entry = parse_module(text)
-    mult, unknown = multiplicities(comps, entry, scan_once)
+    mult, unknown, conditionals = multiplicities(comps, entry, scan_once)
     header = re.search(r"^HloModule .*$", text, re.MULTILINE)
     header = header.group(0) if header else ""
     devices = math.prod(int(m.group(1)) if m else 1 for m in (
@@ -439,4 +447,5 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
                     s.dcn_wire_bytes += m * wire
                     s.timed_dcn_wire_bytes += m * wire
     return {"flops": flops, "kernel_flops": kernel_flops, "collectives": dict(colls),
-            "unknown_loops": unknown, "unknown_groups": unknown_groups}
+            "unknown_loops": unknown, "unknown_groups": unknown_groups,
+            "conditionals": [name for comp, name in conditionals if mult.get(comp)]}

@@ -194,3 +194,39 @@ def test_megascale_transfers_are_dcn_collectives(slices):
     assert ar.dcn_wire_bytes == pytest.approx(dcn_wire)
     assert ar.wire_bytes == pytest.approx(ici_wire + dcn_wire)
     assert ar.seconds == pytest.approx(ici_wire / ici_bw + dcn_wire / dcn_bw)
+
+
+CALL_AND_CONDITIONAL = """HloModule m
+
+%callee (p: f32[8,16]) -> f32[8,16] {
+  %p = f32[8,16]{1,0} parameter(0)
+  %w = f32[16,16]{1,0} constant({...})
+  ROOT %d = f32[8,16]{1,0} dot(%p, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%yes (p: f32[8,16]) -> f32[8,16] {
+  %p = f32[8,16]{1,0} parameter(0)
+  %w = f32[16,16]{1,0} constant({...})
+  ROOT %d = f32[8,16]{1,0} dot(%p, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%no (p: f32[8,16]) -> f32[8,16] {
+  ROOT %p = f32[8,16]{1,0} parameter(0)
+}
+
+ENTRY %main (a: f32[8,16], b: pred[]) -> f32[8,16] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = pred[] parameter(1)
+  %c = f32[8,16]{1,0} call(%a), to_apply=%callee
+  ROOT %r = f32[8,16]{1,0} conditional(%b, %c, %c), true_computation=%yes, \
+false_computation=%no
+}
+"""
+
+
+def test_call_bodies_count_and_conditionals_are_named():
+    """A `call` runs its body once (its to_apply is not a reduction); a conditional's
+    branches are all counted (an upper bound) and the conditional is listed for the note."""
+    stats = hlo.analyse(CALL_AND_CONDITIONAL)
+    assert stats["flops"] == 2 * (2 * 8 * 16 * 16)  # the call's dot + the true branch's
+    assert stats["conditionals"] == ["r"]
