@@ -154,6 +154,30 @@ def test_bench_matmul_rejects_steps(monkeypatch, capsys, argv) -> None:
     _rejects(tool.main, argv, capsys, f"--steps {argv[1]}: expected", "bench_matmul")
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["--steps", "0"], "--steps 0: expected an integer >= 1"),
+    (["--top", "-1"], "--top -1: expected an integer >= 1"),
+    (["model.num_layers=0"], "model.num_layers=0: expected"),
+])
+def test_profile_train_bad_arguments(monkeypatch, capsys, argv, expected) -> None:
+    tool = _tool("profile_train")
+    monkeypatch.setattr(tool, "reexec_with_hugepages", _reached)
+    _rejects(tool.main, argv, capsys, expected, "profile_train")
+
+
+def test_profile_train_thread_activity_by_hand() -> None:
+    """Thread A runs x [0, 10) then y [10, 20); B runs z [5, 15); C a loop [0, 10) with a
+    dot [2, 4) inside it (innermost wins). Counts worked out by hand."""
+    activity = _tool("profile_train").thread_activity
+    busy, per_op = activity({"A": [(0, 10, "x"), (10, 20, "y")], "B": [(5, 15, "z")]})
+    assert busy == {1: 10, 2: 10}
+    assert per_op == {"x": [10, 5], "y": [10, 5], "z": [10, 0]}
+    busy, per_op = activity({"C": [(0, 10, "while"), (2, 4, "dot")], "D": [(3, 6, "add")]})
+    assert busy == {1: 7, 2: 3}  # [0, 3) and [6, 10) one thread; [3, 6) both
+    assert per_op == {"while": [8, 6], "dot": [2, 1], "add": [3, 0]}
+    assert activity({}) == ({}, {})
+
+
 def _fake_measure(cfg, batch_size, batches):
     return {"tokens_per_s": 1000.0 * (cfg.num_workers + 1), "slots_per_s": 2000.0,
             "efficiency": 0.5, "seconds": 1.0}
