@@ -154,6 +154,19 @@ class PipelineStats:
         return self.real_tokens / max(self.slots, 1)
 
 
+def _from_json(state: Any) -> Any:
+    """grain's packer marks "no remainder" with the tuple (-1, -1) and compares with `!=`:
+    the list a JSON checkpoint gives back is taken for a slice, and a document is lost.
+    Turns the packer's slices (under `remainder_slices`, at any depth) back into tuples."""
+    if isinstance(state, dict):
+        return {k: ({f: tuple(v) if isinstance(v, list) else v for f, v in s.items()}
+                    if k == "remainder_slices" and isinstance(s, dict) else _from_json(s))
+                for k, s in state.items()}
+    if isinstance(state, list):
+        return [_from_json(s) for s in state]
+    return state
+
+
 class DataIterator:
     """A grain iterator of batches plus counters; `get_state()` is JSON-serialisable."""
 
@@ -179,7 +192,8 @@ class DataIterator:
                 "real_tokens": self._real, "slots": self._slots}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._it.set_state(state["grain"])
+        """Accepts `get_state()`'s dict, also after a JSON round trip (a checkpoint)."""
+        self._it.set_state(_from_json(state["grain"]))
         self._batches, self._real, self._slots = (
             state["batches"], state["real_tokens"], state["slots"])
 

@@ -20,7 +20,7 @@ def _assert_same(a: list[dict], b: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("packing", [True, False])
-@pytest.mark.parametrize("k", [1, 7])
+@pytest.mark.parametrize("k", [0, 1, 7])
 def test_resume_sees_the_same_batches(packing: bool, k: int) -> None:
     # seq_len 32 < most documents: resuming inside a split document is exercised.
     cfg = DataConfig(num_documents=300, seq_len=32, packing=packing)
@@ -33,6 +33,28 @@ def test_resume_sees_the_same_batches(packing: bool, k: int) -> None:
     fresh.set_state(state)
     assert fresh.stats() == stats
     _assert_same(take(fresh, 6), expected)
+
+
+def test_resume_at_a_row_that_ended_a_document(tmp_path) -> None:
+    """Rows that end exactly at document ends leave the packer no remainder; grain marks
+    that with the tuple (-1, -1), which a JSON checkpoint turns into a list. Documents of
+    exactly one row: every row ends one; the resumed batches must be the same (one
+    document was skipped when the list reached grain)."""
+    path = tmp_path / "docs.jsonl"
+    # byte tokenizer: bos + 30 characters + eos = 32 tokens, one row of seq_len 31 + 1 target
+    path.write_text("".join(json.dumps({"text": f"doc {i:03d} " + "x" * 22}) + "\n"
+                            for i in range(40)))
+    cfg = DataConfig(source="jsonl", paths=(str(path),), seq_len=31, packing=True,
+                     shuffle=False)
+    it = make_dataset(cfg, split="train", batch_size=2, seed=0)
+    take(it, 3)
+    raw = it.get_state()
+    assert set(raw["grain"]["remainder_slices"].values()) == {(-1, -1)}  # at a document end
+    state = json.loads(json.dumps(raw))
+    expected = take(it, 4)
+    fresh = make_dataset(cfg, split="train", batch_size=2, seed=0)
+    fresh.set_state(state)
+    _assert_same(take(fresh, 4), expected)
 
 
 def test_resume_across_epochs_and_sources(tmp_path) -> None:
