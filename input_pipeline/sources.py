@@ -15,9 +15,11 @@ reader threads / worker processes (`parse_text`), so a bad record costs one skip
 from __future__ import annotations
 
 import bisect
+import collections
 import glob
 import json
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -72,24 +74,36 @@ class JsonlFile:
             for line in f:
                 offsets.append(offsets[-1] + len(line))
         self._offsets = np.asarray(offsets, dtype=np.int64)  # [num_lines + 1]
-        self._file = None
+        self._fd: int | None = None
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
 
     def __getitem__(self, i: int) -> Record:
-        if self._file is None:
-            self._file = open(self.path, "rb")  # noqa: SIM115 — one handle per process
-        start, stop = self._offsets[i], self._offsets[i + 1]
-        self._file.seek(int(start))
-        return f"{self.path}:{i + 1}", self._file.read(int(stop - start))
+        # grain's reader threads (data.num_threads) share this object: pread has no shared
+        # file position (seek + read on one handle mixed their records up).
+        if self._fd is None:
+            with self._lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)  # one per process, kept open
+        start, stop = int(self._offsets[i]), int(self._offsets[i + 1])
+        return f"{self.path}:{i + 1}", os.pread(self._fd, stop - start, start)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_file": None}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _fd=None, _lock=threading.Lock())
 
 
 class ParquetFile:
-    """One Parquet file; reads the `field` column one row group at a time (cached)."""
+    """One Parquet file; reads the `field` column one row group at a time, keeping the last
+    `CACHED_GROUPS` groups read. Shuffled reading jumps between groups: files written with
+    small row groups (tools/build_arrayrecord.py converts to ArrayRecord, which reads any
+    record alone) keep it from re-reading a group per record."""
+
+    CACHED_GROUPS = 8
 
     def __init__(self, path: str, field: str):
         try:
@@ -102,7 +116,8 @@ class ParquetFile:
         rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         self._starts = np.cumsum([0] + rows).tolist()  # [num_row_groups + 1]
         self._has_field = field in pq.ParquetFile(path).schema_arrow.names
-        self._cache: tuple[int, list] | None = None
+        self._cache: collections.OrderedDict[int, list] = collections.OrderedDict()
+        self._lock = threading.Lock()  # grain's reader threads share this object
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -112,15 +127,26 @@ class ParquetFile:
         if not self._has_field:
             return location, _MISSING
         group = bisect.bisect_right(self._starts, i) - 1
-        if self._cache is None or self._cache[0] != group:
+        with self._lock:
+            rows = self._cache.get(group)
+            if rows is not None:
+                self._cache.move_to_end(group)
+        if rows is None:  # read outside the lock: other threads keep reading cached groups
             import pyarrow.parquet as pq
 
             table = pq.ParquetFile(self.path).read_row_group(group, columns=[self.field])
-            self._cache = (group, table.column(0).to_pylist())
-        return location, self._cache[1][i - self._starts[group]]
+            rows = table.column(0).to_pylist()
+            with self._lock:
+                self._cache[group] = rows
+                while len(self._cache) > self.CACHED_GROUPS:
+                    self._cache.popitem(last=False)
+        return location, rows[i - self._starts[group]]
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_cache": None}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _cache=collections.OrderedDict(), _lock=threading.Lock())
 
 
 class ArrayRecordFile:

@@ -1,0 +1,55 @@
+"""File sources read by many threads at once (grain's `data.num_threads` readers share one
+source object) and after pickling into worker processes.
+
+Reference: the records written, by index.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from input_pipeline.sources import JsonlFile, ParquetFile
+
+N = 3000
+
+
+def _hammer(source, expected: list, threads: int = 8, reads: int = 3000) -> None:
+    """Random reads from `threads` threads; every record must be the one asked for."""
+    def worker(seed: int) -> list[int]:
+        rng = np.random.default_rng(seed)
+        return [i for i in rng.integers(0, len(expected), reads)
+                if source[int(i)][1] != expected[int(i)]]
+
+    with ThreadPoolExecutor(threads) as pool:
+        wrong = [i for got in pool.map(worker, range(threads)) for i in got]
+    assert wrong == [], f"{len(wrong)} reads returned another record's bytes"
+
+
+def test_jsonl_reads_from_many_threads(tmp_path) -> None:
+    path = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": f"document {i} " + "y" * (i % 97)}) + "\n" for i in range(N)]
+    path.write_text("".join(lines))
+    source = JsonlFile(str(path))
+    expected = [line.encode() for line in lines]
+    _hammer(source, expected)
+    copy = pickle.loads(pickle.dumps(source))  # as grain sends it to a worker process
+    assert copy[5] == (f"{path}:6", expected[5])
+    _hammer(copy, expected, threads=4, reads=500)
+
+
+def test_parquet_reads_from_many_threads(tmp_path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "docs.parquet"
+    texts = [f"document {i}" for i in range(N)]
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=100)  # 30 row groups
+    source = ParquetFile(str(path), "text")
+    _hammer(source, texts, reads=1000)
+    assert len(source._cache) <= ParquetFile.CACHED_GROUPS
+    copy = pickle.loads(pickle.dumps(source))
+    assert copy[2999] == (f"{path}:2999", texts[2999])
