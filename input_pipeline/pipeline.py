@@ -218,7 +218,9 @@ def make_dataset(cfg: DataConfig, *, split: str, batch_size: int, seed: int,
     piece; 0 on padding) and `positions` (0-based within the segment; 0 on padding).
     `batch_size` is per process; the global batch is the union over processes, which read
     disjoint records. Train repeats forever when `num_epochs` is None; eval reads one epoch in
-    order, and its last batch is filled with padding rows.
+    order, and its last batch is filled with padding rows. A train mixture with a finite
+    `num_epochs` ends when its first source has given its epochs (grain's mix stops there):
+    the other sources are cut short.
     """
     ds = make_grain_dataset(cfg, split=split, batch_size=batch_size, seed=seed,
                             process_index=process_index, process_count=process_count,
@@ -242,7 +244,9 @@ def corpus_unigram_entropy(cfg: DataConfig, max_documents: int | None = 20000) -
 
     Targets are `doc[1:]` of every `[BOS] + tokens + [EOS]` document (EOS counted, BOS not),
     the same tokens the loss is taken over. Uses the first `max_documents` documents of the
-    (unshuffled, for mixtures: mixed) train stream; None reads the whole split.
+    unshuffled train stream read once; None: all of it (a mixture's mixed stream ends when
+    its first source runs out, so it holds the sources in the proportions of their weights,
+    not all of their records).
     """
     tokenizer = make_tokenizer(cfg)
     unshuffled = dataclasses.replace(cfg, shuffle=False, strict=False)
