@@ -205,12 +205,17 @@ class _Counted:
             raise
 
 
+# The smallest vocabulary each trainer can honour: byte-level BPE keeps its 256-byte alphabet
+# and the 3 special tokens (pad, bos, eos); SentencePiece adds unk and needs one more piece.
+MIN_VOCAB = {"bpe": 259, "sentencepiece": 261}
+
+
 def _check_train_args(out_path: str, vocab_size: int, kind: str,
                       specials: dict[str, str]) -> None:
     """One-line ValueErrors for arguments the tokenizer libraries would reject obscurely."""
     if kind not in ("bpe", "sentencepiece"):
         raise ValueError(f"kind={kind!r}: expected 'bpe' or 'sentencepiece'")
-    minimum = 261 if kind == "sentencepiece" else 1  # spm: 4 special + 256 byte pieces + 1
+    minimum = MIN_VOCAB[kind]
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
         raise ValueError(f"vocab_size={vocab_size!r}: expected an integer >= {minimum} for "
                          f"kind={kind!r}")

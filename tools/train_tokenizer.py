@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from input_pipeline.sources import iter_texts, one_line
-from input_pipeline.tokenizer import train_tokenizer
+from input_pipeline.tokenizer import MIN_VOCAB, train_tokenizer
 
 OUT_SUFFIX = {"bpe": ".json", "sentencepiece": ".model"}  # what `data.tokenizer` recognises
 
@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         if not glob.glob(os.path.expanduser(pattern)):
             p.error(f"inputs: {pattern!r} matches no file; expected existing files or glob "
                     "patterns that match some")
-    if args.vocab_size < 4:
-        p.error(f"--vocab_size {args.vocab_size}: expected an integer >= 4 (3 special tokens "
-                "and at least one more)")
+    if args.vocab_size < MIN_VOCAB[args.kind]:
+        p.error(f"--vocab_size {args.vocab_size}: expected an integer >= "
+                f"{MIN_VOCAB[args.kind]} for --kind {args.kind} (its byte alphabet and special "
+                "tokens)")
     if args.max_documents is not None and args.max_documents < 1:
         p.error(f"--max_documents {args.max_documents}: expected an integer >= 1")
     if args.num_documents < 1:

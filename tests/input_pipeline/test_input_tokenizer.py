@@ -189,8 +189,10 @@ def test_failed_training_leaves_no_files(trained, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"vocab_size": 0}, r"^vocab_size=0: expected an integer >= 1 for kind='bpe'$"),
-    ({"vocab_size": -5}, r"^vocab_size=-5: expected an integer >= 1"),
+    ({"vocab_size": 0}, r"^vocab_size=0: expected an integer >= 259 for kind='bpe'$"),
+    ({"vocab_size": -5}, r"^vocab_size=-5: expected an integer >= 259"),
+    # byte-level BPE keeps 256 bytes + 3 specials: a smaller size was silently exceeded
+    ({"vocab_size": 100}, r"^vocab_size=100: expected an integer >= 259 for kind='bpe'$"),
     ({"vocab_size": 2.5}, r"^vocab_size=2\.5: expected an integer"),
     ({"vocab_size": 100, "kind": "sentencepiece"},
      r"^vocab_size=100: expected an integer >= 261 for kind='sentencepiece'$"),

@@ -152,6 +152,8 @@ def test_build_arrayrecord_os_error_is_one_line(tmp_path, capsys) -> None:
     (["--format", "synthetic", "--max_documents", "-1", "--vocab_size", "300"],
      "--max_documents -1: expected"),
     (["--format", "synthetic", "--vocab_size", "0"], "--vocab_size 0: expected"),
+    (["--format", "synthetic", "--vocab_size", "100"],
+     "--vocab_size 100: expected an integer >= 259 for --kind bpe"),
     (["--format", "synthetic", "--num_documents", "0", "--vocab_size", "300"],
      "--num_documents 0: expected"),
 ])
