@@ -52,7 +52,8 @@ def _check_prefix(out_prefix: str, num_shards: int) -> None:
             "them): remove them or choose another prefix")
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """Flushes a file (or a directory's entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -60,12 +61,18 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+class NoRecords(ValueError):
+    """Nothing to write: every input record was bad, or there were none."""
+
+
 def write_arrayrecord(texts: Iterable[str], out_prefix: str, num_shards: int = 1) -> list[int]:
     """Writes `texts` round-robin into `num_shards` shards; returns the records per shard.
 
     All shards appear under their final names only on success (they are written into a
-    temporary directory next to them first). Refuses (FileExistsError) when other
-    `<prefix>-*-of-*.arrayrecord` shards exist that the new set would not replace.
+    temporary directory next to them first, then renamed one by one: a crash during those
+    renames, a short window, can leave part of the set). Refuses (FileExistsError) when other
+    `<prefix>-*-of-*.arrayrecord` shards exist that the new set would not replace, and
+    (`NoRecords`) when `texts` is empty.
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -87,12 +94,14 @@ def write_arrayrecord(texts: Iterable[str], out_prefix: str, num_shards: int = 1
         finally:
             for w in writers:
                 w.close()
+        if not sum(counts):  # shards the pipeline would refuse: leave nothing behind
+            raise NoRecords(f"{out_prefix}: no documents to write")
         for p in tmp:
-            _fsync(p)
+            fsync_path(p)
         _check_prefix(out_prefix, num_shards)  # nothing appeared meanwhile
         for src, dst in zip(tmp, final):
             os.replace(src, dst)
-        _fsync(out_dir)
+        fsync_path(out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # our own directory: only what we wrote
     return counts
@@ -108,5 +117,9 @@ def convert_to_arrayrecord(kind: str, patterns: tuple[str, ...], out_prefix: str
     bad: dict[str, int] = {}
     texts = (text for _, text in iter_texts(kind, patterns, field, strict=strict,
                                             bad_counts=bad))
-    counts = write_arrayrecord(texts, out_prefix, num_shards)
+    try:
+        counts = write_arrayrecord(texts, out_prefix, num_shards)
+    except NoRecords:
+        raise NoRecords(f"{', '.join(patterns)}: no good records (field {field!r}; skipped "
+                        f"bad records: {bad or 'none'}); expected at least one") from None
     return counts, bad

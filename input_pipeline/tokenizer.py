@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from input_pipeline.config import DataConfig
+from input_pipeline.convert import fsync_path
 
 
 class Tokenizer(Protocol):
@@ -272,6 +273,7 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
             if not counted.n:
                 raise ValueError(f"texts: expected at least one text to train {out_path!r} on")
             tok.save(os.path.join(tmp_dir, "tokenizer.json"))
+            fsync_path(os.path.join(tmp_dir, "tokenizer.json"))  # complete before it is named
             os.replace(os.path.join(tmp_dir, "tokenizer.json"), out_path)
         else:
             prefix = os.path.join(tmp_dir, "spm")
@@ -295,6 +297,7 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, *,
             out_prefix = out_path[: -len(".model")]
             if os.path.exists(prefix + ".vocab"):
                 os.replace(prefix + ".vocab", out_prefix + ".vocab")
+            fsync_path(prefix + ".model")
             os.replace(prefix + ".model", out_path)  # last: a .model is always complete
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

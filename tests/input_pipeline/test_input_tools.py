@@ -86,6 +86,17 @@ def test_build_arrayrecord_strict_abort_leaves_no_shard(tmp_path, capsys) -> Non
     assert not out_dir.exists() or os.listdir(out_dir) == []  # no shard, no temporary dir
 
 
+def test_build_arrayrecord_with_no_good_record_fails_and_writes_nothing(tmp_path,
+                                                                        capsys) -> None:
+    src = write_jsonl(tmpfile(tmp_path, "in.jsonl"), unique_texts(3))
+    out_dir = tmp_path / "ar"
+    line = _fails("build_arrayrecord", ["--format", "jsonl", "--field", "body", "--out",
+                                        str(out_dir / "y"), src], capsys)
+    assert "in.jsonl: no good records (field 'body'; skipped bad records: " in line, line
+    assert "missing_field" in line and "expected at least one" in line
+    assert not out_dir.exists() or os.listdir(out_dir) == []
+
+
 def test_write_arrayrecord_is_all_or_nothing(tmp_path) -> None:
     from input_pipeline.convert import write_arrayrecord
 
