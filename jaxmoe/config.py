@@ -191,6 +191,15 @@ def _validate_rules(rules: dict[str, Any]) -> None:
         raise ConfigError(str(e)) from None
 
 
+def check_trainable(cfg: Config) -> Config:
+    """What a training step needs beyond `validate`: float16 compute is allowed for inference
+    (`load_checkpoint`) but not for training, which has no loss scaling."""
+    if cfg.model.compute_dtype == "float16":
+        _fail("model.compute_dtype", "float16", "float32 or bfloat16 for training (float16 "
+              "gradients need loss scaling, which jaxmoe does not do: small ones underflow)")
+    return cfg
+
+
 def check_data(cfg: Config) -> Config:
     """What `validate` cannot check from the values alone: that the tokenizer and data files
     the config names exist on this machine and that the tokenizer's ids fit the model.
@@ -201,6 +210,7 @@ def check_data(cfg: Config) -> Config:
     """
     from input_pipeline.tokenizer import make_tokenizer
 
+    check_trainable(cfg)
     d = cfg.data
     if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
         _fail("data.tokenizer", d.tokenizer, "'byte' or an existing tokenizer file")

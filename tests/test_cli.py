@@ -42,6 +42,9 @@ def test_config_error_is_one_line_and_exit_2(capsys):
      "data.tokenizer='/nonexistent/tok.json': expected 'byte' or an existing tokenizer file"),
     ("model.vocab_size=100",
      "model.vocab_size=100: expected >= 259, the vocab_size of data.tokenizer='byte'"),
+    ("model.compute_dtype=float16",
+     "model.compute_dtype='float16': expected float32 or bfloat16 for training (float16 "
+     "gradients need loss scaling, which jaxmoe does not do: small ones underflow)"),
 ])
 def test_train_checks_data_before_starting(tmp_path, capsys, override, message):
     run_dir = tmp_path / "run"

@@ -73,6 +73,7 @@ def build_trainer(cfg: config_lib.Config, devices=None) -> Trainer:
     """Mesh (validated against the model and batch), shardings and jitted steps for `cfg`.
 
     `devices` defaults to all devices; TPU topology devices (compile-only) work too."""
+    config_lib.check_trainable(cfg)
     rules = sharding.make_rules(cfg.mesh.rules)
     mesh = sharding.mesh_from_config(cfg, rules, devices)
     dispatch = sharding.make_expert_dispatch(mesh, rules, cfg.mesh.expert_all_to_all,
