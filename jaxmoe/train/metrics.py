@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +96,27 @@ def read_metrics(run_dir: Path, split: str | None = None) -> list[dict[str, Any]
     path = Path(run_dir) / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if split is None or r["split"] == split]
+
+
+class StepTimer:
+    """Wall seconds per training step between two logged steps, leaving out what is not a
+    step: the first step's compilation (`restart` after it) and evaluations (`pause`)."""
+
+    def __init__(self, step: int, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self._time, self._step, self._paused = self._clock(), step, 0.0
+
+    def pause(self, seconds: float) -> None:
+        self._paused += seconds
+
+    def lap(self, step: int) -> float | None:
+        """Seconds per step since the last lap or restart (None when no step ran since)."""
+        if step <= self._step:
+            return None
+        now = self._clock()
+        seconds = (now - self._time - self._paused) / (step - self._step)
+        self._time, self._step, self._paused = now, step, 0.0
+        return seconds

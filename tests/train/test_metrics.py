@@ -86,3 +86,24 @@ def test_resume_after_a_write_is_refused(tmp_path):
         raise AssertionError("resume_at after a write must fail, not drop the row")
     w.close()
     assert len(read_metrics(tmp_path)) == 1
+
+
+def test_step_timer_leaves_out_compilation_and_eval():
+    """A fake clock: every step takes 1 s, the first (compiling) step 30 s, an eval 100 s.
+    Reference: 1 s per step for every logged interval."""
+    from jaxmoe.train.metrics import StepTimer
+
+    now = [0.0]
+    timer = StepTimer(step=10, clock=lambda: now[0])
+    now[0] += 30  # step 11 compiles
+    timer.restart(11)
+    assert timer.lap(11) is None  # logged right after it: no step has been timed yet
+    laps = []
+    for step in range(12, 31):
+        now[0] += 1
+        if step % 5 == 0:
+            laps.append((step, timer.lap(step)))
+        if step % 7 == 0:  # an eval, not on a log step: 100 s that are not step time
+            now[0] += 100
+            timer.pause(100)
+    assert laps == [(15, 1.0), (20, 1.0), (25, 1.0), (30, 1.0)]
