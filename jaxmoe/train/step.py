@@ -73,12 +73,21 @@ def make_grad_fn(graphdef, cfg: Config) -> Callable:
 
         first = jax.tree.map(lambda x: x[0], micro)
         shapes = jax.eval_shape(grad_fn, params, rest, first, total_tokens)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        # Sums in float32 at least (bfloat16 parameters give bfloat16 gradients, and a
+        # bfloat16 running sum rounds at every micro-batch), cast back once at the end.
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, _sum_dtype(s.dtype)), shapes)
         (grads, stats), _ = jax.lax.scan(body, zeros, micro)
+        grads = jax.tree.map(lambda g, s: g.astype(s.dtype), grads, shapes[0])
         stats["tokens"] = total_tokens
         return grads, stats
 
     return accumulate_grads
+
+
+def _sum_dtype(dtype) -> jnp.dtype:
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        return jnp.dtype(jnp.float32)
+    return dtype
 
 
 def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation,

@@ -65,6 +65,30 @@ def test_accumulated_gradients_equal_full_batch(grads_by_accum):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_bfloat16_parameters_accumulate_in_float32():
+    """Eight identical one-row micro-batches: each gives g / 8 of the one-row gradient g
+    (bfloat16 parameters: bfloat16 gradients; dividing by 8 is exact), so a float32 sum is
+    g exactly, up to the float32 rounding of two different programs. A bfloat16 running
+    sum rounds at 3g/8, 5g/8, ... Reference: the same parameters, one row, no
+    accumulation."""
+    row = {k: v[:1] for k, v in make_batch().items()}
+    batch = {k: np.repeat(v, 8, axis=0) for k, v in row.items()}
+    grads = {}
+    for accum, data in ((8, batch), (1, row)):
+        cfg, _, state, graphdef = _setup("model.aux_loss_coef=0", "model.z_loss_coef=0",
+                                         "model.param_dtype=bfloat16",
+                                         f"train.grad_accum_steps={accum}")
+        g, _ = jax.jit(make_grad_fn(graphdef, cfg))(state.params, state.rest, data)
+        grads[accum] = jax.flatten_util.ravel_pytree(g)[0]
+    assert grads[8].dtype == grads[1].dtype == jnp.bfloat16
+    got, want = np.asarray(grads[8], np.float64), np.asarray(grads[1], np.float64)
+    # The two programs sum in different orders in float32: a bfloat16 rounding may fall the
+    # other way for a few entries (8 of 35,232 here; a bfloat16 running sum: 41%).
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(want), 1e-30))) - 7)
+    assert np.all(np.abs(got - want) <= ulp)
+    assert np.mean(got != want) < 0.01
+
+
 def test_accumulated_step_equals_full_batch_step():
     batch = make_batch(seed=1)
     params = []
