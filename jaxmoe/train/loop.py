@@ -118,7 +118,12 @@ def _eval_batches(cfg: config_lib.Config, per_process_batch: int) -> list[dict[s
         except StopIteration:
             shape = (per_process_batch, cfg.data.seq_len)
             batches.append({k: np.zeros(shape, np.int32) for k in input_pipeline.BATCH_KEYS})
-    if not any(b["segment_ids"].any() for b in batches):
+    tokens = sum(int(np.count_nonzero(b["segment_ids"])) for b in batches)
+    if jax.process_count() > 1:  # every process decides alike, or the others would hang
+        from jax.experimental import multihost_utils
+
+        tokens = int(np.sum(multihost_utils.process_allgather(np.asarray(tokens, np.int64))))
+    if not tokens:
         raise config_lib.ConfigError(
             f"data.eval_fraction={cfg.data.eval_fraction}: the held-out split gave no tokens; "
             "expected a larger fraction or corpus")

@@ -65,3 +65,37 @@ def test_two_processes_match_one(tmp_path: Path):
             state, metrics = trainer.train_step(state, trainer.put_batch(batch))
             expected.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, expected, rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_one_process_with_an_empty_eval_shard_still_trains(tmp_path: Path):
+    """Process 1's share of the held-out split is all bad records (empty text), process 0's
+    is not: the held-out split as a whole has tokens, so both train (process 1 used to stop
+    with a config error while process 0 waited for it in the first collective)."""
+    import json
+
+    docs = [json.dumps({"text": f"document number {i} " * 3}) for i in range(30)]
+    docs += [json.dumps({"text": f"held out {i} " * 3 if i % 2 == 0 else " "})
+             for i in range(30, 40)]  # eval: records 30..39; process 1 reads the odd ones
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(docs) + "\n")
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    args = [sys.executable, "-m", "jaxmoe.cli", "train", "--config", "configs/tiny_moe.yaml",
+            "--run-dir", str(tmp_path / "run"), "--no-progress",
+            "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
+    merged = {o.split("=", 1)[0]: o for o in TINY_OVERRIDES + OVERRIDES + [
+        "train.steps=1", "data.source=jsonl", f"data.paths=[{path}]", "data.eval_fraction=0.25",
+        "data.shuffle=false"]}
+    procs = [subprocess.Popen(args + ["--process-id", str(i)] + list(merged.values()),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "eval")] == [1]
