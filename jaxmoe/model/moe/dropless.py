@@ -11,9 +11,11 @@ one-hot dispatch tensors. Two grouped-matmul implementations stand behind `exper
   XLA:CPU lowers `ragged_dot` to a dense masked matmul over *all* experts (E x the FLOPs,
   measured in tools/bench_train.py), so `blocks` is the default off TPU. Its padding costs
   at most experts x block rows: block size ~ rows / (8 experts) keeps that <= 12.5% of the
-  expert FLOPs (compiled/analytic FLOPs <= 1.1). Larger blocks (`model.gmm_block_size`)
-  run faster on XLA:CPU but pad more: 256 rows on the benchmark model gave 1.29x the
-  tokens/s at 1.25x the analytic FLOPs (tools/bench_train.py, docs/benchmarks.md).
+  expert FLOPs (compiled/analytic FLOPs <= 1.1) once rows >= 64 x experts (below that the
+  block stays at its minimum of 8 rows and the share of padding grows). Larger blocks
+  (`model.gmm_block_size`) run faster on XLA:CPU but pad more: 256 rows on the benchmark
+  model ran at 1.0-1.3x the tokens/s of the default at 1.25x the analytic FLOPs
+  (tools/bench_train.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
