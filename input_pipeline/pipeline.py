@@ -198,8 +198,10 @@ class DataIterator:
             state["batches"], state["real_tokens"], state["slots"])
 
     def stats(self) -> PipelineStats:
-        """Counters up to the last batch delivered (with worker processes, records a worker
-        read ahead of that batch are counted once a batch built after them is delivered)."""
+        """Counters up to the last batch delivered. Documents and bad records come from
+        grain's iterator state, which can lag: with packing, the documents read for the rows
+        just delivered may count only once the packer's next state is taken (one row late);
+        with worker processes, once a batch built after them is delivered."""
         docs, bad = collect_counts(self._it.get_state())
         return PipelineStats(self._batches, self._real, self._slots, docs, bad)
 
