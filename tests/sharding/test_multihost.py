@@ -32,22 +32,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path: Path):
-    cfg = tiny_config(*OVERRIDES)
+def _train_two_processes(run_dir: Path, extra: list[str] = (), timeout: int = 600):
+    """`jaxmoe train` in two local processes (2 CPU devices each); returns their outputs
+    after checking that both exited 0."""
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     args = [sys.executable, "-m", "jaxmoe.cli", "train", "--config", "configs/tiny_moe.yaml",
-            "--run-dir", str(tmp_path / "run"), "--no-progress",
+            "--run-dir", str(run_dir), "--no-progress",
             "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
-    merged = {o.split("=", 1)[0]: o for o in TINY_OVERRIDES + OVERRIDES}
+    merged = {o.split("=", 1)[0]: o for o in TINY_OVERRIDES + OVERRIDES + list(extra)}
     procs = [subprocess.Popen(args + ["--process-id", str(i)] + list(merged.values()),
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+    return outs
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path: Path):
+    cfg = tiny_config(*OVERRIDES)
+    outs = _train_two_processes(tmp_path / "run")
     assert "model:" in outs[0] and "model:" not in outs[1]  # only process 0 logs
     losses = [r["loss"] for r in read_metrics(tmp_path / "run", "train")]
     assert len(losses) == 3
@@ -79,23 +90,7 @@ def test_one_process_with_an_empty_eval_shard_still_trains(tmp_path: Path):
              for i in range(30, 40)]  # eval: records 30..39; process 1 reads the odd ones
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(docs) + "\n")
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    args = [sys.executable, "-m", "jaxmoe.cli", "train", "--config", "configs/tiny_moe.yaml",
-            "--run-dir", str(tmp_path / "run"), "--no-progress",
-            "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
-    merged = {o.split("=", 1)[0]: o for o in TINY_OVERRIDES + OVERRIDES + [
-        "train.steps=1", "data.source=jsonl", f"data.paths=[{path}]", "data.eval_fraction=0.25",
-        "data.shuffle=false"]}
-    procs = [subprocess.Popen(args + ["--process-id", str(i)] + list(merged.values()),
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+    _train_two_processes(tmp_path / "run", ["train.steps=1", "data.source=jsonl",
+                                            f"data.paths=[{path}]", "data.eval_fraction=0.25",
+                                            "data.shuffle=false"], timeout=240)
     assert [r["step"] for r in read_metrics(tmp_path / "run", "eval")] == [1]
