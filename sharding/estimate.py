@@ -26,7 +26,7 @@ import math
 from typing import Any
 
 from sharding.chips import NVLINK_DOMAIN
-from sharding.hlo import CollectiveStats
+from sharding.hlo import CollectiveStats, wire_bytes
 
 EXPOSED = ("all-to-all", "ragged-all-to-all")
 HBM_FRACTION_GOAL = 0.9
@@ -249,13 +249,8 @@ def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: 
         group = math.prod(get(a, 1) for a in group_axes)
         if group <= 1:
             return
-        s = colls.setdefault(kind, CollectiveStats())
-        factor = 2 * (group - 1) / group if kind == "all-reduce" else (group - 1) / group
-        s.count += count * accum
-        s.bytes += count * accum * size
-        s.wire_bytes += count * accum * size * factor
-        if over_dcn(group_axes):
-            s.dcn_wire_bytes += count * accum * size * factor
+        colls.setdefault(kind, CollectiveStats()).add(
+            count * accum, size, wire_bytes(kind, size, group), over_dcn(group_axes))
 
     gathered, reduced = weight_traffic(list(params), rules, mesh_shape)
     for group_axes, (elements, local) in sorted(gathered.items()):

@@ -322,8 +322,25 @@ class CollectiveStats:
     timed_wire_bytes: float = 0.0  # the wire bytes `seconds` covers
     timed_dcn_wire_bytes: float = 0.0  # ... and their DCN part
 
+    def add(self, count: float, size: float, wire: float = 0.0, dcn: bool = False,
+            bandwidth: float = 0.0) -> None:
+        """`count` ops of `size` bytes, each device sending `wire` bytes per op, over DCN
+        or not, timed at `bandwidth` bytes/s when given."""
+        self.count += count
+        self.bytes += count * size
+        self.wire_bytes += count * wire
+        if dcn:
+            self.dcn_wire_bytes += count * wire
+        if bandwidth and wire:
+            self.seconds += count * wire / bandwidth
+            self.timed_wire_bytes += count * wire
+            if dcn:
+                self.timed_dcn_wire_bytes += count * wire
 
-def _wire(kind: str, size: float, n: int) -> float:
+
+def wire_bytes(kind: str, size: float, n: int) -> float:
+    """Bytes one device sends in a `kind` collective of `size` bytes over `n` devices (ring
+    algorithms; a permute sends its buffer once)."""
     if n <= 1:
         return 0.0
     if kind == "all-reduce":
@@ -411,41 +428,23 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
             ms = _megascale(ins)
             if ms is not None:
                 kind, size = ms
-                wire = _wire(kind, size, num_slices)
-                s = colls[kind]
-                s.count += m
-                s.bytes += m * size
-                s.wire_bytes += m * wire
-                s.dcn_wire_bytes += m * wire
-                if dcn_bw:
-                    s.seconds += m * wire / dcn_bw
-                    s.timed_wire_bytes += m * wire
-                    s.timed_dcn_wire_bytes += m * wire
+                colls[kind].add(m, size, wire_bytes(kind, size, num_slices), True, dcn_bw)
                 continue
             c = _collective(ins)
             if c is None:
                 continue
             kind, size = c
-            s = colls[kind]
-            s.count += m
             groups = replica_groups(ins.attrs, devices)
             if groups is None:  # bytes counted; what each device sends is unknown
                 unknown_groups.append(ins.name)
-                s.bytes += m * size
+                colls[kind].add(m, size)
                 continue
             n = groups.shape[1]
             if kind == "reduce-scatter":
                 size *= n  # the operand is n results
-            wire = _wire(kind, size, n)
-            s.bytes += m * size
-            s.wire_bytes += m * wire
-            if link is not None and wire:
-                bw, dcn = timing(groups)
-                s.seconds += m * wire / bw
-                s.timed_wire_bytes += m * wire
-                if dcn:
-                    s.dcn_wire_bytes += m * wire
-                    s.timed_dcn_wire_bytes += m * wire
+            wire = wire_bytes(kind, size, n)
+            bw, dcn = timing(groups) if link is not None and wire else (0.0, False)
+            colls[kind].add(m, size, wire, dcn, bw)
     return {"flops": flops, "kernel_flops": kernel_flops, "collectives": dict(colls),
             "unknown_loops": unknown, "unknown_groups": unknown_groups,
             "conditionals": [name for comp, name in conditionals if mult.get(comp)]}
