@@ -5,8 +5,8 @@
 Prints a markdown table; the last row is a one-line summary for docs. Tokens/s counts real
 (non-padding) tokens delivered to the caller, measured after the first batch (worker start-up
 excluded). `--workers` is a comma-separated list of grain worker counts (the padded row uses
-the first). Extra `key=value` arguments override DataConfig fields (values are YAML, e.g.
-seq_len=1024 or paths=[a.jsonl,b.jsonl]).
+the first). Extra `key=value` arguments override DataConfig fields as `data.key=value` does
+for `jaxmoe train` (YAML 1.2 values, e.g. seq_len=1024 or paths=[a.jsonl,b.jsonl]).
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ import os
 import sys
 import time
 
-import yaml
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from input_pipeline import DataConfig, make_dataset
+from jaxmoe.config import ConfigError, load_config
 
 
 def measure(cfg: DataConfig, batch_size: int, batches: int) -> dict[str, float]:
@@ -54,22 +53,15 @@ def worker_counts(text: str) -> list[int]:
 
 
 def parse_overrides(p: argparse.ArgumentParser, overrides: list[str]) -> DataConfig:
-    """DataConfig from `key=value` overrides; bad input -> p.error (one line, exit 2)."""
-    fields = {f.name for f in dataclasses.fields(DataConfig)}
-    kw = {}
+    """DataConfig from `key=value` overrides, read as `jaxmoe train` reads `data.key=value`
+    (YAML 1.2 values, types checked); bad input -> p.error (one line, exit 2)."""
     for o in overrides:
-        key, sep, value = o.partition("=")
-        if not sep or key not in fields:
-            p.error(f"override {o!r}: expected key=value with key a DataConfig field "
-                    f"({', '.join(sorted(fields))})")
-        try:
-            kw[key] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            p.error(f"override {o!r}: expected a YAML value ({' '.join(str(e).split())})")
+        if "=" not in o:
+            p.error(f"override {o!r}: expected key=value with key a DataConfig field")
     try:
-        return DataConfig(**kw)
-    except (ValueError, TypeError) as e:
-        p.error(f"overrides {' '.join(overrides)!r}: {' '.join(str(e).split())}")
+        return load_config(None, [f"data.{o}" for o in overrides]).data
+    except ConfigError as e:
+        p.error(" ".join(str(e).split()))
 
 
 def main(argv: list[str] | None = None) -> int:
