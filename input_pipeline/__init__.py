@@ -9,6 +9,7 @@ Public API:
     corpus_unigram_entropy(cfg) -> nats per target token of the train split
     packing_efficiency(batch_or_batches) -> real tokens / slots
     BadRecordError                                 raised for bad records when `strict`
+    DataError                                      the data files cannot serve the config
 The multimodal collator lives in `input_pipeline.multimodal`.
 """
 
@@ -22,12 +23,13 @@ from input_pipeline.pipeline import (
     make_grain_dataset,
     packing_efficiency,
 )
-from input_pipeline.sources import BadRecordError
+from input_pipeline.sources import BadRecordError, DataError
 from input_pipeline.tokenizer import ByteTokenizer, Tokenizer, check_vocab_fits, make_tokenizer
 
 __all__ = [
     "BATCH_KEYS",
     "BadRecordError",
+    "DataError",
     "ByteTokenizer",
     "DataConfig",
     "DataIterator",

@@ -25,7 +25,7 @@ import numpy as np
 
 from input_pipeline.config import DataConfig
 from input_pipeline.documents import DocumentIterDataset, ParseAndTokenize, collect_counts
-from input_pipeline.sources import open_source
+from input_pipeline.sources import DataError, open_source
 from input_pipeline.tokenizer import make_tokenizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
@@ -93,7 +93,7 @@ def document_dataset(cfg: DataConfig, *, split: str, seed: int, process_index: i
     for i, src in enumerate(cfg.source_configs()):
         records = open_source(src, cfg, split)
         if len(records) < process_count:
-            raise ValueError(f"data.source={src.source!r} ({split}): {len(records)} records "
+            raise DataError(f"data.source={src.source!r} ({split}): {len(records)} records "
                              f"cannot be sharded over {process_count} processes")
         ds = grain.MapDataset.source(records)[process_index::process_count]
         if train and cfg.shuffle:

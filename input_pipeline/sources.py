@@ -43,6 +43,11 @@ class BadRecordError(ValueError):
     """A bad record in strict mode; the message starts with the record's location."""
 
 
+class DataError(ValueError):
+    """The data files cannot serve the configuration (no file matches a pattern, too few
+    records to split or shard, a reader library missing); one line naming the setting."""
+
+
 BAD_REASONS = (
     "invalid_json", "missing_field", "not_utf8", "empty_text", "bad_shape", "empty_example")
 
@@ -59,7 +64,7 @@ def expand_paths(patterns: tuple[str, ...]) -> list[str]:
     for pattern in patterns:
         matched = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matched:
-            raise ValueError(f"data.paths={pattern!r}: expected files matching the pattern")
+            raise DataError(f"data.paths={pattern!r}: expected files matching the pattern")
         files.extend(matched)
     return files
 
@@ -109,7 +114,7 @@ class ParquetFile:
         try:
             import pyarrow.parquet as pq  # optional dependency: pip install pyarrow
         except ImportError as e:
-            raise ValueError(f"data.source='parquet' ({path!r}): expected the pyarrow package "
+            raise DataError(f"data.source='parquet' ({path!r}): expected the pyarrow package "
                              "to be installed (pip install pyarrow)") from e
         self.path, self.field = path, field
         meta = pq.ParquetFile(path).metadata
@@ -229,7 +234,7 @@ def open_source(src: SourceConfig, cfg: DataConfig, split: str) -> RecordSource:
                           for p in expand_paths(src.paths)])
     n = len(whole)
     if n < 2:
-        raise ValueError(f"data.paths={src.paths!r}: expected at least 2 records to hold out "
+        raise DataError(f"data.paths={src.paths!r}: expected at least 2 records to hold out "
                          "an eval split (or give data.eval_paths)")
     start, stop = corpus.split_bounds(n, cfg.eval_fraction, split)
     return ConcatSource(whole._files, start, stop)  # pylint: disable=protected-access

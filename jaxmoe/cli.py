@@ -128,11 +128,17 @@ def main(argv: list[str] | None = None, *, hugepages: bool = False) -> int:
             print(f"jaxmoe: data error: {e} (data.strict=true stops at the first bad record)",
                   file=sys.stderr)
             return 1
+        if sources and isinstance(e, sources.DataError):
+            print(f"jaxmoe: data error: {e}", file=sys.stderr)
+            return 2
         if not ((mesh and isinstance(e, mesh.MeshError))
                 or (multi and isinstance(e, multi.MultiHostError))):
             raise
         print(f"jaxmoe: mesh error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the loss diverged (train/loop.py)
+        print(f"jaxmoe: training error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:
         # Imported here: whatever raised a CheckpointError has already imported it.
         from jaxmoe.checkpoint.damage import CheckpointError

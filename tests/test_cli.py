@@ -96,3 +96,25 @@ def test_strict_bad_record_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and err[-1].startswith(f"jaxmoe: data error: {data}:2: bad record"), err
     assert err[-1].endswith("(data.strict=true stops at the first bad record)")
+
+
+def test_too_little_data_is_one_line(tmp_path, capsys):
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"text": "the only record"}\n')
+    rc = main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir",
+               str(tmp_path / "run"), "--no-progress", "train.steps=1", "data.source=jsonl",
+               f"data.paths=[{data}]"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("jaxmoe: data error: data.paths=("), err
+    assert "expected at least 2 records to hold out an eval split" in err and "\n" not in err
+
+
+def test_diverged_loss_is_one_line(tmp_path, capsys):
+    rc = main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir",
+               str(tmp_path / "run"), "--no-progress", "train.steps=5", "train.log_every=1",
+               "train.optimizer.learning_rate=1e30", "train.optimizer.grad_clip_norm=0",
+               "train.optimizer.warmup_steps=0", "train.sample_tokens=0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and re.fullmatch(r"jaxmoe: training error: step \d: loss is nan; stopping "
+                                    r"\(lower train.optimizer.learning_rate or check the "
+                                    r"data\)", err), err
