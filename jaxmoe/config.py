@@ -391,8 +391,16 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(
                 f"{key}: given twice with different values {flat[key]!r} and {value!r}")
         flat[key] = value
+    for key in flat:  # `model.num_experts=8 model={...}`: one would silently drop the other
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            if ".".join(parts[:i]) in flat:
+                raise ConfigError(f"{key} and {'.'.join(parts[:i])}: both given; expected one "
+                                  f"(put {parts[i]} inside the {'.'.join(parts[:i])} value)")
     nested: dict[str, Any] = {}
     for key, value in flat.items():
+        if key == "mesh.rules" and isinstance(value, dict):
+            value = _Whole(value)  # all the rules, in place of the file's; mesh.rules.X: one
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -403,10 +411,16 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+class _Whole(dict):
+    """An override value that replaces its whole section instead of merging into it."""
+
+
 def _merge(base: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in diff.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "rules":
+        if isinstance(value, _Whole):
+            out[key] = dict(value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value

@@ -30,9 +30,24 @@ _CORE_RESOLVERS = [  # (tag, regexp, first characters), in order of precedence
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core-schema scalars (see the module docstring)."""
+    """SafeLoader with YAML 1.2 core-schema scalars (see the module docstring); a key given
+    twice in one mapping is an error (YAML 1.2 requires unique keys; PyYAML keeps the last)."""
 
     yaml_implicit_resolvers: dict = {}
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: PyYAML refuses it itself below
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:

@@ -186,6 +186,40 @@ def test_yaml_syntax_error_in_file_is_one_line(tmp_path):
     assert "at line 3" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `model:` section dropped the first
+    one's values without a word."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("model:\n  num_experts: 8\ntrain:\n  steps: 10\nmodel:\n  num_layers: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (f"{path}: expected valid YAML (duplicate key 'model' at line 5, "
+                            "column 1)")
+    with pytest.raises(ConfigError, match=r"duplicate key 'steps'"):
+        load_config(None, ["train={steps: 1, steps: 2}"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.num_experts=8", "model={num_layers: 4}"],
+    ["model={num_layers: 4}", "model.num_experts=8"],
+])
+def test_a_key_and_its_section_both_given_is_an_error(overrides):
+    """Reference: either order used to drop one of them silently in one of the orders."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert str(e.value) == ("model.num_experts and model: both given; expected one (put "
+                            "num_experts inside the model value)")
+
+
+def test_dotted_rules_override_merges_with_the_file(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text("mesh:\n  rules:\n    embed: [fsdp]\n    mlp: [tensor]\n")
+    merged = load_config(path, ["mesh.rules.mlp=[expert]"]).mesh.rules
+    assert merged == {"embed": ["fsdp"], "mlp": ["expert"]}
+    whole = load_config(path, ["mesh.rules={mlp: [expert]}"]).mesh.rules  # all the rules
+    assert whole == {"mlp": ["expert"]}
+
+
 DATA_BAD = [
     (["model.vocab_size=100"],
      "model.vocab_size=100: expected >= 259, the vocab_size of data.tokenizer='byte'"),
