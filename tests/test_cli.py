@@ -118,3 +118,17 @@ def test_diverged_loss_is_one_line(tmp_path, capsys):
     assert rc == 1 and re.fullmatch(r"jaxmoe: training error: step \d: loss is nan; stopping "
                                     r"\(lower train.optimizer.learning_rate or check the "
                                     r"data\)", err), err
+
+
+def test_refused_resume_keeps_the_runs_config(tmp_path, capsys):
+    """config.yaml is the config of the run's checkpoints: a resume the checkpoint refuses
+    must not replace it with the refused config."""
+    run_dir = tmp_path / "run"
+    base = ["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(run_dir),
+            "--no-progress", "train.sample_tokens=0", "train.eval_batches=1"]
+    assert main(base + ["train.steps=1"]) == 0
+    before = (run_dir / "config.yaml").read_text()
+    assert main(base + ["train.steps=2", "model.qk_norm=true"]) == 1
+    err = capsys.readouterr().err
+    assert "missing from the checkpoint" in err, err
+    assert (run_dir / "config.yaml").read_text() == before

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -130,15 +131,24 @@ def _eval_batches(cfg: config_lib.Config, per_process_batch: int) -> list[dict[s
     return batches
 
 
+def _write_config(path: Path, cfg: config_lib.Config) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(config_lib.dump_config(cfg))
+    os.replace(tmp, path)
+
+
 def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
           sample: bool = True) -> dict[str, Any]:
     """Trains `cfg` for `cfg.train.steps` steps; returns a summary (losses, paths, sample)."""
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
     is_main = jax.process_index() == 0
+    config_path = run_dir / "config.yaml"
+    resuming = config_path.is_file()  # its config is replaced only once the resume succeeds
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_lib.dump_config(cfg))
+        if not resuming:
+            _write_config(config_path, cfg)
     tokenizer = input_pipeline.make_tokenizer(cfg.data)
     input_pipeline.check_vocab_fits(tokenizer, cfg.model.vocab_size)
     if cfg.train.batch_size % jax.process_count():
@@ -169,6 +179,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
     # router biases and the data iterator's position), or start fresh.
     checkpoints = RunCheckpointer(run_dir, cfg)
     state, start = checkpoints.restore_or_init(trainer, train_iter)
+    if is_main and resuming:
+        _write_config(config_path, cfg)
     # Rows past the checkpoint (or all rows, when a run died before its first checkpoint)
     # are trained and logged again: drop them so no step is logged twice.
     writer.resume_at(start)
