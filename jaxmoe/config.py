@@ -261,6 +261,12 @@ def _validate_mla_and_groups(m: ModelConfig) -> None:
         if m.yarn_beta_fast <= 0 or m.yarn_beta_slow <= 0:
             _fail("model.yarn_beta_fast/yarn_beta_slow", (m.yarn_beta_fast, m.yarn_beta_slow),
                   "positive numbers")
+        if m.yarn_beta_fast <= m.yarn_beta_slow:  # the ramp between them would be inverted
+            _fail("model.yarn_beta_fast/yarn_beta_slow", (m.yarn_beta_fast, m.yarn_beta_slow),
+                  "beta_fast > beta_slow (DeepSeek-V3: 32 and 1)")
+        for key in ("yarn_mscale", "yarn_mscale_all_dim"):
+            if getattr(m, key) < 0:  # a zero or negative attention scale
+                _fail(f"model.{key}", getattr(m, key), ">= 0")
     if m.n_group < 1 or (m.num_experts and m.num_experts % m.n_group):
         _fail("model.n_group", m.n_group,
               f"a positive divisor of model.num_experts={m.num_experts}")
@@ -313,12 +319,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 _fail(key, value, "a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(key, value, "a number")
+        try:
+            value = float(value)  # an int beyond float range: OverflowError
+        except OverflowError:
+            _fail(key, value, "a finite number")
         if not math.isfinite(value):
             _fail(key, value, "a finite number")
-        return float(value)
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(key, value, "an integer")
+        if not -2**63 <= value < 2**63:  # past int64, numpy and XLA cannot hold it
+            _fail(key, value, "an integer within 64 bits")
         return value
     if tp is bool:
         if not isinstance(value, bool):
