@@ -38,7 +38,21 @@ SCRIPT = textwrap.dedent("""
     m.wait_until_finished()
     got = ckpt.restore(m, 1, {"x": jnp.zeros_like(x)}).state["x"]
     np.testing.assert_array_equal(np.asarray(got), x)
-    print("writer threads", len(seen), "checks", checked)
+    # save() itself must lower them: put the pooled threads back to normal, save again and
+    # look, without calling deprioritize_writers here, right after save() returns.
+    pool = priority.writer_threads()
+    for t in pool:
+        os.sched_setscheduler(t, os.SCHED_OTHER, os.sched_param(0))
+    ckpt.save(m, 2, {"x": jnp.asarray(x)}, {"k": 2})
+    policies = {}
+    for t in pool:
+        try:
+            policies[t] = os.sched_getscheduler(t)
+        except OSError:
+            pass
+    assert policies and set(policies.values()) == {os.SCHED_IDLE}, policies
+    m.wait_until_finished()
+    print("writer threads", len(seen), "checks", checked, "pooled", len(policies))
 """)
 
 
