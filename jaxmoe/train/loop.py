@@ -188,8 +188,9 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
         checkpoints.close()
         writer.close()
         print(f"checkpoint: {checkpoints.path(start)} is at step {start} >= train.steps="
-              f"{cfg.train.steps}; nothing to train (raise train.steps to continue, or use "
-              "a new --run-dir to start over)")
+              f"{cfg.train.steps}; nothing to train (raise train.steps to continue: the "
+              "learning-rate schedule is laid over train.steps, so the rate moves to where the "
+              "longer schedule has it; or use a new --run-dir to start over)")
         return {"train": [], "eval": [], "run_dir": str(run_dir),
                 "checkpoint": str(checkpoints.path(start))}
     history: list[dict[str, float]] = []
