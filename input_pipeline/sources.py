@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -92,6 +93,7 @@ class JsonlFile:
             with self._lock:
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_RDONLY)  # one per process, kept open
+                    weakref.finalize(self, os.close, self._fd)  # ... until the source goes
         start, stop = int(self._offsets[i]), int(self._offsets[i + 1])
         return f"{self.path}:{i + 1}", os.pread(self._fd, stop - start, start)
 

@@ -6,7 +6,9 @@ Reference: the records written, by index.
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,6 +42,12 @@ def test_jsonl_reads_from_many_threads(tmp_path) -> None:
     copy = pickle.loads(pickle.dumps(source))  # as grain sends it to a worker process
     assert copy[5] == (f"{path}:6", expected[5])
     _hammer(copy, expected, threads=4, reads=500)
+    fds = [copy._fd, source._fd]
+    del source, copy  # each kept one descriptor open; a dropped source closes it
+    gc.collect()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
 
 
 def test_parquet_reads_from_many_threads(tmp_path) -> None:
