@@ -50,13 +50,13 @@ class LoadedModel:
         tokens = np.asarray(tokens)
         if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"tokens dtype {tokens.dtype}: expected integer token ids")
-        tokens = tokens.astype(np.int32)
         if tokens.ndim != 2:
             raise ValueError(f"tokens shape {tokens.shape}: expected [batch, length]")
         vocab = self.config.model.vocab_size
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):  # before the cast
             raise ValueError(f"token ids in [{tokens.min()}, {tokens.max()}]: expected ids in "
                              f"[0, {vocab})")
+        tokens = tokens.astype(np.int32)
         seg = np.ones_like(tokens) if segment_ids is None else np.asarray(segment_ids, np.int32)
         if seg.shape != tokens.shape:
             raise ValueError(f"segment_ids shape {seg.shape}: expected {tokens.shape}")

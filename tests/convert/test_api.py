@@ -35,6 +35,8 @@ def test_bad_inputs_and_overrides_are_refused(saved):
         model.logits([1, 2, 3])
     with pytest.raises(ValueError, match="tokens dtype float64: expected integer token ids"):
         model.logits([[1.7, 2.0]])  # was truncated to [[1, 2]] silently
+    with pytest.raises(ValueError, match=r"token ids in \[5, 4294967301\]"):
+        model.logits(np.asarray([[5, 2**32 + 5]], np.int64))  # not wrapped to 5 by int32
     with pytest.raises(ConfigError, match="model.num_experts: cannot be overridden"):
         load_checkpoint(path, overrides=["model.num_experts=8"])
     assert load_checkpoint(path, ["model.compute_dtype=bfloat16"]).config.model.compute_dtype \
