@@ -141,19 +141,27 @@ def from_compiled(target: Any, mesh_shape: dict[str, int], memory: dict[str, flo
 
 # ----------------------------------------------------------------------------- analytic
 
+def _dim_axes(spec: Any, ndim: int) -> list[tuple[str, ...]]:
+    """The mesh axes of each of `ndim` dimensions of a PartitionSpec-like tuple."""
+    spec = tuple(spec)[:ndim] + (None,) * max(0, ndim - len(tuple(spec)))
+    return [() if a is None else a if isinstance(a, tuple) else (a,) for a in spec]
+
+
+def _local_elements(shape: tuple[int, ...], dim_axes: list[tuple[str, ...]],
+                    mesh_shape: dict[str, int]) -> int:
+    """Elements of one device's shard (a dimension split n ways holds ceil(dim / n))."""
+    return math.prod(math.ceil(d / math.prod(mesh_shape[a] for a in axes))
+                     for d, axes in zip(shape, dim_axes))
+
+
 def _shard_bytes(abstract_state: Any, specs: Any, mesh_shape: dict[str, int]) -> float:
     import jax
 
     total = 0.0
     for leaf, spec in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(
             specs, is_leaf=lambda x: hasattr(x, "spec")), strict=True):
-        shape = list(leaf.shape)
-        for i, axes in enumerate(tuple(spec.spec)[:len(shape)]):
-            if axes is None:
-                continue
-            axes = axes if isinstance(axes, tuple) else (axes,)
-            shape[i] = math.ceil(shape[i] / math.prod(mesh_shape[a] for a in axes))
-        total += math.prod(shape) * leaf.dtype.itemsize
+        dims = _dim_axes(spec.spec, len(leaf.shape))
+        total += _local_elements(leaf.shape, dims, mesh_shape) * leaf.dtype.itemsize
     return total
 
 
@@ -174,15 +182,12 @@ def weight_traffic(params: list[tuple[Any, tuple]], rules: Any, mesh_shape: dict
     gathered: dict[tuple[str, ...], list[float]] = {}
     reduced: dict[tuple[str, ...], float] = {}
     for leaf, names in params:
-        spec = tuple(logical_to_spec(tuple(names), rules))
-        spec += (None,) * (len(leaf.shape) - len(spec))
-        elements, fsdp, used = 1, [], set()
-        for dim, name, axes in zip(leaf.shape, names, spec):
-            axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
-            elements *= math.ceil(dim / math.prod(mesh_shape.get(a, 1) for a in axes))
-            used.update(axes)
-            if name != "expert":
-                fsdp += [a for a in axes if a in batch_axes]
+        names = tuple(names) + (None,) * (len(leaf.shape) - len(names))  # unnamed: whole
+        dims = _dim_axes(logical_to_spec(names, rules), len(leaf.shape))
+        elements = _local_elements(leaf.shape, dims, mesh_shape)
+        used = {a for axes in dims for a in axes}
+        fsdp = [a for name, axes in zip(names, dims) if name != "expert"
+                for a in axes if a in batch_axes]
         local = elements * leaf.dtype.itemsize
         total = gathered.setdefault(tuple(fsdp), [0.0, 0.0])
         total[0] += elements
@@ -193,8 +198,8 @@ def weight_traffic(params: list[tuple[Any, tuple]], rules: Any, mesh_shape: dict
 
 
 def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: Any,
-             state_specs: Any, model_flops: float, dcn: dict[str, int] | None = None,
-             params: list[tuple[Any, tuple]] = (), rules: Any = None) -> Report:
+             state_specs: Any, model_flops: float, dcn: dict[str, int] | None = None, *,
+             params: list[tuple[Any, tuple]], rules: Any) -> Report:
     """Estimate without a compiler (see the module docstring for the model).
 
     `mesh_shape` holds the full axis sizes (ICI x DCN); `dcn` the DCN part of each (default 1);

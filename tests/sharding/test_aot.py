@@ -185,6 +185,16 @@ def test_analytic_memory_and_collectives_by_hand():
     assert one.collectives["all-gather"].bytes * 2 == c["all-gather"].bytes
 
 
+def test_weight_traffic_of_a_parameter_without_axis_names():
+    """No logical names: replicated, so no FSDP gather, its gradient all-reduced over every
+    batch axis, and all of its elements counted (not 1)."""
+    leaf = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+    gathered, reduced = estimate.weight_traffic(
+        [(leaf, ())], DEFAULT_RULES, {"data": 2, "fsdp": 2, "expert": 1, "tensor": 1})
+    assert gathered == {(): [32, 128]}
+    assert reduced == {("data", "fsdp", "expert"): 128}
+
+
 def test_analytic_dcn_axes_go_at_dcn_bandwidth():
     # 16 GPUs: data (4) x the 4 devices inside it span 16 > 8 GPUs: the data all-reduce
     # leaves the NVLink domain; fsdp (2 x 2 = 4) and expert (2) stay inside.
