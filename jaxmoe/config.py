@@ -411,8 +411,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
                                   f"(put {parts[i]} inside the {'.'.join(parts[:i])} value)")
     nested: dict[str, Any] = {}
     for key, value in flat.items():
+        # A rules mapping given whole (mesh.rules={...} or mesh={rules: {...}}) replaces the
+        # file's rules; mesh.rules.X=... replaces the one rule X.
         if key == "mesh.rules" and isinstance(value, dict):
-            value = _Whole(value)  # all the rules, in place of the file's; mesh.rules.X: one
+            value = _Whole(value)
+        elif key == "mesh" and isinstance(value, dict) and isinstance(value.get("rules"), dict):
+            value = {**value, "rules": _Whole(value["rules"])}
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:

@@ -221,6 +221,7 @@ def test_dotted_rules_override_merges_with_the_file(tmp_path):
     assert merged == {"embed": ["fsdp"], "mlp": ["expert"]}
     whole = load_config(path, ["mesh.rules={mlp: [expert]}"]).mesh.rules  # all the rules
     assert whole == {"mlp": ["expert"]}
+    assert load_config(path, ["mesh={rules: {mlp: [expert]}}"]).mesh.rules == whole
 
 
 DATA_BAD = [
