@@ -16,15 +16,13 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from jaxmoe import config as config_lib
+from jaxmoe.staging import write_text_atomic
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -36,15 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN")
     p.add_argument("--hlo-out", help="write the compiled HLO text here")
     p.add_argument("--json-out", help="write the report as JSON here")
-
-
-def _write_atomic(path: str, text: str) -> None:
-    path_obj = Path(path)
-    path_obj.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path_obj.parent, prefix=f".{path_obj.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path_obj)
 
 
 def expert_parallel_degree(mesh_shape: Mapping[str, int], rules: Any) -> int:
@@ -79,6 +68,7 @@ def _model_flops(cfg: config_lib.Config) -> float:
 def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
          hlo_out: str | None = None):
     """Compiles (or estimates) `cfg` on `topology`; returns a `sharding.estimate.Report`."""
+    config_lib.check_trainable(cfg)  # the same refusals on every target
     import jax
 
     import sharding
@@ -128,7 +118,7 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
     seconds = time.perf_counter() - start
     text = compiled.as_text()
     if hlo_out:
-        _write_atomic(hlo_out, text)
+        write_text_atomic(hlo_out, text)
     chip = target.chip
     stats = hlo.analyse(text, estimate.link_model(chip, list(trainer.mesh.devices.flat)),
                         num_slices=target.num_slices,
@@ -164,7 +154,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.json_out:
         d = dataclasses.asdict(report)
         d.update(step_s=report.step_s, mfu=report.mfu(), hbm_fraction=report.hbm_fraction)
-        _write_atomic(args.json_out, json.dumps(d, indent=2, default=float))
+        write_text_atomic(args.json_out, json.dumps(d, indent=2, default=float))
     if not report.fits:
         print(f"jaxmoe compile: the plan does not fit: {report.memory['total'] / 2**30:.2f} "
               f"GiB per device > {report.hbm_per_device / 2**30:.2f} GiB HBM on "

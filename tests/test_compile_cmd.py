@@ -32,3 +32,14 @@ def test_expert_buffer_fill(factor, n_ep, fill):
     assert expert_buffer_fill(factor, n_ep) == pytest.approx(fill)
     # Capacity dispatch sends every slot through the expert kernel, empty or not.
     assert expert_buffer_fill(factor, n_ep, "capacity") == 1.0
+
+
+def test_float16_compute_is_refused_on_every_target(capsys):
+    """check_trainable ran only inside build_trainer: TPU plans refused float16, the
+    analytic (GPU) path printed an estimate."""
+    from jaxmoe.cli import main
+
+    assert main(["compile", "--config", "configs/tiny_moe.yaml", "--topology", "h100-8",
+                 "model.compute_dtype=float16"]) == 2
+    assert "model.compute_dtype='float16': expected float32 or bfloat16 for training" in \
+        capsys.readouterr().err

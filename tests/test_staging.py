@@ -49,3 +49,22 @@ def test_output_folder_is_new_or_empty_and_follows_a_symlink(tmp_path):
     for bad in (full, full / "x"):
         out, problem = output_folder(bad)
         assert problem == f"{bad}: exists and is not empty; choose a new output directory"
+
+
+def test_write_text_atomic_leaves_the_old_file_or_the_new(tmp_path, monkeypatch):
+    """Reference: the file holds either all of the old text or all of the new, and no
+    temporary file is left, also when the write fails half-way."""
+    from jaxmoe import staging
+
+    path = tmp_path / "sub" / "config.yaml"
+    staging.write_text_atomic(path, "old\n")
+    assert path.read_text() == "old\n"
+
+    import pytest
+
+    with pytest.raises(TypeError):
+        staging.write_text_atomic(path, 123)  # fails inside the write, after mkstemp
+    assert path.read_text() == "old\n" and sorted(p.name for p in path.parent.iterdir()) == [
+        "config.yaml"]
+    staging.write_text_atomic(path, "new\n")
+    assert path.read_text() == "new\n"

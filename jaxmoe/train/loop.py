@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from jaxmoe.checkpoint.run import PreemptionGuard, RunCheckpointer
 from jaxmoe.inference.sample import greedy_generate
 from jaxmoe.model.moe.block import expert_dispatch
 from jaxmoe.model.params import active_params, total_params, training_flops_per_token
+from jaxmoe.staging import write_text_atomic
 from jaxmoe.train.metrics import MetricsWriter, StepTimer
 from jaxmoe.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxmoe.train.run_dir import check_run_dir
@@ -131,12 +131,6 @@ def _eval_batches(cfg: config_lib.Config, per_process_batch: int) -> list[dict[s
     return batches
 
 
-def _write_config(path: Path, cfg: config_lib.Config) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(config_lib.dump_config(cfg))
-    os.replace(tmp, path)
-
-
 def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
           sample: bool = True) -> dict[str, Any]:
     """Trains `cfg` for `cfg.train.steps` steps; returns a summary (losses, paths, sample)."""
@@ -148,7 +142,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resuming:
-            _write_config(config_path, cfg)
+            write_text_atomic(config_path, config_lib.dump_config(cfg))
     tokenizer = input_pipeline.make_tokenizer(cfg.data)
     input_pipeline.check_vocab_fits(tokenizer, cfg.model.vocab_size)
     if cfg.train.batch_size % jax.process_count():
@@ -180,7 +174,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
     checkpoints = RunCheckpointer(run_dir, cfg)
     state, start = checkpoints.restore_or_init(trainer, train_iter)
     if is_main and resuming:
-        _write_config(config_path, cfg)
+        write_text_atomic(config_path, config_lib.dump_config(cfg))
     # Rows past the checkpoint (or all rows, when a run died before its first checkpoint)
     # are trained and logged again: drop them so no step is logged twice.
     writer.resume_at(start)
