@@ -176,6 +176,9 @@ def test_profile_train_thread_activity_by_hand() -> None:
     assert busy == {1: 7, 2: 3}  # [0, 3) and [6, 10) one thread; [3, 6) both
     assert per_op == {"while": [8, 6], "dot": [2, 1], "add": [3, 0]}
     assert activity({}) == ({}, {})
+    # Two events starting together: the longer one is the outer, whatever the order given.
+    for events in ([(0, 2, "dot"), (0, 10, "while")], [(0, 10, "while"), (0, 2, "dot")]):
+        assert activity({"E": events})[1] == {"dot": [2, 2], "while": [8, 8]}
 
 
 def _fake_measure(cfg, batch_size, batches):

@@ -54,14 +54,15 @@ def thread_activity(threads: dict[str, list[Event]]):
     for thread, events in threads.items():
         for start, end, name in events:
             if end > start:
-                marks.append((start, 1, thread, name))
-                marks.append((end, 0, thread, name))  # 0 sorts ends before starts at a tie
-    marks.sort(key=lambda m: (m[0], m[1]))
+                marks.append((start, 1, thread, name, end))
+                marks.append((end, 0, thread, name, end))  # 0: ends before starts at a tie
+    # At one time: ends first, then starts of the longer events (outer before inner).
+    marks.sort(key=lambda m: (m[0], m[1], -m[4] if m[1] else 0))
     active: dict[str, list[str]] = collections.defaultdict(list)
     busy: collections.Counter = collections.Counter()
     per_op: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     last = marks[0][0] if marks else 0
-    for t, is_start, thread, name in marks:
+    for t, is_start, thread, name, _ in marks:
         if t > last:
             running = [stack[-1] for stack in active.values() if stack]
             busy[len(running)] += t - last
