@@ -91,7 +91,8 @@ def document_dataset(cfg: DataConfig, *, split: str, seed: int, process_index: i
     tokenizer = make_tokenizer(cfg)
     per_source = []
     for i, src in enumerate(cfg.source_configs()):
-        records = open_source(src, cfg, split)
+        records = open_source(src, cfg, split,
+                              f"data.sources[{i}]" if cfg.source == "mixture" else "data")
         if len(records) < process_count:
             raise DataError(f"data.source={src.source!r} ({split}): {len(records)} records "
                              f"cannot be sharded over {process_count} processes")

@@ -59,13 +59,14 @@ class RecordSource(Protocol):
     def __getitem__(self, i: int) -> Record: ...
 
 
-def expand_paths(patterns: tuple[str, ...]) -> list[str]:
-    """Files matching the glob patterns, sorted per pattern; a pattern matching nothing fails."""
+def expand_paths(patterns: tuple[str, ...], field: str = "data.paths") -> list[str]:
+    """Files matching the glob patterns, sorted per pattern; a pattern matching nothing fails
+    (naming the setting `field` it came from)."""
     files: list[str] = []
     for pattern in patterns:
         matched = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matched:
-            raise DataError(f"data.paths={pattern!r}: expected files matching the pattern")
+            raise DataError(f"{field}={pattern!r}: expected files matching the pattern")
         files.extend(matched)
     return files
 
@@ -218,10 +219,12 @@ def _open_file(kind: str, path: str, field: str) -> RecordSource:
     raise ValueError(f"data.source={kind!r}: expected one of jsonl, parquet, arrayrecord")
 
 
-def open_source(src: SourceConfig, cfg: DataConfig, split: str) -> RecordSource:
+def open_source(src: SourceConfig, cfg: DataConfig, split: str,
+                where: str = "data") -> RecordSource:
     """The records of one source's split (without host sharding).
 
     Held-out records are `eval_paths` when given, else the last `eval_fraction` of the records.
+    `where`: the config section of `src` for error messages (`data.sources[1]` in a mixture).
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: expected 'train' or 'eval'")
@@ -229,15 +232,15 @@ def open_source(src: SourceConfig, cfg: DataConfig, split: str) -> RecordSource:
         return corpus.SyntheticSource(
             cfg.seed, *corpus.split_bounds(cfg.num_documents, cfg.eval_fraction, split))
     if src.eval_paths:
-        paths = src.paths if split == "train" else src.eval_paths
-        return ConcatSource([_open_file(src.source, p, src.text_field)
-                             for p in expand_paths(paths)])
+        field = "paths" if split == "train" else "eval_paths"
+        return ConcatSource([_open_file(src.source, p, src.text_field) for p in
+                             expand_paths(getattr(src, field), f"{where}.{field}")])
     whole = ConcatSource([_open_file(src.source, p, src.text_field)
-                          for p in expand_paths(src.paths)])
+                          for p in expand_paths(src.paths, f"{where}.paths")])
     n = len(whole)
     if n < 2:
-        raise DataError(f"data.paths={src.paths!r}: expected at least 2 records to hold out "
-                         "an eval split (or give data.eval_paths)")
+        raise DataError(f"{where}.paths={src.paths!r}: expected at least 2 records to hold "
+                        f"out an eval split (or give {where}.eval_paths)")
     start, stop = corpus.split_bounds(n, cfg.eval_fraction, split)
     return ConcatSource(whole._files, start, stop)  # pylint: disable=protected-access
 

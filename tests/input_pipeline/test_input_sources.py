@@ -61,3 +61,21 @@ def test_parquet_reads_from_many_threads(tmp_path) -> None:
     assert len(source._cache) <= ParquetFile.CACHED_GROUPS
     copy = pickle.loads(pickle.dumps(source))
     assert copy[2999] == (f"{path}:2999", texts[2999])
+
+
+def test_missing_files_are_named_by_the_setting_they_came_from(tmp_path) -> None:
+    """A mixture's second source with eval files that do not exist: the error names
+    data.sources[1].eval_paths (it said data.paths for every pattern)."""
+    from input_pipeline import DataConfig, DataError, make_dataset
+
+    good = tmp_path / "a.jsonl"
+    good.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)))
+    cfg = DataConfig(source="mixture", seq_len=16, sources=(
+        {"source": "synthetic"},
+        {"source": "jsonl", "paths": [str(good)], "eval_paths": [str(tmp_path / "no*.jsonl")]}))
+    with pytest.raises(DataError, match=r"^data\.sources\[1\]\.eval_paths='.*no\*\.jsonl': "
+                                        r"expected files matching the pattern$"):
+        make_dataset(cfg, split="eval", batch_size=2, seed=0)
+    one = DataConfig(source="jsonl", paths=(str(tmp_path / "none*.jsonl"),), seq_len=16)
+    with pytest.raises(DataError, match=r"^data\.paths='.*none\*\.jsonl': expected"):
+        make_dataset(one, split="train", batch_size=2, seed=0)
