@@ -99,6 +99,17 @@ class DataConfig:
     prefetch_buffer_size: int = 128  # grain ReadOptions buffer (documents)
 
     def __post_init__(self) -> None:
+        # Types first (jaxmoe's config loader checks them too; a DataConfig built in Python
+        # or by a tool may hold a YAML 1.1 string such as "1e3", or a float length).
+        for f in dataclasses.fields(self):
+            value, want = getattr(self, f.name), f.type
+            if want in ("int", int) and (isinstance(value, bool) or not isinstance(value, int)):
+                _fail(f.name, value, "an integer")
+            if want in ("bool", bool) and not isinstance(value, bool):
+                _fail(f.name, value, "true or false")
+            if want in ("float", float) and (isinstance(value, bool)
+                                             or not isinstance(value, (int, float))):
+                _fail(f.name, value, "a number")
         object.__setattr__(self, "paths", _as_str_tuple("paths", self.paths))
         object.__setattr__(self, "eval_paths", _as_str_tuple("eval_paths", self.eval_paths))
         if not isinstance(self.sources, (list, tuple)):

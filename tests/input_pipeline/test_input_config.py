@@ -22,6 +22,11 @@ def test_yaml_shapes_are_normalised() -> None:
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"seq_len": 1}, r"^data\.seq_len=1: expected"),
+    # types, for a DataConfig built in Python (YAML 1.1 reads 1e3 as a string)
+    ({"seq_len": "1e3"}, r"^data\.seq_len='1e3': expected an integer$"),
+    ({"num_documents": 2.5}, r"^data\.num_documents=2\.5: expected an integer$"),
+    ({"packing": "yes"}, r"^data\.packing='yes': expected true or false$"),
+    ({"eval_fraction": "0.1"}, r"^data\.eval_fraction='0\.1': expected a number$"),
     ({"eval_fraction": 1.0}, r"^data\.eval_fraction=1\.0: expected"),
     ({"source": "csv"}, r"^data\.source='csv': expected one of"),
     ({"source": "jsonl"}, r"^data\.paths=\(\): expected at least one path"),
