@@ -68,12 +68,28 @@ def output_folder(out: str | Path) -> tuple[Path, str | None]:
     return out, None
 
 
+def _umask() -> int:
+    """The process's umask (read from /proc where possible: setting it to read it would
+    race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Writes `path` whole or not at all: a temporary file beside it, then a rename."""
+    """Writes `path` whole or not at all: a temporary file beside it, then a rename. The file
+    gets the mode a plain `open(path, "w")` would give it (mkstemp's is owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -68,3 +68,7 @@ def test_write_text_atomic_leaves_the_old_file_or_the_new(tmp_path, monkeypatch)
         "config.yaml"]
     staging.write_text_atomic(path, "new\n")
     assert path.read_text() == "new\n"
+    # the mode a plain open() gives (mkstemp's 0600 made config.yaml owner-only)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
