@@ -107,6 +107,8 @@ def validate(cfg: Config) -> Config:
     for key in ("rope_theta", "norm_eps", "routed_scaling_factor"):
         if getattr(m, key) <= 0:
             _fail(f"model.{key}", getattr(m, key), "> 0")
+    if m.context_length < 0:
+        _fail("model.context_length", m.context_length, "an integer >= 0 (0: data.seq_len)")
     _validate_mla_and_groups(m)
     if t.batch_size % t.grad_accum_steps:
         _fail("train.grad_accum_steps", t.grad_accum_steps,
@@ -248,8 +250,6 @@ def _validate_mla_and_groups(m: ModelConfig) -> None:
         for key in ("qkv_bias", "qk_norm"):
             if getattr(m, key):
                 _fail(f"model.{key}", True, "false when model.attention=mla")
-    if m.context_length < 0:
-        _fail("model.context_length", m.context_length, "an integer >= 0 (0: data.seq_len)")
     if m.rope_scaling == "yarn":
         if m.attention != "mla":
             _fail("model.rope_scaling", m.rope_scaling,
