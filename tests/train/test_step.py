@@ -1,7 +1,8 @@
 """The pure train step: gradient accumulation == one large batch, padding (inputs and
 targets) changes neither routing nor loss nor gradients, the aux/z losses reach the gradient
-with their coefficients, the aux-loss-free bias update follows the measured loads, and weight
-decay skips norms/biases (values: tests/train/test_optimizer.py).
+with their coefficients, the aux-loss-free bias update follows the measured loads, the
+logged metrics (grad norm, load imbalance, learning rate, dropped copies) match their
+definitions, and weight decay skips norms/biases (values: tests/train/test_optimizer.py).
 
 Reference for accumulation: the same step with grad_accum_steps=1 (float32 compute);
 tolerance rtol 2e-5 / atol 1e-7 (summation order differs)."""
@@ -38,7 +39,9 @@ def make_batch(b=8, t=16, vocab=64, seed=0):
 
 
 def _setup(*extra):
-    cfg = load_config(None, OVERRIDES + list(extra))
+    replaced = {e.split("=", 1)[0] for e in extra}
+    base = [o for o in OVERRIDES if o.split("=", 1)[0] not in replaced]
+    cfg = load_config(None, base + list(extra))
     tx = make_optimizer(cfg.train.optimizer, cfg.train.steps)
     return cfg, tx, init_state(cfg.model, tx, 0), model_graphdef(cfg.model)
 
@@ -148,12 +151,15 @@ def test_padding_does_not_change_loss_or_grads(dispatch):
 def test_aux_and_z_losses_reach_the_gradient(accum):
     """grads of the step == grad(CE sum) / tokens + aux_coef * mean over micro-batches of
     grad(aux) + z_coef * mean of grad(z), each piece differentiated on its own (a naive
-    log-softmax CE, the decoder's aux/z outputs). float32, different summation order:
-    rtol 1e-4, atol 1e-5 x the largest gradient entry."""
+    log-softmax CE; aux and z averaged by hand over the MoE layers' own statistics, in a
+    model with one dense layer and two MoE layers, so a sum or a mean over all layers would
+    show). float32, different summation order: rtol 1e-4, atol 1e-5 x the largest gradient
+    entry."""
     aux_coef, z_coef = 0.5, 0.2
     cfg, _, state, graphdef = _setup(f"model.aux_loss_coef={aux_coef}",
                                      f"model.z_loss_coef={z_coef}",
-                                     f"train.grad_accum_steps={accum}")
+                                     f"train.grad_accum_steps={accum}",
+                                     "model.num_layers=3", "model.first_k_dense=1")
     batch = make_batch(b=4, seed=4)
     got, stats = jax.jit(make_grad_fn(graphdef, cfg))(state.params, state.rest, batch)
     tokens = float((batch["segment_ids"] > 0).sum())
@@ -165,8 +171,11 @@ def test_aux_and_z_losses_reach_the_gradient(accum):
             logp = jax.nn.log_softmax(out.logits, axis=-1)
             nll = -jnp.take_along_axis(logp, micro["targets"][..., None], axis=-1)[..., 0]
             ce = jnp.sum(jnp.where(micro["segment_ids"] > 0, nll, 0.0))
-            aux, z = out.aux_losses()
-            return jnp.stack([ce, aux, z])
+            layers = [s for group in out.moe.values() for s in group]
+            aux = jnp.concatenate([s.aux_loss.reshape(-1) for s in layers])
+            z = jnp.concatenate([s.z_loss.reshape(-1) for s in layers])
+            assert aux.shape == (2,)  # the two MoE layers, not the dense one
+            return jnp.stack([ce, jnp.mean(aux), jnp.mean(z)])
         return jax.jacrev(f)(params)
 
     ce_g = aux_g = z_g = 0
@@ -187,18 +196,24 @@ def test_aux_and_z_losses_reach_the_gradient(accum):
 
 
 def test_router_bias_update_follows_loads():
+    """bias <- bias + rate * sign(mean load - load), per layer (DeepSeek-V3), starting from a
+    nonzero bias (so setting the bias to the update would show). Reference: the loads of
+    the same batch from the gradient function, the update in float64; rtol 1e-6."""
     rate = 0.01
     cfg, tx, state, graphdef = _setup(f"model.bias_update_rate={rate}",
                                       "model.router_scoring=sigmoid",
                                       "train.optimizer.warmup_steps=0")
+    bias = state.rest["moe"]["units"]["block0"]["ffn"]["router"]["bias"]
+    bias0 = np.random.default_rng(4).uniform(-0.05, 0.05, bias.shape).astype(np.float32)
+    bias[...] = jnp.asarray(bias0)
     batch = make_batch(seed=3)
     _, stats = jax.jit(make_grad_fn(graphdef, cfg))(state.params, state.rest, batch)
     new_state, _ = jax.jit(make_train_step(graphdef, cfg, tx))(state, batch)
-    load = np.asarray(stats["loads"]["moe"][0])  # [layers, experts]
-    want = rate * np.sign(load.mean(-1, keepdims=True) - load)
+    load = np.asarray(stats["loads"]["moe"][0], np.float64)  # [layers, experts]
+    step = rate * np.sign(load.mean(-1, keepdims=True) - load)
     got = np.asarray(new_state.rest["moe"]["units"]["block0"]["ffn"]["router"]["bias"][...])
-    assert np.abs(want).sum() > 0
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert np.abs(step).sum() > 0
+    np.testing.assert_allclose(got, bias0.astype(np.float64) + step, rtol=1e-6)
     # params and biases change, but the bias is not touched by the gradient
     assert not np.allclose(np.asarray(jax.flatten_util.ravel_pytree(new_state.params)[0]),
                            np.asarray(jax.flatten_util.ravel_pytree(state.params)[0]))
@@ -215,3 +230,53 @@ def test_weight_decay_mask_skips_norms_and_biases():
             assert not v, k
         if k.endswith("['kernel']") or "w_up" in k or "lm_head" in k:
             assert v, k
+
+
+def test_step_metrics_match_their_definitions():
+    """grad_norm == sqrt(sum g^2) of the batch gradients (float64 reference, rtol 1e-5);
+    load_max_over_mean == the largest max/mean load over the MoE layers (rtol 1e-6);
+    learning_rate == the closed-form warm-up + cosine value at the step being taken
+    (tests/train/test_optimizer.py, rtol 1e-6); loss == ce_sum / tokens."""
+    from jaxmoe.train.optimizer import learning_rate_schedule
+    from tests.train.test_optimizer import closed_form_lr
+
+    cfg, tx, state, graphdef = _setup("train.optimizer.warmup_steps=2", "train.steps=6")
+    schedule = learning_rate_schedule(cfg.train.optimizer, cfg.train.steps)
+    step = jax.jit(make_train_step(graphdef, cfg, tx, schedule))
+    grad_fn = jax.jit(make_grad_fn(graphdef, cfg))
+    for s in range(3):
+        batch = make_batch(seed=10 + s)
+        grads, stats = grad_fn(state.params, state.rest, batch)
+        state, metrics = step(state, batch)
+        g = np.asarray(jax.flatten_util.ravel_pytree(grads)[0], np.float64)
+        np.testing.assert_allclose(float(metrics["grad_norm"]), np.sqrt(np.sum(g * g)),
+                                   rtol=1e-5)
+        loads = [np.asarray(x, np.float64) for x in jax.tree.leaves(stats["loads"])]
+        ratio = max((x.max(-1) / x.mean(-1)).max() for x in loads)
+        assert ratio > 1.0
+        np.testing.assert_allclose(float(metrics["load_max_over_mean"]), ratio, rtol=1e-6)
+        np.testing.assert_allclose(float(metrics["learning_rate"]),
+                                   closed_form_lr(cfg.train.optimizer, cfg.train.steps, s),
+                                   rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(float(metrics["loss"]),
+                                   float(stats["ce_sum"]) / float(stats["tokens"]), rtol=1e-6)
+
+
+def test_dropped_counts_every_moe_layer():
+    """Capacity dispatch, factor 0.5: dropped == sum over the MoE layers and experts of
+    max(0, load - capacity) (GShard: an expert keeps its first `capacity` valid copies), in
+    a model with one dense and two MoE layers. Exact (counts)."""
+    from jaxmoe.model.moe import expert_capacity
+
+    cfg, _, state, graphdef = _setup("model.dispatch=capacity", "model.capacity_factor=0.5",
+                                     "model.num_layers=3", "model.first_k_dense=1")
+    batch = make_batch(seed=6)
+    _, stats = jax.jit(make_grad_fn(graphdef, cfg))(state.params, state.rest, batch)
+    m = cfg.model
+    c = expert_capacity(batch["inputs"].size, m.num_experts_per_tok, m.num_experts, 0.5)
+    loads = np.concatenate([np.asarray(x).reshape(-1, m.num_experts)
+                            for x in jax.tree.leaves(stats["loads"])])
+    assert loads.shape[0] == 2
+    want = np.maximum(loads - c, 0).sum()
+    assert want > 0
+    assert float(stats["dropped"]) == want
