@@ -31,15 +31,22 @@ def _run(attn, x, seg=SEGMENTS, pos=POSITIONS, cfg=CFG):
     return np.asarray(attn(jnp.asarray(x, jnp.float32), jnp.asarray(seg), rope))
 
 
+# A second row with other segments and positions that do not start at 0 (a document
+# continued from an earlier row): every row must use its own positions and segments.
+SEGMENTS_2 = np.concatenate([SEGMENTS, [[1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]]])
+POSITIONS_2 = np.concatenate([POSITIONS, [[7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 5, 6]]])
+
+
 @pytest.mark.parametrize("gqa", [1, 2, 4])
 def test_matches_loop_reference(gqa):
     cfg = dataclasses.replace(CFG, num_kv_heads=gqa)
     attn = _attn(cfg)
-    x = np.random.default_rng(0).normal(size=(1, 12, cfg.embed_dim))
-    got = _run(attn, x)[0]
+    x = np.random.default_rng(0).normal(size=(2, 12, cfg.embed_dim))
+    got = _run(attn, x, SEGMENTS_2, POSITIONS_2)
     w = [np.asarray(p[...], np.float64) for p in (attn.q, attn.k, attn.v, attn.o)]
-    want = ref_attention(x[0], *w, SEGMENTS[0], POSITIONS[0], cfg.rope_theta)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    for row in range(2):
+        want = ref_attention(x[row], *w, SEGMENTS_2[row], POSITIONS_2[row], cfg.rope_theta)
+        np.testing.assert_allclose(got[row], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_segments_are_isolated_bitwise():
