@@ -26,15 +26,34 @@ def _rand(*shape):
     return np.random.default_rng(len(shape)).uniform(1, 2, shape).astype(np.float32)
 
 
+def _fitted(x: np.ndarray, length: int) -> np.ndarray:
+    """Reference for a present video/audio/points: the first `length` rows of x as float32,
+    then zero rows up to `length` (x cropped or zero-padded along axis 0)."""
+    pad = np.zeros((max(0, length - len(x)), *x.shape[1:]))
+    return np.concatenate([x[:length].astype(np.float32), pad]).astype(np.float32)
+
+
 def test_every_subset_has_the_same_shapes() -> None:
+    """Present modalities keep their values exactly (no tolerance): the image as float32,
+    video/audio/points as `_fitted` (here audio 7 -> 5 samples is cropped, video 2 -> 3
+    frames and points 3 -> 4 rows are zero-padded), with validity masks over the kept rows."""
     full = {"text": "hello world", "image": _rand(2, 3, 1), "video": _rand(2, 2, 3, 1),
             "audio": _rand(7), "points": _rand(3, 3)}
+    length = {"video": SPEC.max_frames, "audio": SPEC.audio_len, "points": SPEC.max_points}
     for mask in range(1, 32):
         example = {k: v for i, (k, v) in enumerate(full.items()) if mask >> i & 1}
         out = collate_example(example, SPEC, ByteTokenizer())
         assert {k: v.shape for k, v in out.items()} == SHAPES
         for m in ("text", "image", "video", "audio", "points"):
             assert bool(out[f"{m}_mask"]) == (m in example), m
+        if "image" in example:
+            assert out["image"].dtype == np.float32
+            np.testing.assert_array_equal(out["image"], full["image"].astype(np.float32))
+        for k in set(length) & set(example):
+            assert out[k].dtype == np.float32, k
+            np.testing.assert_array_equal(out[k], _fitted(full[k], length[k]), err_msg=k)
+            n = min(len(full[k]), length[k])
+            assert out[f"{k}_valid"].tolist() == [True] * n + [False] * (length[k] - n), k
         absent = [k for k in ("image", "video", "audio", "points") if k not in example]
         for k in absent:
             assert not out[k].any(), k  # zero-filled
@@ -121,9 +140,13 @@ def test_batches_and_padding_rows() -> None:
     assert b0["text_mask"].tolist() == [True, False]
     assert b0["image_mask"].tolist() == [False, True]
     assert present(b0) == ("text", "image")
+    np.testing.assert_array_equal(b0["image"][1], _rand(2, 3, 1))  # exact, float32
+    assert not b0["image"][0].any()  # the text-only row
     assert b1["audio_mask"].tolist() == [True, False]  # the filler row has no modality
     assert present(b1) == ("audio",)
-    assert b1["audio_valid"].sum() == 3
+    assert b1["audio_valid"].tolist() == [[True] * 3 + [False] * 2, [False] * 5]
+    np.testing.assert_array_equal(b1["audio"], [[*_rand(3), 0, 0], [0] * 5])  # zero-padded
+    assert b0["image"].dtype == b1["audio"].dtype == np.float32
 
 
 def test_modalities_not_in_spec_are_not_carried() -> None:
