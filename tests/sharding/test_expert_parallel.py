@@ -1,9 +1,13 @@
 """Expert-parallel dispatch (`sharding.expert_parallel`) against single-device references.
 
-Dropless: equal to `dropless_moe` (outputs and gradients) on every layout and both
-exchanges. Capacity: equal to `capacity_moe` applied to each device's token group (GShard
-groups), drops included. Small receive buffers: equal to a NumPy float64 model of which copies
-fit. The TPU grouped matmul (megablox) equals the model's `expert_ffn`, gradients included.
+Dropless: equal to `dropless_moe`. Outputs on every layout: ep8, dp2_ep4 and dp4_tp2 with the
+"padded" exchange (dp4_tp2 has no expert axis, so no exchange), fsdp2_ep2_tp2 with
+"ragged_emulated". Gradients on ep8 and fsdp2_ep2_tp2, each with both exchanges that run on
+CPU ("padded", "ragged_emulated"). The real "ragged" exchange (`lax.ragged_all_to_all`) is not
+implemented by XLA:CPU and is not run here (test_aot.py only compiles it for TPU). Capacity:
+equal to `capacity_moe` applied to each device's token group (GShard groups), drops included.
+Small receive buffers: equal to a NumPy float64 model of which copies fit. The TPU grouped
+matmul (megablox) equals the model's `expert_ffn`, gradients included (fsdp2_ep2_tp2, padded).
 Tolerance: 1e-5 absolute on outputs of size ~1 and on gradients (float32).
 """
 
@@ -68,13 +72,16 @@ def test_dropless_matches_single_device(layout, impl, inputs):
     assert float(dropped) == 0
 
 
-@pytest.mark.parametrize("layout, matmul", [("ep8", "model"),
-                                           ("fsdp2_ep2_tp2", "megablox_interpret")])
-def test_dropless_gradients_match(layout, matmul, inputs):
-    """Also the TPU grouped matmul (Pallas megablox, run by its interpreter here)."""
+@pytest.mark.parametrize("layout, impl, matmul", [
+    ("ep8", "padded", "model"), ("ep8", "ragged_emulated", "model"),
+    ("fsdp2_ep2_tp2", "padded", "megablox_interpret"),
+    ("fsdp2_ep2_tp2", "ragged_emulated", "model")])
+def test_dropless_gradients_match(layout, impl, matmul, inputs):
+    """Both CPU exchanges, and the TPU grouped matmul (Pallas megablox, run by its
+    interpreter here)."""
     x, w, idx, ws = inputs
     mesh = mesh_of(LAYOUTS[layout])
-    fn = make_expert_dispatch(mesh, sharding.DEFAULT_RULES, "padded", matmul=matmul)
+    fn = make_expert_dispatch(mesh, sharding.DEFAULT_RULES, impl, matmul=matmul)
     cot = jax.random.normal(jax.random.key(9), (T, D))
 
     def loss_ep(x, w, *ws):
