@@ -22,12 +22,31 @@ def test_info_prints_breakdown_and_flops(capsys):
     assert re.search(r"training FLOPs per token \(seq_len 4096\): \d", out)
 
 
+def _info_rows(out: str) -> dict[str, tuple[int, int]]:
+    """The printed table of `jaxmoe info`: part (and "all") -> (total, active)."""
+    rows = (re.fullmatch(r"(\w+) +([\d,]+) +([\d,]+)", l) for l in out.splitlines())
+    return {m[1]: (int(m[2].replace(",", "")), int(m[3].replace(",", ""))) for m in rows if m}
+
+
 def test_info_override_changes_counts(capsys):
-    main(["info", "--config", "configs/tiny_moe.yaml", "model.num_experts=8"])
-    out8 = capsys.readouterr().out
-    main(["info", "--config", "configs/tiny_moe.yaml"])
-    out4 = capsys.readouterr().out
-    assert out8 != out4
+    """model.num_experts=8 on tiny_moe: every printed row equals `parameter_counts` of the
+    overridden config, and the expert rows equal a closed form by hand (tiny_moe.yaml: 2 MoE
+    layers, embed 128, expert MLP 256, top-2; a SwiGLU expert is 3 matrices of 128 x 256, the
+    router 128 x E per layer), exact integers."""
+    assert main(["info", "--config", "configs/tiny_moe.yaml", "model.num_experts=8"]) == 0
+    rows8 = _info_rows(capsys.readouterr().out)
+    assert main(["info", "--config", "configs/tiny_moe.yaml"]) == 0
+    rows4 = _info_rows(capsys.readouterr().out)
+    counts = parameter_counts(load_config("configs/tiny_moe.yaml", ["model.num_experts=8"]).model)
+    assert rows8 == {**{p: (counts["total"][p], counts["active"][p]) for p in counts["total"]},
+                     "all": (sum(counts["total"].values()), sum(counts["active"].values()))}
+    layers, expert, router = 2, 3 * 128 * 256, 128  # router: per layer and expert
+    assert rows8["routed_experts"] == (layers * 8 * expert, layers * 2 * expert)
+    assert rows4["routed_experts"] == (layers * 4 * expert, layers * 2 * expert)
+    assert rows8["router"] == (layers * 8 * router,) * 2
+    # Only the 4 extra experts and their router columns are new (active: the router only).
+    assert rows8["all"][0] - rows4["all"][0] == layers * 4 * (expert + router)
+    assert rows8["all"][1] - rows4["all"][1] == layers * 4 * router
 
 
 def test_config_error_is_one_line_and_exit_2(capsys):
