@@ -24,7 +24,7 @@ def test_info_prints_breakdown_and_flops(capsys):
 
 def _info_rows(out: str) -> dict[str, tuple[int, int]]:
     """The printed table of `jaxmoe info`: part (and "all") -> (total, active)."""
-    rows = (re.fullmatch(r"(\w+) +([\d,]+) +([\d,]+)", l) for l in out.splitlines())
+    rows = (re.fullmatch(r"(\w+) +([\d,]+) +([\d,]+)", line) for line in out.splitlines())
     return {m[1]: (int(m[2].replace(",", "")), int(m[3].replace(",", ""))) for m in rows if m}
 
 
