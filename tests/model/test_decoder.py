@@ -1,7 +1,9 @@
 """Whole-model checks: parameter counts of every config and of tiny configs covering each
-option (jax.eval_shape, never allocated) equal the closed form exactly, part by part; layer
-placement; scan == unrolled; remat policies agree; prefix
-embeddings are equivalent to the tokens they embed."""
+option (jax.eval_shape, never allocated) equal the closed form exactly, part by part;
+training FLOPs per token equal a formula written out by hand, exactly; layer placement;
+scan == unrolled (float32, the same model: rtol/atol 1e-5); remat policies give the same
+gradients (rtol 1e-5, atol 1e-7); prefix embeddings are equivalent to the tokens they
+embed. (Values of the whole model: tests/convert/test_parity.py against transformers.)"""
 
 import dataclasses
 from pathlib import Path
@@ -205,3 +207,37 @@ def test_rotary_sin_cos_are_computed_once_outside_the_layer_loop(attention):
     assert ("cos", False) in prims and ("sin", False) in prims
     assert ("cos", True) not in prims and ("sin", True) not in prims
     assert ("scan", False) in prims  # the layers did run as a loop
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_training_flops_per_token_by_hand(attention):
+    """`training_flops_per_token` vs the FLOPs written out here from the shapes: 6 x (every
+    matmul weight a token passes through, top-k of the routed experts, the LM head, not the
+    embedding lookup) + attention (scores and values over the full square, 3 passes x 2
+    FLOPs x 2 matmuls). A model with a dense first layer, a gated shared expert, GQA with
+    head_dim != embed / heads (or MLA with a q LoRA). Exact."""
+    from jaxmoe.model.params import training_flops_per_token
+
+    d, f, fs, fd, e, k, v, s = 64, 48, 40, 96, 8, 2, 300, 128
+    base = dict(embed_dim=d, num_layers=3, first_k_dense=1, num_heads=4, num_kv_heads=2,
+                head_dim=24, mlp_dim=fd, num_experts=e, num_experts_per_tok=k,
+                expert_mlp_dim=f, num_shared_experts=1, shared_expert_mlp_dim=fs,
+                shared_expert_gate=True, vocab_size=v)
+    if attention == "mla":
+        base.update(attention="mla", q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=12,
+                    qk_rope_head_dim=8, v_head_dim=20)
+    cfg = ModelConfig(**base)
+    n = cfg.num_heads
+    if attention == "gqa":
+        attn = d * n * 24 + 2 * d * 2 * 24 + n * 24 * d
+        scores = 6 * 2 * n * 24 * s  # QK^T and PV, each 2 FLOPs per multiply-add, x 3
+    else:
+        attn = (d * 32 + 32 * n * 20 + d * (16 + 8) + 16 * n * (12 + 20) + n * 20 * d)
+        scores = 6 * n * s * ((12 + 8) + 20)
+    moe_layer = attn + d * e + k * 3 * d * f + 3 * d * fs + d  # router, experts, shared + gate
+    dense_layer = attn + 3 * d * fd
+    want_matmul = 6 * (dense_layer + 2 * moe_layer + d * v)
+    got = training_flops_per_token(cfg, s)
+    assert got["matmul"] == want_matmul
+    assert got["attention"] == 3 * scores
+    assert got["total"] == want_matmul + 3 * scores
