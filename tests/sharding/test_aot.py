@@ -175,6 +175,17 @@ def test_analytic_memory_and_collectives_by_hand():
         (c["all-gather"].wire_bytes + c["reduce-scatter"].wire_bytes
          + c["all-reduce"].wire_bytes) / nvlink)
     assert r.exposed_comm_s == pytest.approx(98304 / nvlink)
+    # Step time and MFU by hand: H100 989 TFLOP/s bf16, one device per chip, 8 devices.
+    compute = 8e9 * 4 / 3 / 8 / 989e12
+    assert r.compute_s == pytest.approx(compute)
+    assert r.step_s == pytest.approx(max(compute, r.overlapped_comm_s) + r.exposed_comm_s)
+    assert r.mfu() == pytest.approx(8e9 / (r.step_s * 989e12 * 8))
+    # TPU7x: two devices (TensorCores) per chip; "tpu7x-8" is 8 cores on 4 chips. The peak
+    # and MFU are per device (a division by chips would double the MFU).
+    t = _tiny_analytic("tpu7x-8", {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1})
+    assert (t.devices, t.chips) == (8, 4)
+    assert t.compute_s == pytest.approx(8e9 * 4 / 3 / 8 / (2307e12 / 2))
+    assert t.mfu() == pytest.approx(8e9 / (t.step_s * 2307e12 / 2 * 8))
     # Expert parallelism without fsdp still splits the dense weights over `expert` (FSDP):
     # they are gathered over it (the estimate counted FSDP traffic on `fsdp` only).
     ep = _tiny_analytic("h100-8", {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1})
