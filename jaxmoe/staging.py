@@ -83,8 +83,9 @@ def _umask() -> int:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Writes `path` whole or not at all: a temporary file beside it, then a rename. The file
-    gets the mode a plain `open(path, "w")` would give it (mkstemp's is owner-only)."""
+    """Writes `path` whole or not at all: a temporary file beside it, flushed to disk, then a
+    rename (a crash leaves the old file or the new one). The file gets the mode a plain
+    `open(path, "w")` would give it (mkstemp's is owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -92,6 +93,8 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

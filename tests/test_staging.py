@@ -3,6 +3,8 @@
 import os
 import subprocess
 
+import pytest
+
 from jaxmoe.staging import output_folder, staging_dir, stale_staging_dirs
 
 
@@ -51,21 +53,46 @@ def test_output_folder_is_new_or_empty_and_follows_a_symlink(tmp_path):
         assert problem == f"{bad}: exists and is not empty; choose a new output directory"
 
 
-def test_write_text_atomic_leaves_the_old_file_or_the_new(tmp_path, monkeypatch):
+class _HalfWriter:
+    """A file whose write puts half the text on disk, then fails (a full disk)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, text):
+        self.f.write(text[: len(text) // 2])
+        self.f.flush()
+        raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("failure", ["half_written", "rename_fails"])
+def test_write_text_atomic_leaves_the_old_file_or_the_new(tmp_path, monkeypatch, failure):
     """Reference: the file holds either all of the old text or all of the new, and no
-    temporary file is left, also when the write fails half-way."""
+    temporary file is left, also when the write fails half-way (half the new text on disk)
+    or the final rename fails."""
     from jaxmoe import staging
 
     path = tmp_path / "sub" / "config.yaml"
     staging.write_text_atomic(path, "old\n")
     assert path.read_text() == "old\n"
-
-    import pytest
-
-    with pytest.raises(TypeError):
-        staging.write_text_atomic(path, 123)  # fails inside the write, after mkstemp
-    assert path.read_text() == "old\n" and sorted(p.name for p in path.parent.iterdir()) == [
-        "config.yaml"]
+    with monkeypatch.context() as m:
+        if failure == "half_written":
+            fdopen = os.fdopen
+            m.setattr(staging.os, "fdopen", lambda *a, **k: _HalfWriter(fdopen(*a, **k)))
+        else:
+            def refuse(*a, **k):
+                raise OSError(5, "Input/output error")
+            m.setattr(staging.os, "replace", refuse)
+        with pytest.raises(OSError):
+            staging.write_text_atomic(path, "new text, long enough to be cut in half\n")
+    assert path.read_bytes() == b"old\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.yaml"]
     staging.write_text_atomic(path, "new\n")
     assert path.read_text() == "new\n"
     # the mode a plain open() gives (mkstemp's 0600 made config.yaml owner-only)
