@@ -259,5 +259,5 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
         print(f"checkpoint: {summary['checkpoint']}")
         if "sample" in summary:
             print(f"sample: {summary['sample']!r}")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

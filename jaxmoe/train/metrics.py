@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxmoe.staging import write_text_atomic
+
 _WRITERS = itertools.count()
 
 
@@ -68,9 +70,7 @@ class MetricsWriter:
             else:
                 kept.append(line)
         if dropped:
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", buffering=1)
         return dropped
 

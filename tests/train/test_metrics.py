@@ -1,8 +1,11 @@
-"""metrics.jsonl on resume: rows after the resumed step and a torn last line are dropped."""
+"""metrics.jsonl on resume: rows after the resumed step and a torn last line are dropped, the file
+rewritten atomically."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from jaxmoe.train.metrics import MetricsWriter, read_metrics
 
@@ -24,8 +27,29 @@ def test_resume_drops_rows_after_the_checkpoint_and_a_torn_line(tmp_path):
                                                        (3, "train"), (4, "train"),
                                                        (5, "train")]
     assert rows[-1]["loss"] == 0.5
-    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temp file
     json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_resume_that_fails_to_rewrite_leaves_the_file(tmp_path, monkeypatch):
+    """The rewrite is atomic: when the final rename fails (or a write before it), the log
+    is byte-identical to what it was and no temporary file is left."""
+    from jaxmoe import staging
+
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    for step in range(1, 5):
+        w.write(step, "train", {"loss": 10.0 - step})
+    w.close()
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+
+    def refuse(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(staging.os, "replace", refuse)
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    with pytest.raises(OSError, match="No space"):
+        w.resume_at(2)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
 def test_resume_with_nothing_to_drop_leaves_the_file(tmp_path):
