@@ -14,13 +14,16 @@ from typing import Any
 import grain
 import numpy as np
 
-from input_pipeline.sources import BadRecord, BadRecordError, parse_text
+from input_pipeline.sources import BadRecord, BadRecordError, DataError, parse_text
 from input_pipeline.tokenizer import Tokenizer, encode_document
 
 log = logging.getLogger("input_pipeline")
 
 STATE_KEY = "input_pipeline_documents"  # marks this iterator's state inside grain's state tree
 _LOG_FIRST = 100  # log every bad record up to this many, then only at powers of ten
+# `max_bad_fraction` is judged once this many records were bad (a few bad records at the
+# start of a good corpus must not stop it).
+MIN_BAD_TO_STOP = 100
 
 
 class ParseAndTokenize(grain.transforms.Map):
@@ -55,21 +58,26 @@ class DocumentIterDataset(grain.IterDataset):
     at most `chunk_len` (the padding-only mode); without it, whole documents (the packer splits).
     """
 
-    def __init__(self, parent: grain.IterDataset, *, chunk_len: int | None, strict: bool):
+    def __init__(self, parent: grain.IterDataset, *, chunk_len: int | None, strict: bool,
+                 max_bad_fraction: float | None = None):
         super().__init__(parent)
         self._chunk_len, self._strict = chunk_len, strict
+        self._max_bad_fraction = max_bad_fraction
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _DocumentIterator(self._parent.__iter__(), self._chunk_len, self._strict)
+        return _DocumentIterator(self._parent.__iter__(), self._chunk_len, self._strict,
+                                 self._max_bad_fraction)
 
     def __str__(self) -> str:
         return f"DocumentIterDataset(chunk_len={self._chunk_len}, strict={self._strict})"
 
 
 class _DocumentIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, chunk_len: int | None, strict: bool):
+    def __init__(self, parent: grain.DatasetIterator, chunk_len: int | None, strict: bool,
+                 max_bad_fraction: float | None = None):
         super().__init__(parent)
         self._chunk_len, self._strict = chunk_len, strict
+        self._max_bad_fraction = max_bad_fraction
         self._bad: dict[str, int] = {}
         self._docs = 0
         self._current: np.ndarray | None = None  # ids of the document being emitted
@@ -84,6 +92,14 @@ class _DocumentIterator(grain.DatasetIterator):
         total = sum(self._bad.values())
         if total <= _LOG_FIRST or np.log10(total).is_integer():
             log.warning("skipped %s [%d bad records so far]", message, total)
+        limit = self._max_bad_fraction
+        seen = total + self._docs
+        if limit is not None and total >= MIN_BAD_TO_STOP and total > limit * seen:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(self._bad.items()))
+            raise DataError(
+                f"{total} of the {seen} records read are bad ({reasons}; the last: {message}), "
+                f"more than data.max_bad_fraction={limit}; expected mostly good records "
+                "(check data.source and data.text_field) or a larger data.max_bad_fraction")
 
     def __next__(self) -> dict[str, np.ndarray]:
         while self._current is None:

@@ -111,7 +111,8 @@ def document_dataset(cfg: DataConfig, *, split: str, seed: int, process_index: i
         ds = grain.MapDataset.concatenate(per_source)
     read = grain.ReadOptions(num_threads=cfg.num_threads,
                              prefetch_buffer_size=cfg.prefetch_buffer_size)
-    return DocumentIterDataset(ds.to_iter_dataset(read), chunk_len=chunk_len, strict=cfg.strict)
+    return DocumentIterDataset(ds.to_iter_dataset(read), chunk_len=chunk_len, strict=cfg.strict,
+                               max_bad_fraction=cfg.max_bad_fraction)
 
 
 def make_grain_dataset(cfg: DataConfig, *, split: str, batch_size: int, seed: int,

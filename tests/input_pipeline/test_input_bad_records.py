@@ -57,6 +57,37 @@ def test_strict_raises_with_location(tmp_path, reason: str) -> None:
         _run(cfg)
 
 
+@pytest.mark.parametrize("good_every", [None, 25])
+def test_mostly_bad_records_stop_with_one_line(tmp_path, good_every) -> None:
+    """A wrong data.text_field makes every record bad (or all but one in 25): the reader
+    would loop over the files for ever without a batch. After MIN_BAD_TO_STOP bad records,
+    more than max_bad_fraction (0.1) of the records read being bad stops it with one line
+    counting them. Reference: the counts of the records written here."""
+    from input_pipeline import DataError
+    from input_pipeline.documents import MIN_BAD_TO_STOP
+
+    lines = [BAD_LINES["missing_field"]] * 300
+    if good_every:
+        lines = [GOOD.encode() if i % good_every == 0 else line for i, line in enumerate(lines)]
+    cfg = _jsonl_cfg(tmp_path, lines)
+    it = make_dataset(cfg, split="train", batch_size=2, seed=0)  # repeats for ever
+    with pytest.raises(DataError) as e:
+        for _ in range(100):  # a few batches of the good records, then the error
+            next(it)
+    good = 0 if good_every is None else MIN_BAD_TO_STOP // (good_every - 1) + 1
+    assert str(e.value).startswith(
+        f"{MIN_BAD_TO_STOP} of the {MIN_BAD_TO_STOP + good} records read are bad "
+        f"(missing_field {MIN_BAD_TO_STOP}; the last: ")
+    assert "more than data.max_bad_fraction=0.1" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_few_bad_records_do_not_stop(tmp_path) -> None:
+    """5% bad records (150 of 3000, past MIN_BAD_TO_STOP) are skipped and counted."""
+    lines = [BAD_LINES["missing_field"] if i % 20 == 0 else GOOD.encode() for i in range(3000)]
+    batches, stats = _run(_jsonl_cfg(tmp_path, lines))
+    assert stats.bad_records == {"missing_field": 150} and stats.documents == 2850
+
+
 def test_all_kinds_counted_together(tmp_path) -> None:
     cfg = _jsonl_cfg(tmp_path, [GOOD.encode(), *BAD_LINES.values(), *BAD_LINES.values()])
     _, stats = _run(cfg)
