@@ -89,6 +89,10 @@ class DataConfig:
     packing: bool = True  # False: one document (piece) per row, padded
     shuffle: bool = True  # train split only; eval is read in order
     strict: bool = False  # bad records raise (with their location) instead of being skipped
+    # Skipped bad records stop the run once more than this fraction of the records read are
+    # bad (judged from 100 bad records on): a wrong text_field or format would otherwise
+    # make every record bad and the reader loop over the files for ever.
+    max_bad_fraction: float = 0.1
     # grain worker processes (0: all in the calling process). Each worker packs its own slice,
     # so the batch order depends on num_workers: resume with the value the state was saved with.
     num_workers: int = 0
@@ -134,6 +138,11 @@ class DataConfig:
                 _fail("sources", "[...]", "an empty list unless data.source='mixture'")
             if self.source != "synthetic" and not self.paths:
                 _fail("paths", self.paths, f"at least one path for data.source={self.source!r}")
+            if self.source == "synthetic" and (self.paths or self.eval_paths):
+                name = "paths" if self.paths else "eval_paths"
+                _fail(name, list(getattr(self, name)), "no files with data.source='synthetic' "
+                      "(the embedded corpus); set data.source to jsonl, parquet or arrayrecord "
+                      "to read them")
         else:
             _fail("source", self.source, f"one of {', '.join(SOURCE_KINDS)}, mixture")
         if not isinstance(self.text_field, str) or not self.text_field:
@@ -148,6 +157,8 @@ class DataConfig:
             raise ValueError(
                 f"data.eval_fraction={self.eval_fraction}: expected a fraction in (0, 1)"
             )
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            _fail("max_bad_fraction", self.max_bad_fraction, "a fraction in [0, 1]")
         if self.num_documents < 2:
             raise ValueError(f"data.num_documents={self.num_documents}: expected >= 2")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (

@@ -38,6 +38,11 @@ def test_yaml_shapes_are_normalised() -> None:
      r"^data\.sources=.*unknown keys \['wieght'\]"),
     ({"num_workers": -1}, r"^data\.num_workers=-1: expected"),
     ({"paths": 3}, r"^data\.paths=3: expected a list of paths"),
+    # files given but the embedded corpus selected (data.source forgotten): refused, not ignored
+    ({"paths": ["a.jsonl"]}, r"^data\.paths=\['a\.jsonl'\]: expected no files with "
+                             r"data\.source='synthetic'"),
+    ({"eval_paths": ["e.jsonl"]}, r"^data\.eval_paths=\['e\.jsonl'\]: expected no files"),
+    ({"max_bad_fraction": 1.5}, r"^data\.max_bad_fraction=1\.5: expected a fraction in"),
 ])
 def test_invalid_values_fail_in_one_line(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message) as e:
