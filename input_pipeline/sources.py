@@ -210,13 +210,18 @@ class ConcatSource:
 
 
 def _open_file(kind: str, path: str, field: str) -> RecordSource:
-    if kind == "jsonl":
-        return JsonlFile(path)
-    if kind == "parquet":
-        return ParquetFile(path, field)
-    if kind == "arrayrecord":
-        return ArrayRecordFile(path)
-    raise ValueError(f"data.source={kind!r}: expected one of jsonl, parquet, arrayrecord")
+    opener = {"jsonl": JsonlFile, "parquet": lambda p: ParquetFile(p, field),
+              "arrayrecord": ArrayRecordFile}.get(kind)
+    if opener is None:
+        raise ValueError(f"data.source={kind!r}: expected one of jsonl, parquet, arrayrecord")
+    try:
+        return opener(path)
+    except DataError:
+        raise
+    except Exception as e:  # the reader libraries' own errors (pyarrow, riegeli): one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: cannot be read as data.source={kind!r} ({first}); expected "
+                        f"a file in {kind} format") from e
 
 
 def open_source(src: SourceConfig, cfg: DataConfig, split: str,
