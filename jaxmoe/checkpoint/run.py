@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -185,8 +186,9 @@ class RunCheckpointer:
 class PreemptionGuard:
     """Turns SIGTERM / SIGINT into "save at the next step boundary and exit 0".
 
-    Single process: a signal handler sets a flag that `should_stop` reports; a second SIGINT
-    raises KeyboardInterrupt (a way out when saving hangs). Several processes must agree on
+    Single process: a signal handler sets a flag that `should_stop` reports and says so on
+    stderr; a second signal (SIGINT or SIGTERM) raises KeyboardInterrupt (a way out when
+    saving, or reaching the next step, hangs). Several processes must agree on
     the step they stop at, so there SIGTERM goes through JAX's preemption service
     (`reached_preemption_sync_point`, which picks one step for all) and SIGINT keeps its
     default behaviour."""
@@ -205,9 +207,14 @@ class PreemptionGuard:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None and signum == signal.SIGINT:
+        if self.received is not None:  # a second signal: stop now (saving may hang)
             raise KeyboardInterrupt
         self.received = signum
+        # Said at once: a step, an evaluation or a data reader may take long to reach the
+        # next step boundary, and a silent Ctrl-C looks ignored.
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next step "
+              "boundary, then exiting; send it again to stop at once without saving",
+              file=sys.stderr, flush=True)
 
     def should_stop(self, step: int) -> bool:
         if self._multi:

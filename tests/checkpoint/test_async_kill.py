@@ -53,13 +53,18 @@ def test_sigkill_during_async_save(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_preemption_guard(sig):
+def test_preemption_guard(sig, capsys):
+    """The first signal is said on stderr at once and stops at the next step boundary; a
+    second one (either kind: a reader or step that never reaches the boundary must still be
+    stoppable) interrupts at once."""
     previous = signal.getsignal(sig)
     with PreemptionGuard() as guard:
         assert not guard.should_stop(1)
         os.kill(os.getpid(), sig)
         assert guard.should_stop(2) and guard.signal_name == signal.Signals(sig).name
-        if sig == signal.SIGINT:  # a second Ctrl-C interrupts at once
+        name = signal.Signals(sig).name
+        assert f"{name}: saving a checkpoint at the next step boundary" in capsys.readouterr().err
+        for second in (signal.SIGINT, signal.SIGTERM):
             with pytest.raises(KeyboardInterrupt):
-                os.kill(os.getpid(), sig)
+                os.kill(os.getpid(), second)
     assert signal.getsignal(sig) is previous
