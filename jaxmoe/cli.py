@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None, *, hugepages: bool = False) -> int:
             raise
         print(f"jaxmoe: mesh error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while compiling, or a second one while stopping
+        print("jaxmoe: interrupted", file=sys.stderr)
+        return 130
     except FloatingPointError as e:  # the loss diverged (train/loop.py)
         print(f"jaxmoe: training error: {e}", file=sys.stderr)
         return 1
