@@ -456,9 +456,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"--config {path}: no such file")
         try:
-            loaded = parse_yaml(path.read_text()) or {}
+            loaded = parse_yaml(path.read_text(encoding="utf-8")) or {}
         except YAMLError as e:
             raise ConfigError(f"{path}: expected valid YAML ({yaml_problem(e)})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: byte {e.start} is not UTF-8; expected a UTF-8 YAML "
+                              "text file") from None
         if not isinstance(loaded, dict):
             raise ConfigError(
                 f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")

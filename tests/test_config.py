@@ -189,6 +189,14 @@ def test_yaml_syntax_error_in_file_is_one_line(tmp_path):
     assert "at line 3" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"model:\n  num_experts: 4 # caf\xe9\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: byte 29 is not UTF-8; expected a UTF-8 YAML text file"
+
+
 def test_duplicate_yaml_keys_are_refused(tmp_path):
     """PyYAML keeps the last of two equal keys: a second `model:` section dropped the first
     one's values without a word."""
