@@ -140,7 +140,11 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
     config_path = run_dir / "config.yaml"
     resuming = config_path.is_file()  # its config is replaced only once the resume succeeds
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise config_lib.ConfigError(f"--run-dir {run_dir}: cannot be created "
+                                         f"({e.strerror}); expected a writable path") from None
         if not resuming:
             write_text_atomic(config_path, config_lib.dump_config(cfg))
     tokenizer = input_pipeline.make_tokenizer(cfg.data)
