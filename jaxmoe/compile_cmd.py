@@ -19,6 +19,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from jaxmoe import config as config_lib
@@ -133,10 +134,25 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
     return report
 
 
+def _output_file_problem(path: str) -> str | None:
+    """Why a report cannot be written to `path`, or None."""
+    p = Path(path)
+    if p.is_dir():
+        return "is a directory; expected a file path"
+    if not p.absolute().parent.is_dir():
+        return f"folder {p.absolute().parent} does not exist; expected an existing folder"
+    return None
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from sharding import aot, estimate
 
     cfg = config_lib.load_config(args.config, args.overrides)
+    for flag, out in (("--hlo-out", args.hlo_out), ("--json-out", args.json_out)):
+        problem = _output_file_problem(out) if out else None
+        if problem:  # said before the (long) compilation, not after it
+            print(f"jaxmoe compile: {flag} {out}: {problem}", file=sys.stderr)
+            return 2
     try:
         report = plan(cfg, args.topology, args.num_slices, args.hlo_out)
     except aot.TargetError as e:

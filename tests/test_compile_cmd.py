@@ -43,3 +43,24 @@ def test_float16_compute_is_refused_on_every_target(capsys):
                  "model.compute_dtype=float16"]) == 2
     assert "model.compute_dtype='float16': expected float32 or bfloat16 for training" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--json-out", "--hlo-out"])
+def test_unwritable_report_paths_are_refused_before_compiling(tmp_path, capsys, flag):
+    """A folder, or a file in a folder that does not exist: one line, exit 2, before any
+    work (the report used to be printed, then an IsADirectoryError traceback; a missing
+    folder was created)."""
+    from jaxmoe.cli import main
+
+    base = ["compile", "--config", "configs/tiny_moe.yaml", "--topology", "h100-8"]
+    assert main([*base, flag, str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"jaxmoe compile: {flag} {tmp_path}: is a directory; expected a "
+                            "file path\n")
+    assert captured.out == ""  # nothing was planned
+    missing = tmp_path / "none" / "r.json"
+    assert main([*base, flag, str(missing)]) == 2
+    assert capsys.readouterr().err == (
+        f"jaxmoe compile: {flag} {missing}: folder {tmp_path / 'none'} does not exist; "
+        "expected an existing folder\n")
+    assert not (tmp_path / "none").exists()
