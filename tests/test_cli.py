@@ -1,5 +1,6 @@
 """`jaxmoe info` and CLI error handling (in-process: every command is a plain function)."""
 
+import json
 import re
 
 import pytest
@@ -96,7 +97,9 @@ def test_train_refuses_a_run_dir_that_is_a_file_or_holds_other_files(tmp_path, c
     other.mkdir()
     (other / "data.csv").write_text("1,2")
     for run_dir, problem in ((a_file, "is a file; expected a directory"),
-                             (other, "holds other files and no jaxmoe run (no config.yaml)")):
+                             (other, "holds other files and no jaxmoe run (no config.yaml)"),
+                             (a_file / "sub", f"{a_file} is a file; expected a path whose "
+                                              "folders are folders")):
         assert main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(run_dir),
                      "train.steps=1"]) == 2
         err = capsys.readouterr().err.strip()
@@ -115,6 +118,24 @@ def test_strict_bad_record_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and err[-1].startswith(f"jaxmoe: data error: {data}:2: bad record"), err
     assert err[-1].endswith("(data.strict=true stops at the first bad record)")
+
+
+@pytest.mark.parametrize("source, problem", [
+    # a misspelt text field: every record bad; the reader looped over the file for ever
+    ("jsonl", "100 of the 100 records read are bad (missing_field 100; the last: "),
+    # a file in another format: the reader library's traceback
+    ("arrayrecord", "cannot be read as data.source='arrayrecord' ("),
+])
+def test_unreadable_data_is_one_line(tmp_path, capsys, source, problem):
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps({"body": f"record {i} " + "x" * 40}) + "\n"
+                            for i in range(3000)))
+    rc = main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir",
+               str(tmp_path / "run"), "--no-progress", "train.steps=1", f"data.source={source}",
+               f"data.paths=[{data}]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("jaxmoe: data error: "), err
+    assert problem in err[-1], err[-1]
 
 
 def test_too_little_data_is_one_line(tmp_path, capsys):
@@ -151,3 +172,15 @@ def test_refused_resume_keeps_the_runs_config(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "missing from the checkpoint" in err, err
     assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+    """Ctrl-C outside the training loop's guard (while compiling, or a second one while
+    stopping) ends with one line and the shell's exit status for SIGINT, not a traceback."""
+    import jaxmoe.model.params
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(jaxmoe.model.params, "parameter_counts", interrupted)
+    assert main(["info", "--config", "configs/tiny_moe.yaml"]) == 130
+    assert capsys.readouterr().err == "jaxmoe: interrupted\n"
