@@ -126,6 +126,9 @@ class TrainConfig:
     # donating their buffers (jaxmoe/checkpoint/snapshot.py): one more train state in host
     # memory, taken when a run with checkpoint_every starts
     checkpoint_snapshot: bool = True
+    # on resume, read the data from its beginning instead of from where the checkpointed run
+    # stood: what lets a run resume on another data stream (data.source, paths, ...)
+    restart_data: bool = False
     sample_prompt: str = "12+7="
     sample_tokens: int = 48
     tensorboard: bool = True

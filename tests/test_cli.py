@@ -160,20 +160,6 @@ def test_diverged_loss_is_one_line(tmp_path, capsys):
                                     r"data\)", err), err
 
 
-def test_refused_resume_keeps_the_runs_config(tmp_path, capsys):
-    """config.yaml is the config of the run's checkpoints: a resume the checkpoint refuses
-    must not replace it with the refused config."""
-    run_dir = tmp_path / "run"
-    base = ["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(run_dir),
-            "--no-progress", "train.sample_tokens=0", "train.eval_batches=1"]
-    assert main(base + ["train.steps=1"]) == 0
-    before = (run_dir / "config.yaml").read_text()
-    assert main(base + ["train.steps=2", "model.qk_norm=true"]) == 1
-    err = capsys.readouterr().err
-    assert "missing from the checkpoint" in err, err
-    assert (run_dir / "config.yaml").read_text() == before
-
-
 def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
     """Ctrl-C outside the training loop's guard (while compiling, or a second one while
     stopping) ends with one line and the shell's exit status for SIGINT, not a traceback."""
@@ -184,3 +170,37 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
     monkeypatch.setattr(jaxmoe.model.params, "parameter_counts", interrupted)
     assert main(["info", "--config", "configs/tiny_moe.yaml"]) == 130
     assert capsys.readouterr().err == "jaxmoe: interrupted\n"
+
+
+def test_refused_resumes_keep_the_runs_config(tmp_path, capsys):
+    """A resumed run keeps the checkpoint's tokenizer settings (the token ids would change
+    meaning) and data stream (the saved data position belongs to it): refused in one line,
+    config.yaml kept; train.restart_data=true resumes on a new stream from its beginning.
+    (Both were accepted with a log line: a run resumed on the synthetic corpus and byte
+    tokenizer after training on a JSONL file with a BPE tokenizer.)"""
+    run_dir = tmp_path / "run"
+    base = ["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(run_dir),
+            "--no-progress", "train.sample_tokens=0", "train.eval_batches=1"]
+    assert main(base + ["train.steps=1"]) == 0
+    before = (run_dir / "config.yaml").read_text()
+    capsys.readouterr()
+    where = f"checkpoint {run_dir / 'checkpoints' / '1'}"
+    assert main(base + ["train.steps=2", "data.add_bos=false"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"jaxmoe: {where}: data.add_bos=True -> False: expected the run's tokenizer settings "
+        "(the model's token ids would change meaning); train another tokenizer in a new "
+        "--run-dir")
+    assert main(base + ["train.steps=2", "data.seed=5"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"jaxmoe: {where}: data.seed=0 -> 5: expected the run's data settings (its saved data "
+        "position belongs to that stream); add train.restart_data=true to read the new data "
+        "from its beginning")
+    # config.yaml is the config of the run's checkpoints: a resume the checkpoint refuses
+    # must not replace it with the refused config (a model change, here)
+    assert main(base + ["train.steps=2", "model.qk_norm=true"]) == 1
+    assert "missing from the checkpoint" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_text() == before
+    assert main(base + ["train.steps=2", "data.seed=5", "train.restart_data=true"]) == 0
+    out = capsys.readouterr()
+    assert "train.restart_data=true: the data starts from its beginning" in out.err + out.out
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["1", "2"]

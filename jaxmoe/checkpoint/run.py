@@ -56,6 +56,24 @@ def config_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
             for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
+# Settings a resumed run shares with its checkpoint. The tokenizer's: under another one the
+# trained model's token ids change meaning. The data stream's: the saved iterator position
+# belongs to that stream (train.restart_data=true reads the new stream from its beginning).
+TOKENIZER_KEYS = ("data.tokenizer", "data.pad_token", "data.bos_token", "data.eos_token",
+                  "data.add_bos", "data.add_eos")
+STREAM_KEYS = ("data.source", "data.paths", "data.eval_paths", "data.sources",
+               "data.text_field", "data.seed", "data.num_documents", "data.eval_fraction",
+               "train.seed")
+
+
+def fixed_setting_changes(stored: dict[str, Any], current: dict[str, Any],
+                          keys: tuple[str, ...]) -> list[str]:
+    """`config_diff` lines of `keys` whose value the checkpoint's config holds and this one
+    changes (a key an older checkpoint lacks is not a change)."""
+    a, b = _flat(json.loads(json.dumps(stored))), _flat(json.loads(json.dumps(current)))
+    return [f"{k}={a[k]!r} -> {b.get(k)!r}" for k in keys if k in a and a[k] != b.get(k)]
+
+
 def abstract_state(trainer: Any) -> Any:
     """ShapeDtypeStructs (with the trainer's shardings) of the state `trainer.init` builds."""
     abstract = jax.eval_shape(trainer.init)
@@ -138,7 +156,24 @@ class RunCheckpointer:
                 f"{e}; older complete checkpoints: [{', '.join(map(str, shown))}]; move "
                 f"{self.path(step)} aside (e.g. rename it to {step}.damaged) to resume from "
                 f"step {older[-1]}") from e
-        if restored.data_state is not None:
+        where = f"checkpoint {self.path(step)}"
+        changed = fixed_setting_changes(restored.config, self._config, TOKENIZER_KEYS)
+        if changed:
+            raise CheckpointMismatch(
+                f"{where}: {'; '.join(changed)}: expected the run's tokenizer settings (the "
+                "model's token ids would change meaning); train another tokenizer in a new "
+                "--run-dir")
+        changed = fixed_setting_changes(restored.config, self._config, STREAM_KEYS)
+        restart = self.cfg.train.restart_data
+        if changed and not restart:
+            raise CheckpointMismatch(
+                f"{where}: {'; '.join(changed)}: expected the run's data settings (its saved "
+                "data position belongs to that stream); add train.restart_data=true to read "
+                "the new data from its beginning")
+        if restart:
+            _log(f"train.restart_data=true: the data starts from its beginning, not from where "
+                 f"{self.path(step)} stood")
+        elif restored.data_state is not None:
             try:
                 train_iter.set_state(restored.data_state)
             except (KeyError, TypeError, ValueError) as e:
