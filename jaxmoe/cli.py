@@ -40,11 +40,20 @@ def format_info(cfg: config_lib.Config) -> str:
     for part in counts["total"]:
         lines.append(f"{part:<16}{counts['total'][part]:>18,}{counts['active'][part]:>18,}")
     lines.append(f"{'all':<16}{total:>18,}{active:>18,}")
-    lines.append(f"total parameters: {total / 1e9:.3f}B, active per token: {active / 1e9:.3f}B")
+    lines.append(f"total parameters: {human_count(total)}, active per token: "
+                 f"{human_count(active)}")
     f = training_flops_per_token(cfg.model, cfg.data.seq_len)
     lines.append(f"training FLOPs per token (seq_len {cfg.data.seq_len}): {f['total']:.4g} "
                  f"(matmul {f['matmul']:.4g} + attention {f['attention']:.4g})")
     return "\n".join(lines)
+
+
+def human_count(n: int) -> str:
+    """1017472 -> '1.02M', 671e9 -> '671B' (three significant digits)."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
 
 
 def cmd_info(args) -> int:
