@@ -453,6 +453,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"--config {path}: is a directory; expected a YAML file")
         if not path.is_file():
             raise ConfigError(f"--config {path}: no such file")
         try:

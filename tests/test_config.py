@@ -271,6 +271,9 @@ def test_same_key_twice_with_same_value_is_fine():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path)  # a folder is not reported as missing
+    assert str(e.value) == f"--config {tmp_path}: is a directory; expected a YAML file"
 
 
 def test_defaults_are_valid():
