@@ -68,7 +68,7 @@ def _hf_tokenizers(path: str):
         import tokenizers  # optional dependency: pip install tokenizers
     except ImportError as e:
         raise ValueError(f"data.tokenizer={path!r}: expected the tokenizers package to be "
-                         "installed (pip install tokenizers)") from e
+                         "installed (pip install -e '.[data]', or pip install tokenizers)") from e
     return tokenizers
 
 

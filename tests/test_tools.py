@@ -201,7 +201,7 @@ def test_bench_input_workers_list_keeps_overrides(monkeypatch, capsys) -> None:
 
 @pytest.mark.parametrize("argv, expected", [
     (["--batches", "0"], "--batches 0: expected"),
-    (["--batch_size", "0"], "--batch_size 0: expected"),
+    (["--batch-size", "0"], "--batch-size 0: expected"),
     (["--workers", "0,x"], "'0,x': expected a comma-separated list"),
     (["--workers=-1"], "'-1': expected a comma-separated list"),
     (["--workers", ""], "'': expected a comma-separated list"),

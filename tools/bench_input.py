@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=os.path.basename(__file__),
                                 description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, default=200, help="timed batches (>= 1)")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size",
+                   type=int, default=32)
     p.add_argument("--workers", type=worker_counts, default=[0, 1, 2],
                    help="comma-separated grain worker counts, e.g. 0,1,2")
     p.add_argument("overrides", nargs="*", help="DataConfig key=value overrides")
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batches < 1:
         p.error(f"--batches {args.batches}: expected an integer >= 1")
     if args.batch_size < 1:
-        p.error(f"--batch_size {args.batch_size}: expected an integer >= 1")
+        p.error(f"--batch-size {args.batch_size}: expected an integer >= 1")
     base = parse_overrides(p, args.overrides)
     print(f"config: source={base.source} tokenizer={base.tokenizer} seq_len={base.seq_len} "
           f"batch={args.batch_size} batches={args.batches} cpus={os.cpu_count()}")

@@ -1,7 +1,7 @@
 """Converts JSONL or Parquet text files into ArrayRecord shards for `data.source: arrayrecord`.
 
     python tools/build_arrayrecord.py --format jsonl --field text \
-        --out /data/corpus/train --num_shards 8 '/data/raw/*.jsonl'
+        --out /data/corpus/train --num-shards 8 '/data/raw/*.jsonl'
 
 Bad records (invalid JSON, missing field, non-UTF-8, empty text) are skipped and counted;
 `--strict` stops at the first one, naming its file and line/row. Shards appear under their
@@ -29,11 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=("jsonl", "parquet"), required=True)
     p.add_argument("--field", default="text", help="JSON field / Parquet column of the text")
     p.add_argument("--out", required=True, help="output prefix (shards get -NNNNN-of-NNNNN)")
-    p.add_argument("--num_shards", type=int, default=1)
+    p.add_argument("--num-shards", "--num_shards", dest="num_shards",
+                   type=int, default=1)
     p.add_argument("--strict", action="store_true", help="fail on the first bad record")
     args = p.parse_args(argv)
     if args.num_shards < 1:
-        p.error(f"--num_shards {args.num_shards}: expected an integer >= 1")
+        p.error(f"--num-shards {args.num_shards}: expected an integer >= 1")
     if not args.field:
         p.error("--field '': expected a non-empty field / column name")
     if not os.path.basename(args.out):

@@ -1,9 +1,9 @@
 """Trains a tokenizer on a local corpus; point `data.tokenizer` at the file it writes.
 
-    python tools/train_tokenizer.py --format jsonl --vocab_size 4096 \
+    python tools/train_tokenizer.py --format jsonl --vocab-size 4096 \
         --out /data/tok/tokenizer.json '/data/raw/*.jsonl'
-    python tools/train_tokenizer.py --format synthetic --num_documents 20000 \
-        --kind sentencepiece --vocab_size 512 --out /tmp/tok/spm.model
+    python tools/train_tokenizer.py --format synthetic --num-documents 20000 \
+        --kind sentencepiece --vocab-size 512 --out /tmp/tok/spm.model
 
 Special tokens <pad>, <bos>, <eos> get ids 0, 1, 2 (the DataConfig defaults). `--kind bpe`
 writes a tokenizer.json (`--out` must end in .json), `--kind sentencepiece` a .model file.
@@ -33,10 +33,13 @@ def main(argv: list[str] | None = None) -> int:
                    required=True)
     p.add_argument("--field", default="text", help="JSON field / Parquet column of the text")
     p.add_argument("--kind", choices=("bpe", "sentencepiece"), default="bpe")
-    p.add_argument("--vocab_size", type=int, required=True)
+    p.add_argument("--vocab-size", "--vocab_size", dest="vocab_size",
+                   type=int, required=True)
     p.add_argument("--out", required=True, help="tokenizer.json (bpe) or NAME.model (spm)")
-    p.add_argument("--max_documents", type=int, default=None, help="train on the first N docs")
-    p.add_argument("--num_documents", type=int, default=20000, help="synthetic corpus size")
+    p.add_argument("--max-documents", "--max_documents", dest="max_documents",
+                   type=int, default=None, help="train on the first N docs")
+    p.add_argument("--num-documents", "--num_documents", dest="num_documents",
+                   type=int, default=20000, help="synthetic corpus size")
     args = p.parse_args(argv)
     if args.format != "synthetic" and not args.inputs:
         p.error("inputs are required unless --format synthetic")
@@ -47,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"inputs: {pattern!r} matches no file; expected existing files or glob "
                     "patterns that match some")
     if args.vocab_size < MIN_VOCAB[args.kind]:
-        p.error(f"--vocab_size {args.vocab_size}: expected an integer >= "
+        p.error(f"--vocab-size {args.vocab_size}: expected an integer >= "
                 f"{MIN_VOCAB[args.kind]} for --kind {args.kind} (its byte alphabet and special "
                 "tokens)")
     if args.max_documents is not None and args.max_documents < 1:
-        p.error(f"--max_documents {args.max_documents}: expected an integer >= 1")
+        p.error(f"--max-documents {args.max_documents}: expected an integer >= 1")
     if args.num_documents < 1:
-        p.error(f"--num_documents {args.num_documents}: expected an integer >= 1")
+        p.error(f"--num-documents {args.num_documents}: expected an integer >= 1")
     suffix = OUT_SUFFIX[args.kind]
     if not args.out.endswith(suffix) or not os.path.basename(args.out)[:-len(suffix)]:
         p.error(f"--out {args.out!r}: expected a file name ending in {suffix} for "

@@ -35,7 +35,7 @@ def test_build_arrayrecord_round_trip(tmp_path, capsys, fmt: str) -> None:
         pq.write_table(pa.table({"body": [*texts, None]}), src)
     out = tmpfile(tmp_path, "ar/corpus")
     assert _tool("build_arrayrecord").main(
-        ["--format", fmt, "--field", "body", "--out", out, "--num_shards", "3", src]) == 0
+        ["--format", fmt, "--field", "body", "--out", out, "--num-shards", "3", src]) == 0
     printed = capsys.readouterr().out
     assert "corpus-00002-of-00003.arrayrecord: 10 records" in printed
     assert ("invalid_json" if fmt == "jsonl" else "missing_field") in printed
@@ -50,7 +50,7 @@ def test_train_tokenizer_tool(tmp_path) -> None:
     src = write_jsonl(tmpfile(tmp_path, "in.jsonl"), unique_texts(200))
     out = tmpfile(tmp_path, "tok/tokenizer.json")
     assert _tool("train_tokenizer").main(
-        ["--format", "jsonl", "--vocab_size", "280", "--out", out, src]) == 0
+        ["--format", "jsonl", "--vocab-size", "280", "--out", out, src]) == 0
     tok = make_tokenizer(DataConfig(tokenizer=out))
     assert tok.decode(tok.encode("doc 00012 ab cd")) == "doc 00012 ab cd"
     assert tok.vocab_size <= 280
@@ -119,23 +119,24 @@ def test_build_arrayrecord_refuses_to_mix_shard_sets(tmp_path, capsys) -> None:
     src = write_jsonl(tmpfile(tmp_path, "in.jsonl"), unique_texts(6))
     out = tmpfile(tmp_path, "ar/corpus")
     tool = _tool("build_arrayrecord")
-    assert tool.main(["--format", "jsonl", "--out", out, "--num_shards", "2", src]) == 0
+    assert tool.main(["--format", "jsonl", "--out", out, "--num-shards", "2", src]) == 0
     before = {p: open(os.path.join(tmp_path, "ar", p), "rb").read()
               for p in os.listdir(tmp_path / "ar")}
     capsys.readouterr()
-    line = _fails("build_arrayrecord", ["--format", "jsonl", "--out", out, "--num_shards", "3",
+    line = _fails("build_arrayrecord", ["--format", "jsonl", "--out", out, "--num-shards", "3",
                                         src], capsys)
     assert "--out" in line and "corpus-00000-of-00002.arrayrecord" in line
     after = {p: open(os.path.join(tmp_path, "ar", p), "rb").read()
              for p in os.listdir(tmp_path / "ar")}
     assert after == before  # nothing written, nothing removed
     # The same shard set again replaces its own files.
-    assert tool.main(["--format", "jsonl", "--out", out, "--num_shards", "2", src]) == 0
+    assert tool.main(["--format", "jsonl", "--out", out, "--num-shards", "2", src]) == 0
     assert sorted(os.listdir(tmp_path / "ar")) == sorted(before)
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["--num_shards", "0"], "--num_shards 0: expected"),
+    (["--num-shards", "0"], "--num-shards 0: expected"),
+    (["--num_shards", "0"], "--num-shards 0: expected"),  # the old spelling still works
     (["no_such_*.jsonl"], "inputs: "),
 ])
 def test_build_arrayrecord_bad_arguments(tmp_path, capsys, extra, expected) -> None:
@@ -157,16 +158,16 @@ def test_build_arrayrecord_os_error_is_one_line(tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--format", "jsonl", "no_such_*.jsonl", "--vocab_size", "300"], "inputs: 'no_such_"),
-    (["--format", "synthetic", "--kind", "sentencepiece", "--vocab_size", "300"],
+    (["--format", "jsonl", "no_such_*.jsonl", "--vocab-size", "300"], "inputs: 'no_such_"),
+    (["--format", "synthetic", "--kind", "sentencepiece", "--vocab-size", "300"],
      "--out '{out}': expected a file name ending in .model"),
-    (["--format", "synthetic", "--max_documents", "-1", "--vocab_size", "300"],
-     "--max_documents -1: expected"),
-    (["--format", "synthetic", "--vocab_size", "0"], "--vocab_size 0: expected"),
-    (["--format", "synthetic", "--vocab_size", "100"],
-     "--vocab_size 100: expected an integer >= 259 for --kind bpe"),
-    (["--format", "synthetic", "--num_documents", "0", "--vocab_size", "300"],
-     "--num_documents 0: expected"),
+    (["--format", "synthetic", "--max-documents", "-1", "--vocab-size", "300"],
+     "--max-documents -1: expected"),
+    (["--format", "synthetic", "--vocab-size", "0"], "--vocab-size 0: expected"),
+    (["--format", "synthetic", "--vocab-size", "100"],
+     "--vocab-size 100: expected an integer >= 259 for --kind bpe"),
+    (["--format", "synthetic", "--num-documents", "0", "--vocab-size", "300"],
+     "--num-documents 0: expected"),
 ])
 def test_train_tokenizer_bad_arguments(tmp_path, capsys, argv, expected) -> None:
     out = tmpfile(tmp_path, "tok/t.json")
@@ -183,8 +184,8 @@ def test_train_tokenizer_library_errors_are_one_line(tmp_path, capsys, monkeypat
                            "smaller than required_chars. 300 vs 400.")
 
     monkeypatch.setattr(tool, "train_tokenizer", fail)
-    rc = tool.main(["--format", "synthetic", "--num_documents", "20", "--kind",
-                    "sentencepiece", "--vocab_size", "300", "--out", tmpfile(tmp_path, "s.model")])
+    rc = tool.main(["--format", "synthetic", "--num-documents", "20", "--kind",
+                    "sentencepiece", "--vocab-size", "300", "--out", tmpfile(tmp_path, "s.model")])
     assert rc == 2
     line = _one_error_line(capsys.readouterr().err, "train_tokenizer")
     assert "trainer_interface.cc(664)" in line and "300 vs 400" in line
