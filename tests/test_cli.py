@@ -136,6 +136,7 @@ def test_unreadable_data_is_one_line(tmp_path, capsys, source, problem):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("jaxmoe: data error: "), err
     assert problem in err[-1], err[-1]
+    assert not (tmp_path / "run").exists()  # a run refused before it starts leaves nothing
 
 
 def test_too_little_data_is_one_line(tmp_path, capsys):

@@ -139,14 +139,6 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
     is_main = jax.process_index() == 0
     config_path = run_dir / "config.yaml"
     resuming = config_path.is_file()  # its config is replaced only once the resume succeeds
-    if is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise config_lib.ConfigError(f"--run-dir {run_dir}: cannot be created "
-                                         f"({e.strerror}); expected a writable path") from None
-        if not resuming:
-            write_text_atomic(config_path, config_lib.dump_config(cfg))
     tokenizer = input_pipeline.make_tokenizer(cfg.data)
     input_pipeline.check_vocab_fits(tokenizer, cfg.model.vocab_size)
     if cfg.train.batch_size % jax.process_count():
@@ -155,7 +147,6 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
             f"{jax.process_count()} processes")
     per_process = cfg.train.batch_size // jax.process_count()
     trainer = build_trainer(cfg)
-    writer = MetricsWriter(run_dir, cfg.train.tensorboard, enabled=is_main)
     seq_len = cfg.data.seq_len
     flops_per_token = training_flops_per_token(cfg.model, seq_len)["total"]
     if is_main:  # multi-host: one process speaks for all
@@ -172,6 +163,18 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
         cfg.data, split="train", batch_size=per_process, seed=cfg.train.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
     eval_data = _eval_batches(cfg, per_process)
+
+    # The run directory is made once the mesh and the data are known to work: a run refused
+    # before it starts leaves no directory behind.
+    if is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise config_lib.ConfigError(f"--run-dir {run_dir}: cannot be created "
+                                         f"({e.strerror}); expected a writable path") from None
+        if not resuming:
+            write_text_atomic(config_path, config_lib.dump_config(cfg))
+    writer = MetricsWriter(run_dir, cfg.train.tensorboard, enabled=is_main)
 
     # Resume from the latest complete checkpoint in run_dir (parameters, optimizer, RNG,
     # router biases and the data iterator's position), or start fresh.
