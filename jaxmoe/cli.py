@@ -157,8 +157,26 @@ def main(argv: list[str] | None = None, *, hugepages: bool = False) -> int:
 
         if not isinstance(e, CheckpointError):
             raise
+        _drop_abandoned_reads()
         print(f"jaxmoe: {e}", file=sys.stderr)
         return 1
+
+
+def _drop_abandoned_reads() -> None:
+    """When one array read of a damaged checkpoint fails, orbax abandons the others'
+    coroutines; Python would print each (with a page of TensorStore spec) as "Exception
+    ignored" when they are collected. The error line already says what failed."""
+    import gc
+    import inspect
+
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if not (inspect.iscoroutine(unraisable.object) and "orbax" in code.co_filename):
+            default(unraisable)
+    sys.unraisablehook = hook
+    gc.collect()
 
 
 def entry() -> int:

@@ -207,8 +207,22 @@ def restore_params(path: str | Path, *, dtype: Any = None,
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
             out = checkpointer.restore(epath.Path(item), args=args)
     except Exception as e:
-        raise explain(e, step_dir, item.name) from e
+        raise _naming_older(explain(e, step_dir, item.name), step_dir) from e
     return out if exported else out[collection]
+
+
+def _naming_older(error: CheckpointError, step_dir: Path) -> CheckpointError:
+    """`error`, plus the complete checkpoints older than `step_dir` of its run, if any (what
+    a user of a damaged newest checkpoint can read instead)."""
+    if not step_dir.name.isdigit():
+        return error
+    older = sorted(int(c.name) for c in step_dir.parent.iterdir() if c.name.isdigit()
+                   and int(c.name) < int(step_dir.name) and (c / "state").is_dir())
+    if not older:
+        return error
+    shown = older if len(older) <= 5 else ["...", *older[-5:]]
+    return CheckpointError(f"{error}; older complete checkpoints: [{', '.join(map(str, shown))}]"
+                           f", e.g. {step_dir.parent / str(older[-1])}")
 
 
 def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:

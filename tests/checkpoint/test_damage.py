@@ -90,6 +90,25 @@ def test_truncated_array_file(saved, tmp_path):
 
 
 @ABANDONED_READS
+def test_export_of_a_damaged_newest_checkpoint_names_the_older_ones(saved, tmp_path):
+    """export-params / restore_params of a run whose newest checkpoint is damaged: the line
+    also names the older complete checkpoints and one to give instead (as `train` does)."""
+    from jaxmoe.checkpoint.inspect import restore_params
+
+    directory = copy(saved, tmp_path)
+    shutil.copytree(directory / "3", directory / "2")
+    victim = data_files(directory)[0]
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    with pytest.raises(CheckpointError) as err:
+        restore_params(tmp_path)  # the run directory: its newest checkpoint, 3
+    assert_one_line(err.value, f"checkpoint {directory / '3'}: array ", "truncated")
+    assert str(err.value).endswith(
+        f"; older complete checkpoints: [2], e.g. {directory / '2'}")
+    restore_params(directory / "2")  # the one named reads
+
+
+@ABANDONED_READS
 def test_missing_array_file(saved, tmp_path):
     directory = copy(saved, tmp_path)
     data_files(directory)[0].unlink()
@@ -183,6 +202,56 @@ def test_cli_reports_one_line(saved, tmp_path, capsys):
     assert cli.main(["checkpoint", "inspect", str(directory)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("jaxmoe: checkpoint ") and "\n" not in err, err
+
+
+def test_cli_export_of_a_truncated_checkpoint_prints_one_line(saved, tmp_path):
+    """In a fresh process (as a user runs it): stderr is the one error line. (A review saw
+    orbax's abandoned reads add "Exception ignored in: <coroutine ...>" pages in about one
+    run in ten; not reproduced here: the filter is tested on its own below.)"""
+    import os
+    import subprocess
+    import sys
+
+    directory = copy(saved, tmp_path)
+    for victim in data_files(directory)[:3]:
+        with open(victim, "r+b") as f:
+            f.truncate(victim.stat().st_size // 2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxmoe.cli", "checkpoint", "export-params", str(directory),
+         str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("jaxmoe: checkpoint "), proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_abandoned_orbax_reads_are_not_reported(monkeypatch):
+    """cli._drop_abandoned_reads: a suspended coroutine of orbax's that raises when it is
+    closed is not reported; any other unraisable exception still is."""
+    import sys
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    cli._drop_abandoned_reads()
+
+    class Suspend:
+        def __await__(self):
+            yield
+
+    def abandoned(filename):
+        code = ("async def read():\n    try:\n        await Suspend()\n"
+                "    finally:\n        raise ValueError('read failed')\n")
+        namespace = {"Suspend": Suspend}
+        exec(compile(code, filename, "exec"), namespace)
+        coroutine = namespace["read"]()
+        coroutine.send(None)  # suspended, as when orbax's event loop was closed
+        del coroutine  # collected: closing it raises in the finally, an unraisable error
+
+    abandoned("/site-packages/orbax/checkpoint/serialization.py")
+    assert reported == []
+    abandoned("/elsewhere/mine.py")
+    assert len(reported) == 1 and str(reported[0].exc_value) == "read failed"
 
 
 def test_nothing_is_unpickled(saved, monkeypatch):
