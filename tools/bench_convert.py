@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sizes = build(args.layers, root)
         rows = [("import only (floor)", run("none"))]
-        rows.append(("to-hf float32, per-layer chunks",
+        rows.append(("to-hf float32, per-layer chunks (export)",
                      run("to_hf", str(root / "export"), str(root / "hf32"), "float32")))
-        rows.append(("to-hf bfloat16, per-layer chunks",
+        rows.append(("to-hf bfloat16, per-layer chunks (export)",
                      run("to_hf", str(root / "export"), str(root / "hf16"), "bfloat16")))
         rows.append(("to-hf float32, training checkpoint",
                      run("to_hf", str(root / "run"), str(root / "hf_run"), "float32")))
