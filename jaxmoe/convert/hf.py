@@ -229,6 +229,16 @@ def from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str] = (),
     m = cfg.model
     reader = SafetensorsReader(hf_dir)
     _, abstract = abstract_params(m)
+    if overrides:  # config.json fixes the architecture: an override may not reshape it
+        _, given = abstract_params(hf_model_config(hf_dir, (), param_dtype)[1].model)
+        reshaped = sorted(n for n in abstract.keys() | given.keys()
+                          if getattr(abstract.get(n), "shape", None)
+                          != getattr(given.get(n), "shape", None))
+        if reshaped:
+            raise lo.ConversionError(
+                f"{' '.join(overrides)}: changes the parameters config.json describes (e.g. "
+                f"{reshaped[0]}); expected overrides that keep their shapes (such as "
+                "model.compute_dtype)")
     rules = form.rules(m)
     groups = _groups(rules)
     expected = {t.name: t.shape for t in _plan(groups, abstract, np.dtype(np.float32))}

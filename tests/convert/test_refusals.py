@@ -141,6 +141,19 @@ def test_bad_hf_weights_are_refused(hf_mixtral, tmp_path, drop, add, parts):
     assert not (tmp_path / "out").exists()
 
 
+def test_overrides_that_reshape_the_model_are_refused(hf_mixtral, tmp_path):
+    """config.json fixes the architecture: an override changing a parameter's shape is
+    named as the cause (it was reported as "config.json and the weights disagree"); one
+    that keeps the shapes converts."""
+    with pytest.raises(ConversionError) as e:
+        from_hf(hf_mixtral, tmp_path / "out", ["model.num_experts=8"])
+    _refused(e, "model.num_experts=8: changes the parameters config.json describes (e.g. ",
+             "expected overrides that keep their shapes")
+    assert not (tmp_path / "out").exists()
+    from_hf(hf_mixtral, tmp_path / "ok", ["model.compute_dtype=float32"])
+    assert (tmp_path / "ok").is_dir()
+
+
 @pytest.mark.parametrize("change,parts", [
     ({"model_type": "llama"}, ["model_type 'llama' is not supported"]),
     ({"hidden_act": "gelu"}, ["hidden_act='gelu' is not supported"]),
