@@ -84,17 +84,42 @@ def test_trained_round_trip_and_pipeline(trained, kind: str) -> None:
         check_vocab_fits(tok, 128)
 
 
-def test_special_tokens_follow_config(trained) -> None:
-    cfg = DataConfig(tokenizer=trained["bpe"], add_bos=False, num_documents=40, seq_len=512,
-                     packing=False, eval_fraction=0.5)
+def _expected_rows(tok, cfg: DataConfig, first: int, rows: int) -> dict[str, np.ndarray]:
+    """The unpacked eval rows `first, first + 1, ...` built by hand: `ids = [bos] +
+    tok.encode(text) + [eos]` (each special only if the config adds it); inputs `ids[:-1]`,
+    targets `ids[1:]`, then padding (pad_id, segment 0, position 0) to seq_len."""
+    out = {k: np.zeros((rows, cfg.seq_len), np.int64) for k in
+           ("inputs", "targets", "segment_ids", "positions")}
+    out["inputs"][:] = out["targets"][:] = tok.pad_id
+    for r in range(rows):
+        ids = ([tok.bos_id] if cfg.add_bos else []) + tok.encode(
+            corpus.document(cfg.seed, first + r)) + ([tok.eos_id] if cfg.add_eos else [])
+        n = len(ids) - 1
+        out["inputs"][r, :n], out["targets"][r, :n] = ids[:-1], ids[1:]
+        out["segment_ids"][r, :n], out["positions"][r, :n] = 1, np.arange(n)
+    return out
+
+
+@pytest.mark.parametrize("kind, add_bos, add_eos", [
+    ("bpe", False, True), ("bpe", True, False), ("byte", False, False), ("byte", True, True)])
+def test_special_tokens_follow_config(trained, kind: str, add_bos: bool, add_eos: bool) -> None:
+    """Reference: `_expected_rows` (the tokenizer's own `encode` of each held-out document,
+    with BOS/EOS added as the config says); exact equality of every array of the batch."""
+    cfg = DataConfig(tokenizer=trained["bpe"] if kind == "bpe" else "byte", add_bos=add_bos,
+                     add_eos=add_eos, num_documents=40, seq_len=512, packing=False,
+                     eval_fraction=0.5)
+    tok = make_tokenizer(cfg)
     b = next(make_dataset(cfg, split="eval", batch_size=4, seed=0))
-    assert b["inputs"][0, 0] != 1
+    expected = _expected_rows(tok, cfg, corpus.split_bounds(40, 0.5, "eval")[0], 4)
+    for key, want in expected.items():
+        np.testing.assert_array_equal(b[key], want, err_msg=key)
+    assert all(4 < n < 512 for n in b["segment_ids"].sum(1))  # whole documents, not cut
+
+
+def test_special_token_must_be_in_the_vocab(trained) -> None:
+    cfg = DataConfig(tokenizer=trained["bpe"])
     with pytest.raises(ValueError, match=r"^data\.bos_token='<s>': expected a token in the"):
         make_tokenizer(dataclasses.replace(cfg, bos_token="<s>"))
-    no_eos = dataclasses.replace(cfg, tokenizer="byte", add_eos=False)
-    b = next(make_dataset(no_eos, split="eval", batch_size=4, seed=0))
-    n = int(b["segment_ids"][0].sum())
-    assert b["targets"][0, n - 1] != 2
 
 
 def test_vocab_too_large_is_refused() -> None:
