@@ -16,6 +16,7 @@ import signal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch
@@ -128,19 +129,43 @@ def at_step(state, step: int):
     return dataclasses.replace(state, step=jnp.asarray(step, state.step.dtype))
 
 
+def seeded(state, seed: int):
+    """`state` with every array replaced by random values drawn from `seed` (same shape,
+    dtype and sharding; the PRNG key folded with `seed`), so that checkpoints saved from
+    different seeds hold different values in every array. Nothing compiles but fold_in."""
+    rng = np.random.default_rng(seed)
+
+    def one(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.fold_in(x, seed)
+        if np.issubdtype(x.dtype, np.integer):
+            full = rng.integers(0, 1000, size=x.shape).astype(x.dtype)
+        else:
+            full = (rng.standard_normal(x.shape) * 3).astype(x.dtype)
+        return jax.make_array_from_callback(x.shape, x.sharding, lambda index: full[index])
+    return jax.tree.map(one, state)
+
+
 @pytest.fixture(scope="module")
 def two_steps(tmp_path_factory):
-    """(run dir holding complete checkpoints 1 and 2, trainer, {step: host copy of state})."""
+    """(run dir holding complete checkpoints 1 and 2, trainer, {step: host copy of state}).
+
+    The two steps hold different values in every array (not only the step), so a test can
+    tell which folder a restore read."""
     cfg = tiny_config("mesh.data=1")
     trainer = build_trainer(cfg, jax.devices()[:1])
     with trainer.context():
-        state = trainer.init()
+        init = trainer.init()
+    states = {step: at_step(seeded(init, step), step) for step in (1, 2)}
     run_dir = tmp_path_factory.mktemp("two_steps") / "run"
     checkpoints = RunCheckpointer(run_dir, cfg, async_save=False)
     for step in (1, 2):
-        checkpoints.save(step, at_step(state, step), DataIterator(10 * step), wait=True)
+        checkpoints.save(step, states[step], DataIterator(10 * step), wait=True)
     checkpoints.close()
-    return run_dir, trainer, {step: host(at_step(state, step)) for step in (1, 2)}
+    saved = {step: host(state) for step, state in states.items()}
+    for a, b, c in zip(*(jax.tree.leaves(t) for t in (saved[1], saved[2], host(init)))):
+        assert not np.array_equal(a, b) and not np.array_equal(a, c)
+    return run_dir, trainer, saved
 
 
 def copy_run(two_steps, tmp_path):
@@ -149,10 +174,10 @@ def copy_run(two_steps, tmp_path):
     return run_dir
 
 
-def resume(run_dir, trainer, capsys=None):
+def resume(run_dir, trainer, capsys=None, data=None):
     """(RunCheckpointer, state, step, data iterator, log) of a resumption in `run_dir`."""
     checkpoints = RunCheckpointer(run_dir, trainer.cfg)
-    data = DataIterator()
+    data = DataIterator() if data is None else data
     try:
         state, step = checkpoints.restore_or_init(trainer, data)
     except BaseException:
@@ -259,6 +284,52 @@ def test_resume_logs_config_differences(two_steps, tmp_path, capsys):
     log = capsys.readouterr().out
     assert f"config differs from the checkpoint's: train.steps: {trainer.cfg.train.steps!r} " \
            "-> 99" in log, log
+
+
+class RefusingIterator(DataIterator):
+    """A data iterator whose `set_state` refuses the stored state with `error`."""
+
+    def __init__(self, error: Exception):
+        super().__init__()
+        self.error = error
+
+    def set_state(self, state: dict) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize("error, shown", [
+    (KeyError("grain"), "KeyError: 'grain'"),
+    (TypeError("list indices must be integers"), "TypeError: list indices must be integers"),
+    (ValueError("expected 3 sources, got 2"), "ValueError: expected 3 sources, got 2"),
+], ids=["KeyError", "TypeError", "ValueError"])
+def test_data_state_that_does_not_fit_is_a_mismatch(two_steps, tmp_path, error, shown):
+    """The data config changed so that the stored iterator state no longer fits: one line
+    naming the step folder (a CheckpointMismatch: older checkpoints would not fit either)."""
+    run_dir = copy_run(two_steps, tmp_path)
+    with pytest.raises(CheckpointMismatch) as err:
+        resume(run_dir, two_steps[1], data=RefusingIterator(error))
+    assert str(err.value) == (f"checkpoint {run_dir / 'checkpoints' / '2'}: the data-iterator "
+                              f"state does not fit this data config ({shown})")
+    assert err.value.__cause__ is error
+
+
+def test_process_count_change_restarts_the_data(two_steps, tmp_path, capsys):
+    """Step 2 saved by 2 processes (only process_0-of-2.json), resumed by 1: the state is
+    step 2's, the data iterator is left at its beginning, and a line says so."""
+    run_dir = copy_run(two_steps, tmp_path)
+    data_dir = run_dir / "checkpoints" / "2" / "data"
+    assert sorted(p.name for p in data_dir.glob("process_*")) == ["process_0-of-1.json"]
+    (data_dir / "process_0-of-1.json").rename(data_dir / "process_0-of-2.json")
+    capsys.readouterr()
+    checkpoints, state, step, data, log = resume(run_dir, two_steps[1], capsys)
+    checkpoints.close()
+    assert step == 2 and data.get_state() == {"batches": 0}  # as DataIterator() starts
+    assert_trees_equal(state, two_steps[2][2])
+    path = run_dir.absolute() / "checkpoints" / "2"
+    assert f"checkpoint: {path} has no data-iterator state for process 0 of 1; the data " \
+           "restarts from its beginning, so batches differ from the interrupted run" \
+           in log.splitlines(), log
+    assert sorted(p.name for p in data_dir.glob("process_*")) == ["process_0-of-2.json"]
 
 
 def test_config_diff():
