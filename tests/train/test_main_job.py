@@ -44,3 +44,37 @@ def test_readme_main_command_trains_and_learns(tmp_path):
     entropy = summary["unigram_entropy"]
     assert 3.0 < entropy < 4.0
     assert eval_losses[-1] < 0.6 * entropy, (eval_losses, entropy)
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
+    """`train.steps=1` twice in one run directory (in-process, a cut-down tiny model): the
+    second run exits 0, says the checkpoint is at step 1 and there is nothing to train, and
+    leaves every file of the run directory (metrics.jsonl, the checkpoint folders, the
+    config) byte for byte as the first run left it."""
+    from jaxmoe.cli import main
+
+    run_dir = tmp_path / "run"
+    argv = ["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(run_dir),
+            "--no-progress", "train.steps=1", "model.num_layers=1", "data.seq_len=32",
+            "train.batch_size=8", "train.eval_batches=1", "train.sample_tokens=0",
+            "train.tensorboard=false", "data.num_documents=100"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert (run_dir / "checkpoints" / "1").is_dir(), first
+
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(run_dir)): p.read_bytes()
+                for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+    before = files()
+    assert "metrics.jsonl" in before and any(k.startswith("checkpoints/1/state/") for k in before)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    step_dir = run_dir.absolute() / "checkpoints" / "1"
+    assert (f"checkpoint: {step_dir} is at step 1 >= train.steps=1; nothing to train (raise "
+            "train.steps to continue: the learning-rate schedule is laid over train.steps, so "
+            "the rate moves to where the longer schedule has it; or use a new --run-dir to "
+            "start over)") in out.splitlines(), out
+    after = files()
+    assert sorted(after) == sorted(before)
+    assert [k for k in before if after[k] != before[k]] == []
