@@ -155,3 +155,11 @@ def test_eval_split_without_tokens_is_refused(evaluator, tmp_path):
         _eval_batches(cfg, 8)
     assert str(e.value) == ("data.eval_fraction=0.05: the held-out split gave no tokens; "
                             "expected a larger fraction or corpus")
+    # Held-out files instead: they are named, not the fraction (which plays no part)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(json.dumps({"text": "   "}) + "\n")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_paths=(str(blank),)))
+    with pytest.raises(ConfigError) as e:
+        _eval_batches(cfg, 8)
+    assert str(e.value) == (f"eval_paths {[str(blank)]}: the held-out files gave no tokens; "
+                            "expected documents in them")
