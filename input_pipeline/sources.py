@@ -72,20 +72,30 @@ def expand_paths(patterns: tuple[str, ...], field: str = "data.paths") -> list[s
 
 
 class JsonlFile:
-    """One JSONL file; the line offsets are indexed once, lines are read on demand."""
+    """One JSONL file; the line offsets are indexed once, lines are read on demand.
+
+    Blank (whitespace-only) lines are not records: a file with a blank line between its
+    records has as many records as lines of JSON (they are not bad records either)."""
 
     def __init__(self, path: str):
         self.path = path
-        offsets = [0]
+        starts, ends, numbers = [], [], []
+        offset = 0
         with open(path, "rb") as f:
-            for line in f:
-                offsets.append(offsets[-1] + len(line))
-        self._offsets = np.asarray(offsets, dtype=np.int64)  # [num_lines + 1]
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    starts.append(offset)
+                    ends.append(offset + len(line))
+                    numbers.append(number)
+                offset += len(line)
+        self._starts = np.asarray(starts, dtype=np.int64)  # [records] byte offsets
+        self._ends = np.asarray(ends, dtype=np.int64)
+        self._lines = np.asarray(numbers, dtype=np.int64)  # 1-based line of each record
         self._fd: int | None = None
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._offsets) - 1
+        return len(self._starts)
 
     def __getitem__(self, i: int) -> Record:
         # grain's reader threads (data.num_threads) share this object: pread has no shared
@@ -95,8 +105,8 @@ class JsonlFile:
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_RDONLY)  # one per process, kept open
                     weakref.finalize(self, os.close, self._fd)  # ... until the source goes
-        start, stop = int(self._offsets[i]), int(self._offsets[i + 1])
-        return f"{self.path}:{i + 1}", os.pread(self._fd, stop - start, start)
+        start, stop = int(self._starts[i]), int(self._ends[i])
+        return f"{self.path}:{self._lines[i]}", os.pread(self._fd, stop - start, start)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_lock")}

@@ -81,6 +81,17 @@ def test_mostly_bad_records_stop_with_one_line(tmp_path, good_every) -> None:
     assert "more than data.max_bad_fraction=0.1" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_blank_lines_are_not_records(tmp_path, caplog) -> None:
+    """A blank (or whitespace-only) line between JSONL records is no record, good or bad
+    (it was an invalid_json bad record: a file spaced by blank lines read as half bad and
+    now stops at max_bad_fraction); locations keep the file's line numbers."""
+    lines = [GOOD.encode(), b"\n", b"  \n", GOOD.encode(), b"\n"] * 200
+    with caplog.at_level(logging.WARNING, logger="input_pipeline"):
+        batches, stats = _run(_jsonl_cfg(tmp_path, lines + [BAD_LINES["missing_field"]]))
+    assert stats.bad_records == {"missing_field": 1} and stats.documents == 400
+    assert "bad.jsonl:1001: bad record (missing_field" in caplog.text
+
+
 def test_a_few_bad_records_do_not_stop(tmp_path) -> None:
     """5% bad records (150 of 3000, past MIN_BAD_TO_STOP) are skipped and counted."""
     lines = [BAD_LINES["missing_field"] if i % 20 == 0 else GOOD.encode() for i in range(3000)]
