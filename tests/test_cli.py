@@ -176,7 +176,8 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
 def test_refused_resumes_keep_the_runs_config(tmp_path, capsys):
     """A resumed run keeps the checkpoint's tokenizer settings (the token ids would change
     meaning) and data stream (the saved data position belongs to it): refused in one line,
-    config.yaml kept; train.restart_data=true resumes on a new stream from its beginning.
+    config.yaml kept; train.restart_data=true resumes on a new stream from its beginning
+    (once: given again with nothing changed, it is ignored).
     (Both were accepted with a log line: a run resumed on the synthetic corpus and byte
     tokenizer after training on a JSONL file with a BPE tokenizer.)"""
     run_dir = tmp_path / "run"
@@ -205,3 +206,9 @@ def test_refused_resumes_keep_the_runs_config(tmp_path, capsys):
     out = capsys.readouterr()
     assert "train.restart_data=true: the data starts from its beginning" in out.err + out.out
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["1", "2"]
+    # The same command again (a job script that keeps the flag): nothing changed, so the
+    # data continues from where step 2 stood
+    assert main(base + ["train.steps=3", "data.seed=5", "train.restart_data=true"]) == 0
+    out = capsys.readouterr().out
+    assert "train.restart_data=true ignored: the data settings are the checkpoint's" in out
+    assert "the data starts from its beginning" not in out

@@ -61,17 +61,35 @@ def config_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
 # belongs to that stream (train.restart_data=true reads the new stream from its beginning).
 TOKENIZER_KEYS = ("data.tokenizer", "data.pad_token", "data.bos_token", "data.eos_token",
                   "data.add_bos", "data.add_eos")
-STREAM_KEYS = ("data.source", "data.paths", "data.eval_paths", "data.sources",
-               "data.text_field", "data.seed", "data.num_documents", "data.eval_fraction",
+STREAM_KEYS = ("data.source", "data.paths", "data.sources", "data.text_field", "data.shuffle",
                "train.seed")
+
+
+def stream_keys(data: dict[str, Any]) -> tuple[str, ...]:
+    """The settings that decide the train stream of the data config `data` (as stored):
+    the synthetic corpus's seed and size only when it is read; which files are held out only
+    as far as there are held-out files at all; the held-out fraction only without them."""
+    sources = data.get("sources") or [data]
+    keys = list(STREAM_KEYS) + ["data.eval_paths?"]
+    if any(s.get("source") == "synthetic" for s in sources):
+        keys += ["data.seed", "data.num_documents"]
+    if any(not s.get("eval_paths") for s in sources):
+        keys.append("data.eval_fraction")
+    return tuple(keys)
 
 
 def fixed_setting_changes(stored: dict[str, Any], current: dict[str, Any],
                           keys: tuple[str, ...]) -> list[str]:
     """`config_diff` lines of `keys` whose value the checkpoint's config holds and this one
-    changes (a key an older checkpoint lacks is not a change)."""
+    changes (a key an older checkpoint lacks is not a change). A key ending in `?` compares
+    only whether the value is empty."""
     a, b = _flat(json.loads(json.dumps(stored))), _flat(json.loads(json.dumps(current)))
-    return [f"{k}={a[k]!r} -> {b.get(k)!r}" for k in keys if k in a and a[k] != b.get(k)]
+    out = []
+    for key in keys:
+        k, emptiness = key.rstrip("?"), key.endswith("?")
+        if k in a and ((bool(a[k]) != bool(b.get(k))) if emptiness else a[k] != b.get(k)):
+            out.append(f"{k}={a[k]!r} -> {b.get(k)!r}")
+    return out
 
 
 def abstract_state(trainer: Any) -> Any:
@@ -163,14 +181,18 @@ class RunCheckpointer:
                 f"{where}: {'; '.join(changed)}: expected the run's tokenizer settings (the "
                 "model's token ids would change meaning); train another tokenizer in a new "
                 "--run-dir")
-        changed = fixed_setting_changes(restored.config, self._config, STREAM_KEYS)
+        changed = fixed_setting_changes(restored.config, self._config,
+                                        stream_keys(restored.config.get("data", {})))
         restart = self.cfg.train.restart_data
         if changed and not restart:
             raise CheckpointMismatch(
                 f"{where}: {'; '.join(changed)}: expected the run's data settings (its saved "
                 "data position belongs to that stream); add train.restart_data=true to read "
                 "the new data from its beginning")
-        if restart:
+        if restart and not changed:  # a flag left in a job script restarts nothing
+            _log("train.restart_data=true ignored: the data settings are the checkpoint's, so "
+                 "the data continues from where it stood")
+        if restart and changed:
             _log(f"train.restart_data=true: the data starts from its beginning, not from where "
                  f"{self.path(step)} stood")
         elif restored.data_state is not None:

@@ -111,3 +111,32 @@ def test_logits_segment_ids_must_match_tokens(model, tokens, segment_ids, shapes
     with pytest.raises(ValueError) as err:
         model.logits(tokens, segment_ids)
     assert str(err.value) == f"segment_ids shape {shapes}"
+
+
+@pytest.mark.parametrize("stored_data, change, refused", [
+    # the synthetic corpus: its seed, size and held-out fraction decide the train stream
+    ({"source": "synthetic"}, {"seed": 5}, ["data.seed=0 -> 5"]),
+    ({"source": "synthetic"}, {"eval_fraction": 0.1}, ["data.eval_fraction=0.05 -> 0.1"]),
+    ({"source": "synthetic"}, {"shuffle": False}, ["data.shuffle=True -> False"]),
+    # files: the synthetic seed/size play no part; with held-out files neither does the
+    # fraction, and moving them elsewhere leaves the train stream alone
+    ({"source": "jsonl", "paths": ["a.jsonl"]}, {"seed": 5, "num_documents": 9}, []),
+    ({"source": "jsonl", "paths": ["a.jsonl"], "eval_paths": ["e.jsonl"]},
+     {"eval_fraction": 0.1, "eval_paths": ["/moved/e.jsonl"]}, []),
+    ({"source": "jsonl", "paths": ["a.jsonl"], "eval_paths": ["e.jsonl"]},
+     {"eval_paths": []}, ["data.eval_paths=['e.jsonl'] -> []"]),
+    ({"source": "jsonl", "paths": ["a.jsonl"]}, {"paths": ["b.jsonl"]},
+     ["data.paths=['a.jsonl'] -> ['b.jsonl']"]),
+])
+def test_data_settings_a_resume_must_keep(stored_data, change, refused):
+    """run.stream_keys / fixed_setting_changes: the changes of the data settings that decide
+    the train stream (refused on resume without train.restart_data), and only those.
+    Reference: the expected refusals written out per case."""
+    from jaxmoe import config as config_lib
+    from jaxmoe.checkpoint.run import fixed_setting_changes, stream_keys
+
+    base = config_lib.to_dict(config_lib.load_config(None, []))
+    stored = {**base, "data": {**base["data"], **stored_data}}
+    current = {**stored, "data": {**stored["data"], **change}}
+    got = fixed_setting_changes(stored, current, stream_keys(stored["data"]))
+    assert got == refused
