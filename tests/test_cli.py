@@ -190,8 +190,8 @@ def test_refused_resumes_keep_the_runs_config(tmp_path, capsys):
     assert main(base + ["train.steps=2", "data.add_bos=false"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"jaxmoe: {where}: data.add_bos=True -> False: expected the run's tokenizer settings "
-        "(the model's token ids would change meaning); train another tokenizer in a new "
-        "--run-dir")
+        "(the model's token ids would change meaning; a tokenizer file is compared by its "
+        "path); a new tokenizer needs a new --run-dir")
     assert main(base + ["train.steps=2", "data.seed=5"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"jaxmoe: {where}: data.seed=0 -> 5: expected the run's data settings (its saved data "
@@ -212,3 +212,15 @@ def test_refused_resumes_keep_the_runs_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train.restart_data=true ignored: the data settings are the checkpoint's" in out
     assert "the data starts from its beginning" not in out
+
+
+@pytest.mark.parametrize("n, text", [
+    (0, "0"), (999, "999"), (1000, "1K"), (1_017_472, "1.02M"), (624_256, "624K"),
+    (999_499, "999K"), (999_500, "1M"), (999_600_000, "1B"), (999_700_000_000, "1T"),
+    (671_026_419_200, "671B"), (1_028_300_000_000, "1.03T"), (5 * 10**15, "5,000T"),
+])
+def test_human_count(n, text):
+    """Three significant digits in the unit that keeps them below 1000 (written out)."""
+    from jaxmoe.cli import human_count
+
+    assert human_count(n) == text

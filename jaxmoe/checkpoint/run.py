@@ -16,9 +16,9 @@ The training loop calls, in order:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -179,8 +179,8 @@ class RunCheckpointer:
         if changed:
             raise CheckpointMismatch(
                 f"{where}: {'; '.join(changed)}: expected the run's tokenizer settings (the "
-                "model's token ids would change meaning); train another tokenizer in a new "
-                "--run-dir")
+                "model's token ids would change meaning; a tokenizer file is compared by its "
+                "path); a new tokenizer needs a new --run-dir")
         changed = fixed_setting_changes(restored.config, self._config,
                                         stream_keys(restored.config.get("data", {})))
         restart = self.cfg.train.restart_data
@@ -269,9 +269,12 @@ class PreemptionGuard:
         self.received = signum
         # Said at once: a step, an evaluation or a data reader may take long to reach the
         # next step boundary, and a silent Ctrl-C looks ignored.
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next step "
-              "boundary, then exiting; send it again to stop at once without saving",
-              file=sys.stderr, flush=True)
+        message = (f"\n{signal.Signals(signum).name}: saving a checkpoint at the next step "
+                   "boundary, then exiting; send it again to stop at once without saving\n")
+        try:  # os.write: print may fail re-entrantly, and a closed pipe must not cost the save
+            os.write(2, message.encode())
+        except OSError:
+            pass
 
     def should_stop(self, step: int) -> bool:
         if self._multi:

@@ -53,7 +53,7 @@ def test_sigkill_during_async_save(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_preemption_guard(sig, capsys):
+def test_preemption_guard(sig, capfd):
     """The first signal is said on stderr at once and stops at the next step boundary; a
     second one (either kind: a reader or step that never reaches the boundary must still be
     stoppable) interrupts at once."""
@@ -63,8 +63,21 @@ def test_preemption_guard(sig, capsys):
         os.kill(os.getpid(), sig)
         assert guard.should_stop(2) and guard.signal_name == signal.Signals(sig).name
         name = signal.Signals(sig).name
-        assert f"{name}: saving a checkpoint at the next step boundary" in capsys.readouterr().err
+        assert f"{name}: saving a checkpoint at the next step boundary" in capfd.readouterr().err
         for second in (signal.SIGINT, signal.SIGTERM):
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), second)
     assert signal.getsignal(sig) is previous
+
+
+def test_preemption_guard_stops_even_when_stderr_is_gone(monkeypatch):
+    """`jaxmoe train ... 2>&1 | tee log` whose tee died first: saying the signal on a
+    closed pipe fails, and must not raise out of the handler (that aborted the run unsaved)."""
+    import jaxmoe.checkpoint.run as run
+
+    def broken_pipe(fd, data):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(run.os, "write", broken_pipe)
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.should_stop(1) and guard.signal_name == "SIGTERM"
