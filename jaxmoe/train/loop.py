@@ -241,9 +241,9 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
             checkpoints.maybe_save(step, state, train_iter)  # async: training continues
             if guard.should_stop(step):
                 break
-    bar.close()
-
-    checkpoints.save(step, state, train_iter, wait=True)
+        bar.close()
+        # Inside the guard: a second signal during this save stops with one line (exit 130)
+        checkpoints.save(step, state, train_iter, wait=True)
     checkpoints.close()
     writer.close()
     if guard.received:
