@@ -49,11 +49,16 @@ def format_info(cfg: config_lib.Config) -> str:
 
 
 def human_count(n: int) -> str:
-    """1017472 -> '1.02M', 671e9 -> '671B' (three significant digits)."""
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(n)
+    """1017472 -> '1.02M', 671e9 -> '671B': three significant digits, in the unit that keeps
+    them below 1000 (999,600 is '1M', not '1e+03K')."""
+    if n < 1000:
+        return str(n)
+    for unit, size in (("K", 1e3), ("M", 1e6), ("B", 1e9)):
+        text = f"{n / size:.3g}"
+        if float(text) < 1000:
+            return text + unit
+    text = f"{n / 1e12:.3g}"
+    return (text if float(text) < 1000 else f"{n / 1e12:,.0f}") + "T"
 
 
 def cmd_info(args) -> int:
@@ -170,11 +175,15 @@ def _drop_abandoned_reads() -> None:
     import inspect
 
     default = sys.unraisablehook
+    if getattr(default, "drops_abandoned_reads", False):  # installed by an earlier call
+        gc.collect()
+        return
 
     def hook(unraisable):
         code = getattr(unraisable.object, "cr_code", None)
         if not (inspect.iscoroutine(unraisable.object) and "orbax" in code.co_filename):
             default(unraisable)
+    hook.drops_abandoned_reads = True
     sys.unraisablehook = hook
     gc.collect()
 
