@@ -224,10 +224,16 @@ def _open_file(kind: str, path: str, field: str) -> RecordSource:
               "arrayrecord": ArrayRecordFile}.get(kind)
     if opener is None:
         raise ValueError(f"data.source={kind!r}: expected one of jsonl, parquet, arrayrecord")
+    if os.path.isdir(path):  # a pattern such as data/* matched a folder
+        raise DataError(f"{path}: is a directory; expected data files (a pattern such as "
+                        f"dir/*.{kind})")
     try:
         return opener(path)
     except DataError:
         raise
+    except OSError as e:  # not a question of format: no permission, ...
+        raise DataError(f"{path}: cannot be opened ({e.strerror or e}); expected a readable "
+                        f"{kind} file") from e
     except Exception as e:  # the reader libraries' own errors (pyarrow, riegeli): one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: cannot be read as data.source={kind!r} ({first}); expected "

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from input_pipeline import DataConfig
 from input_pipeline.sources import JsonlFile, ParquetFile
 
 N = 3000
@@ -79,3 +80,27 @@ def test_missing_files_are_named_by_the_setting_they_came_from(tmp_path) -> None
     one = DataConfig(source="jsonl", paths=(str(tmp_path / "none*.jsonl"),), seq_len=16)
     with pytest.raises(DataError, match=r"^data\.paths='.*none\*\.jsonl': expected"):
         make_dataset(one, split="train", batch_size=2, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "arrayrecord"])
+def test_unreadable_inputs_are_one_line(tmp_path, kind) -> None:
+    """A pattern matching a folder, or a file in another format, gives one DataError line
+    naming the path (the reader libraries raised their own errors with tracebacks)."""
+    from input_pipeline import DataError
+    from input_pipeline.sources import open_source
+
+    (tmp_path / "sub").mkdir()
+    cfg = DataConfig(source=kind, paths=(str(tmp_path / "*"),))
+    with pytest.raises(DataError) as e:
+        open_source(cfg.source_configs()[0], cfg, "train")
+    assert str(e.value) == (f"{tmp_path / 'sub'}: is a directory; expected data files (a "
+                            f"pattern such as dir/*.{kind})")
+    if kind != "jsonl":  # a JSONL file read as Parquet / ArrayRecord
+        (tmp_path / "sub").rmdir()
+        (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n' * 3000)
+        with pytest.raises(DataError) as e:
+            open_source(cfg.source_configs()[0], cfg, "train")
+        assert str(e.value).startswith(f"{tmp_path / 'a.jsonl'}: cannot be read as "
+                                       f"data.source={kind!r} (")
+        assert str(e.value).endswith(f"expected a file in {kind} format")
+        assert "\n" not in str(e.value)
