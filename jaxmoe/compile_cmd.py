@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -137,10 +138,15 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
 def _output_file_problem(path: str) -> str | None:
     """Why a report cannot be written to `path`, or None."""
     p = Path(path)
+    parent = p.absolute().parent
     if p.is_dir():
         return "is a directory; expected a file path"
-    if not p.absolute().parent.is_dir():
-        return f"folder {p.absolute().parent} does not exist; expected an existing folder"
+    if parent.exists() and not parent.is_dir():
+        return f"{parent} is a file; expected a path in a folder"
+    if not parent.is_dir():
+        return f"folder {parent} does not exist; expected an existing folder"
+    if not os.access(parent, os.W_OK):
+        return f"folder {parent} is not writable; expected a writable folder"
     return None
 
 
@@ -148,6 +154,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from sharding import aot, estimate
 
     cfg = config_lib.load_config(args.config, args.overrides)
+    if args.hlo_out and args.json_out and Path(args.hlo_out).absolute() == Path(
+            args.json_out).absolute():
+        print(f"jaxmoe compile: --hlo-out and --json-out are both {args.json_out}; expected "
+              "two files", file=sys.stderr)
+        return 2
     for flag, out in (("--hlo-out", args.hlo_out), ("--json-out", args.json_out)):
         problem = _output_file_problem(out) if out else None
         if problem:  # said before the (long) compilation, not after it

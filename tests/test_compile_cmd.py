@@ -64,3 +64,12 @@ def test_unwritable_report_paths_are_refused_before_compiling(tmp_path, capsys, 
         f"jaxmoe compile: {flag} {missing}: folder {tmp_path / 'none'} does not exist; "
         "expected an existing folder\n")
     assert not (tmp_path / "none").exists()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert main([*base, flag, str(a_file / "r.json")]) == 2
+    assert capsys.readouterr().err == (f"jaxmoe compile: {flag} {a_file / 'r.json'}: {a_file} "
+                                       "is a file; expected a path in a folder\n")
+    same = str(tmp_path / "r.txt")
+    assert main([*base, "--hlo-out", same, "--json-out", same]) == 2
+    assert capsys.readouterr().err == (f"jaxmoe compile: --hlo-out and --json-out are both "
+                                       f"{same}; expected two files\n")
