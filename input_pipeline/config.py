@@ -50,6 +50,10 @@ class SourceConfig:
             _fail("source", self.source, f"one of {', '.join(SOURCE_KINDS)}", key)
         if self.source != "synthetic" and not self.paths:
             _fail("paths", self.paths, f"at least one path for source {self.source!r}", key)
+        if self.source == "synthetic" and (self.paths or self.eval_paths):
+            name = "paths" if self.paths else "eval_paths"
+            _fail(name, list(getattr(self, name)), "no files for source 'synthetic' (the "
+                  "embedded corpus); set its source to jsonl, parquet or arrayrecord", key)
         w = self.weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not (
                 math.isfinite(w) and w > 0):
@@ -133,6 +137,10 @@ class DataConfig:
         if self.source == "mixture":
             if not self.sources:
                 _fail("sources", self.sources, "a non-empty list when data.source='mixture'")
+            for name in ("paths", "eval_paths"):
+                if getattr(self, name):
+                    _fail(name, list(getattr(self, name)), "none with data.source='mixture' "
+                          "(each of data.sources has its own)")
         elif self.source in SOURCE_KINDS:
             if self.sources:
                 _fail("sources", "[...]", "an empty list unless data.source='mixture'")

@@ -6,7 +6,7 @@ Prints a markdown table; the last row is a one-line summary for docs. Tokens/s c
 (non-padding) tokens delivered to the caller, measured after the first batch (worker start-up
 excluded). `--workers` is a comma-separated list of grain worker counts (the padded row uses
 the first). Extra `key=value` arguments override DataConfig fields as `data.key=value` does
-for `jaxmoe train` (YAML 1.2 values, e.g. seq_len=1024 or paths=[a.jsonl,b.jsonl]).
+for `jaxmoe train` (YAML 1.2 values, e.g. seq_len=1024 or source=jsonl paths=[a.jsonl,b.jsonl]).
 """
 
 from __future__ import annotations

@@ -43,6 +43,10 @@ def test_yaml_shapes_are_normalised() -> None:
                              r"data\.source='synthetic'"),
     ({"eval_paths": ["e.jsonl"]}, r"^data\.eval_paths=\['e\.jsonl'\]: expected no files"),
     ({"max_bad_fraction": 1.5}, r"^data\.max_bad_fraction=1\.5: expected a fraction in"),
+    ({"source": "mixture", "sources": [{"source": "synthetic", "paths": ["w.jsonl"]}]},
+     r"^data\.sources\.paths=\['w\.jsonl'\]: expected no files for source 'synthetic'"),
+    ({"source": "mixture", "sources": [{"source": "synthetic"}], "paths": ["w.jsonl"]},
+     r"^data\.paths=\['w\.jsonl'\]: expected none with data\.source='mixture'"),
 ])
 def test_invalid_values_fail_in_one_line(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message) as e:
