@@ -192,12 +192,15 @@ def make_multimodal_dataset(examples: Sequence[dict], spec: MultimodalSpec, *, b
                             seed: int, tokenizer: Tokenizer | None = None, shuffle: bool = True,
                             process_index: int = 0, process_count: int = 1,
                             num_epochs: int | None = None, strict: bool = False,
-                            name: str = "examples", num_workers: int = 0) -> DataIterator:
+                            name: str = "examples", num_workers: int = 0,
+                            max_bad_fraction: float | None = 0.1) -> DataIterator:
     """Batches of collated multimodal examples (keys and shapes in the module docstring).
 
     `examples` is any random-access sequence (a list, a grain data source); each process reads
     `examples[process_index::process_count]`. Bad examples are skipped and counted in
-    `.stats().bad_records` (with `name:index` in the log), or raised when `strict`.
+    `.stats().bad_records` (with `name:index` in the log), or raised when `strict`; more than
+    `max_bad_fraction` of them (after 100) stops with a DataError, as `data.max_bad_fraction`
+    does for text (None: never).
     """
     tokenizer = tokenizer or ByteTokenizer()
     ds = grain.MapDataset.source(_Located(examples, name))[process_index::process_count]
@@ -206,7 +209,8 @@ def make_multimodal_dataset(examples: Sequence[dict], spec: MultimodalSpec, *, b
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
     ds = ds.map(_Collate(spec, tokenizer)).to_iter_dataset(grain.ReadOptions(num_threads=0))
-    ds = DocumentIterDataset(ds, chunk_len=None, strict=strict)
+    ds = DocumentIterDataset(ds, chunk_len=None, strict=strict,
+                             max_bad_fraction=max_bad_fraction)
     ds = ds.batch(batch_size, batch_fn=functools.partial(
         stack_rows, batch_size=batch_size, pad_id=tokenizer.pad_id))
     if num_workers > 0:

@@ -198,3 +198,14 @@ def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch) -> None:
                                          r"the pyarrow package to be installed") as e:
         make_dataset(cfg, split="train", batch_size=2, seed=0)
     assert "\n" not in str(e.value)
+
+
+def test_multimodal_examples_that_are_all_bad_stop(tmp_path) -> None:
+    """Examples without a text field are all bad: with repeating epochs the iterator looped
+    for ever; it stops at max_bad_fraction like the text pipeline."""
+    from input_pipeline import DataError
+
+    it = make_multimodal_dataset([{"caption": "x"}] * 10, MultimodalSpec(), batch_size=2,
+                                 seed=0)
+    with pytest.raises(DataError, match=r"^100 of the 100 records read are bad \("):
+        next(it)
