@@ -125,14 +125,19 @@ def _eval_batches(cfg: config_lib.Config, per_process_batch: int) -> list[dict[s
 
         tokens = int(np.sum(multihost_utils.process_allgather(np.asarray(tokens, np.int64))))
     if not tokens:
+        bad = it.stats().bad_records
+        why = (f" ({sum(bad.values())} held-out records were bad: "
+               + ", ".join(f"{k} {v}" for k, v in sorted(bad.items())) + ")") if bad else ""
         files = [p for s in cfg.data.source_configs() for p in s.eval_paths]
         if files:  # the held-out records are these files; eval_fraction plays no part
+            name = ("data.eval_paths" if cfg.data.source != "mixture"
+                    else "data.sources[*].eval_paths")
             raise config_lib.ConfigError(
-                f"eval_paths {files}: the held-out files gave no tokens; expected documents "
+                f"{name}={files}: the held-out files gave no tokens{why}; expected documents "
                 "in them")
         raise config_lib.ConfigError(
-            f"data.eval_fraction={cfg.data.eval_fraction}: the held-out split gave no tokens; "
-            "expected a larger fraction or corpus")
+            f"data.eval_fraction={cfg.data.eval_fraction}: the held-out split gave no "
+            f"tokens{why}; expected a larger fraction or corpus")
     return batches
 
 

@@ -153,13 +153,15 @@ def test_eval_split_without_tokens_is_refused(evaluator, tmp_path):
         cfg.data, source="jsonl", paths=(str(data),)))
     with pytest.raises(ConfigError) as e:
         _eval_batches(cfg, 8)
-    assert str(e.value) == ("data.eval_fraction=0.05: the held-out split gave no tokens; "
-                            "expected a larger fraction or corpus")
+    assert str(e.value) == ("data.eval_fraction=0.05: the held-out split gave no tokens (1 "
+                            "held-out records were bad: empty_text 1); expected a larger "
+                            "fraction or corpus")
     # Held-out files instead: they are named, not the fraction (which plays no part)
     blank = tmp_path / "blank.jsonl"
     blank.write_text(json.dumps({"text": "   "}) + "\n")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_paths=(str(blank),)))
     with pytest.raises(ConfigError) as e:
         _eval_batches(cfg, 8)
-    assert str(e.value) == (f"eval_paths {[str(blank)]}: the held-out files gave no tokens; "
-                            "expected documents in them")
+    assert str(e.value) == (f"data.eval_paths={[str(blank)]}: the held-out files gave no "
+                            "tokens (1 held-out records were bad: empty_text 1); expected "
+                            "documents in them")
