@@ -179,6 +179,13 @@ def restore_params(path: str | Path, *, dtype: Any = None,
     default: the first local device); collection: "params" or "rest" (the router selection
     biases; None when the checkpoint has none)."""
     step_dir = resolve_step_dir(path)
+    try:
+        return _restore_params(step_dir, dtype, sharding, collection)
+    except CheckpointError as e:
+        raise _naming_older(e, step_dir) from e
+
+
+def _restore_params(step_dir: Path, dtype: Any, sharding: Any, collection: str) -> Any:
     item, exported = _item(step_dir)
     if exported:
         item = step_dir / collection
@@ -207,7 +214,7 @@ def restore_params(path: str | Path, *, dtype: Any = None,
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
             out = checkpointer.restore(epath.Path(item), args=args)
     except Exception as e:
-        raise _naming_older(explain(e, step_dir, item.name), step_dir) from e
+        raise explain(e, step_dir, item.name) from e
     return out if exported else out[collection]
 
 
