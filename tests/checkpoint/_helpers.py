@@ -125,14 +125,16 @@ def assert_trees_equal(actual: Any, expected: Any) -> None:
         np.testing.assert_array_equal(x, y, err_msg=name)
 
 
-def perturbed(state):
+def perturbed(state, seed: int = 0):
     """`state` with every array replaced by seeded random values of its shape, dtype and
     sharding (Adam moments and router biases are zero at init and would not show a mix-up).
-    Built on the host shard by shard, so nothing compiles; keys are kept as they are."""
+    Built on the host shard by shard, so nothing compiles; keys are kept as they are, or
+    folded with a nonzero `seed` (different seeds give different values in every array)."""
     def one(path, x):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return x
-        rng = np.random.default_rng(sum(map(ord, jax.tree_util.keystr(path))))
+            return jax.random.fold_in(x, seed) if seed else x
+        base = sum(map(ord, jax.tree_util.keystr(path)))
+        rng = np.random.default_rng([seed, base] if seed else base)
         if np.issubdtype(x.dtype, np.integer):
             full = rng.integers(0, 1000, size=x.shape).astype(x.dtype)
         else:

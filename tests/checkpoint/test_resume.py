@@ -28,6 +28,7 @@ from tests.checkpoint._helpers import (
     host,
     logged_steps,
     metric_rows,
+    perturbed,
     run_training,
     start_training,
     tiny_config,
@@ -129,23 +130,6 @@ def at_step(state, step: int):
     return dataclasses.replace(state, step=jnp.asarray(step, state.step.dtype))
 
 
-def seeded(state, seed: int):
-    """`state` with every array replaced by random values drawn from `seed` (same shape,
-    dtype and sharding; the PRNG key folded with `seed`), so that checkpoints saved from
-    different seeds hold different values in every array. Nothing compiles but fold_in."""
-    rng = np.random.default_rng(seed)
-
-    def one(x):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.fold_in(x, seed)
-        if np.issubdtype(x.dtype, np.integer):
-            full = rng.integers(0, 1000, size=x.shape).astype(x.dtype)
-        else:
-            full = (rng.standard_normal(x.shape) * 3).astype(x.dtype)
-        return jax.make_array_from_callback(x.shape, x.sharding, lambda index: full[index])
-    return jax.tree.map(one, state)
-
-
 @pytest.fixture(scope="module")
 def two_steps(tmp_path_factory):
     """(run dir holding complete checkpoints 1 and 2, trainer, {step: host copy of state}).
@@ -156,7 +140,7 @@ def two_steps(tmp_path_factory):
     trainer = build_trainer(cfg, jax.devices()[:1])
     with trainer.context():
         init = trainer.init()
-    states = {step: at_step(seeded(init, step), step) for step in (1, 2)}
+    states = {step: at_step(perturbed(init, step), step) for step in (1, 2)}
     run_dir = tmp_path_factory.mktemp("two_steps") / "run"
     checkpoints = RunCheckpointer(run_dir, cfg, async_save=False)
     for step in (1, 2):
