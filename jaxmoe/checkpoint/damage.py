@@ -199,3 +199,9 @@ def drop_closed_loop_callbacks() -> None:
             previous(unraisable)
     hook.drops_closed_loop_callbacks = True
     sys.unraisablehook = hook
+
+
+def older_steps_text(older: list[int]) -> str:
+    """"older complete checkpoints: [..., 7, 8]" (the newest five) for error lines."""
+    shown = older if len(older) <= 5 else ["...", *older[-5:]]
+    return f"older complete checkpoints: [{', '.join(map(str, shown))}]"

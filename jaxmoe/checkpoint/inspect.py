@@ -28,6 +28,7 @@ from jaxmoe.checkpoint.damage import (
     CheckpointError,
     explain,
     flat_names,
+    older_steps_text,
     quiet_writer_thread_failures,
     write_problem,
 )
@@ -227,9 +228,8 @@ def _naming_older(error: CheckpointError, step_dir: Path) -> CheckpointError:
                    and int(c.name) < int(step_dir.name) and (c / "state").is_dir())
     if not older:
         return error
-    shown = older if len(older) <= 5 else ["...", *older[-5:]]
-    return CheckpointError(f"{error}; older complete checkpoints: [{', '.join(map(str, shown))}]"
-                           f", e.g. {step_dir.parent / str(older[-1])}")
+    return CheckpointError(f"{error}; {older_steps_text(older)}, e.g. "
+                           f"{step_dir.parent / str(older[-1])}")
 
 
 def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:

@@ -30,7 +30,7 @@ import numpy as np
 from jaxmoe import config as config_lib
 from jaxmoe.checkpoint import manager as ckpt
 from jaxmoe.checkpoint import priority
-from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch
+from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch, older_steps_text
 from jaxmoe.checkpoint.snapshot import StateSnapshot
 
 
@@ -169,9 +169,8 @@ class RunCheckpointer:
             older = [s for s in self.manager.all_steps() if s < step]
             if not older:
                 raise
-            shown = older if len(older) <= 5 else ["...", *older[-5:]]
             raise CheckpointError(
-                f"{e}; older complete checkpoints: [{', '.join(map(str, shown))}]; move "
+                f"{e}; {older_steps_text(older)}; move "
                 f"{self.path(step)} aside (e.g. rename it to {step}.damaged) to resume from "
                 f"step {older[-1]}") from e
         where = f"checkpoint {self.path(step)}"
