@@ -169,11 +169,19 @@ def main(argv: list[str] | None = None, *, hugepages: bool = False) -> int:
 
 def _drop_abandoned_reads() -> None:
     """When one array read of a damaged checkpoint fails, orbax abandons the others'
-    coroutines; Python would print each (with a page of TensorStore spec) as "Exception
-    ignored" when they are collected. The error line already says what failed."""
+    coroutines and tasks; Python would print each (with a page of TensorStore spec) as
+    "Exception ignored" or asyncio's "Task exception was never retrieved" when they are
+    collected. The error line already says what failed."""
     import gc
     import inspect
+    import logging
 
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(getattr(f, "drops_abandoned_reads", False) for f in asyncio_log.filters):
+        def unretrieved(record: logging.LogRecord) -> bool:
+            return "exception was never retrieved" not in record.getMessage()
+        unretrieved.drops_abandoned_reads = True
+        asyncio_log.addFilter(unretrieved)
     default = sys.unraisablehook
     if getattr(default, "drops_abandoned_reads", False):  # installed by an earlier call
         gc.collect()
