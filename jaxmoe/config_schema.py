@@ -7,13 +7,18 @@ data settings live with the input pipeline (`input_pipeline/config.py`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NoReturn
 
 from input_pipeline.config import DataConfig
 
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or impossible."""
+
+
+def fail(key: str, value: Any, expected: str) -> NoReturn:
+    """Raises the one-line ConfigError every config check gives: key, value, expectation."""
+    raise ConfigError(f"{key}={value!r}: expected {expected}")
 
 
 @dataclasses.dataclass(frozen=True)
