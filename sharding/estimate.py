@@ -26,7 +26,7 @@ import math
 from typing import Any
 
 from sharding.chips import NVLINK_DOMAIN
-from sharding.hlo import CollectiveStats, wire_bytes
+from sharding.collective_cost import CollectiveStats, wire_bytes
 
 EXPOSED = ("all-to-all", "ragged-all-to-all")
 HBM_FRACTION_GOAL = 0.9
