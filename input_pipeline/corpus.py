@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
-
 MIN_DOC_BYTES = 20
 MAX_DOC_BYTES = 400
 
@@ -133,8 +131,3 @@ def split_bounds(num_documents: int, eval_fraction: float, split: str) -> tuple[
     num_eval = min(num_documents - 1, max(1, round(num_documents * eval_fraction)))
     num_train = num_documents - num_eval
     return (0, num_train) if split == "train" else (num_train, num_documents)
-
-
-def sample_lengths(seed: int, n: int) -> np.ndarray:
-    """Byte lengths of the first `n` documents (for tests and statistics). Shape `[n]`."""
-    return np.array([len(document(seed, i)) for i in range(n)])

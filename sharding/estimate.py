@@ -29,7 +29,6 @@ from sharding.chips import NVLINK_DOMAIN
 from sharding.collective_cost import CollectiveStats, wire_bytes
 
 EXPOSED = ("all-to-all", "ragged-all-to-all")
-HBM_FRACTION_GOAL = 0.9
 
 
 @dataclasses.dataclass

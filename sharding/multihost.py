@@ -65,8 +65,3 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address=address, num_processes=count,
                                process_id=pid)
     return jax.process_count() > 1
-
-
-def is_main_process() -> bool:
-    """Whether this process writes logs, summaries and other single-writer files."""
-    return jax.process_index() == 0

@@ -32,7 +32,6 @@ from jaxmoe.checkpoint.damage import CheckpointError, check_shapes, explain
 from jaxmoe.checkpoint.snapshot import StateSnapshot
 from jaxmoe.model import logical as L
 
-ITEMS = ("state", "data", "config")
 TMP_MARKER = ".orbax-checkpoint-tmp"
 # Files every finished save writes into its step folder (Orbax's step metadata, the array
 # metadata of item `state`), and the suffix `set_aside` gives a folder that lacks one.
