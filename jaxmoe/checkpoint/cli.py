@@ -7,6 +7,7 @@ one step's folder, or an export. Both commands are plain functions tests call di
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -19,7 +20,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export_params(args: argparse.Namespace) -> int:
     from jaxmoe.checkpoint.damage import drop_closed_loop_callbacks
     from jaxmoe.checkpoint.inspect import export_params, resolve_step_dir
+    from jaxmoe.staging import output_folder
 
+    _, problem = output_folder(args.out)
+    if problem:  # bad input, refused before the checkpoint is read (exit 2, as in convert)
+        print(f"jaxmoe: {problem}", file=sys.stderr)
+        return 2
     drop_closed_loop_callbacks()
     source = resolve_step_dir(args.dir)
     out = export_params(source, args.out, dtype=args.dtype)

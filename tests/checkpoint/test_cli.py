@@ -79,8 +79,10 @@ def test_export_params(run, tmp_path, capsys, dtype):
     assert cli.main(["checkpoint", "inspect", str(out), "--no-config"]) == 0
     listing = capsys.readouterr().out
     assert "(params-only export)" in listing and "step 2;" in listing
-    assert cli.main(argv) == 1  # the output exists: refused, nothing overwritten
-    assert "exists and is not empty" in capsys.readouterr().err
+    # the output exists: refused as bad input (exit 2, as `jaxmoe convert` does), one line
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (f"jaxmoe: {out.resolve()}: exists and is not empty; "
+                                       "choose a new output directory\n")
     if dtype is None:  # an existing empty folder is taken, as `jaxmoe convert` takes one
         empty = tmp_path / "empty"
         empty.mkdir()
