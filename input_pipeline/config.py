@@ -93,9 +93,10 @@ class DataConfig:
     packing: bool = True  # False: one document (piece) per row, padded
     shuffle: bool = True  # train split only; eval is read in order
     strict: bool = False  # bad records raise (with their location) instead of being skipped
-    # Skipped bad records stop the run once more than this fraction of the records read are
-    # bad (judged from 100 bad records on): a wrong text_field or format would otherwise
-    # make every record bad and the reader loop over the files for ever.
+    # Skipped bad records stop the run once more than this fraction of the records read from
+    # one source are bad (judged per source, from its 100th bad record on): a wrong
+    # text_field or format would otherwise make every record bad and the reader loop over
+    # the files for ever.
     max_bad_fraction: float = 0.1
     # grain worker processes (0: all in the calling process). Each worker packs its own slice,
     # so the batch order depends on num_workers: resume with the value the state was saved with.

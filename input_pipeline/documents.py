@@ -3,7 +3,9 @@
 `ParseAndTokenize` runs in grain's reader threads / worker processes and never raises for a bad
 record: it returns a marker, and `DocumentIterDataset` (a stateful grain iterator) counts it,
 logs its location, or raises `BadRecordError` in strict mode. The counts live in the iterator
-state, so they survive checkpoint/restore and are summed across worker processes.
+state, so they survive checkpoint/restore and are summed across worker processes. They are
+kept per source (`data` or `data.sources[i]`) too, and `max_bad_fraction` is judged per
+source: a misspelt `text_field` in a mixture source of small weight stops the run as well.
 """
 
 from __future__ import annotations
@@ -27,14 +29,18 @@ MIN_BAD_TO_STOP = 100
 
 
 class ParseAndTokenize(grain.transforms.Map):
-    """`(location, payload)` -> `{"ids": int32 [num_tokens], "loc"}` or `{"bad", "detail", "loc"}`.
+    """`(location, payload)` -> `{"ids": int32 [num_tokens], "loc", "src"}` or
+    `{"bad", "detail", "loc", "src"}`.
 
-    `ids` is `[BOS] + tokens + [EOS]` (as `add_bos`/`add_eos` say).
+    `ids` is `[BOS] + tokens + [EOS]` (as `add_bos`/`add_eos` say); `src` names the source
+    in the config (`data`, `data.sources[i]`).
     """
 
-    def __init__(self, kind: str, field: str, tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
+    def __init__(self, kind: str, field: str, tokenizer: Tokenizer, add_bos: bool, add_eos: bool,
+                 source: str = "data"):
         self._kind, self._field, self._tokenizer = kind, field, tokenizer
         self._add_bos, self._add_eos = add_bos, add_eos
+        self._source = source
 
     def map(self, record: tuple[str, Any]) -> dict[str, Any]:
         location, payload = record
@@ -44,15 +50,16 @@ class ParseAndTokenize(grain.transforms.Map):
             if len(ids) < 2:
                 raise BadRecord("empty_text", "fewer than 2 tokens after tokenization")
         except BadRecord as e:
-            return {"bad": e.reason, "detail": str(e), "loc": location}
-        return {"ids": ids, "loc": location}
+            return {"bad": e.reason, "detail": str(e), "loc": location, "src": self._source}
+        return {"ids": ids, "loc": location, "src": self._source}
 
 
 class DocumentIterDataset(grain.IterDataset):
     """Good documents as `{"inputs", "targets"}` (int32, `[n]` each, `n = len(ids) - 1`).
 
     Parent elements are `{"ids", "loc"}`, bad-record markers `{"bad", "detail", "loc"}`, or
-    `{"example", "loc"}` (emitted as is).
+    `{"example", "loc"}` (emitted as is), each with an optional `src` (the source's config
+    name, default `data`) that bad records are counted and judged by.
 
     With `chunk_len`, a document longer than `chunk_len` pairs is emitted as several pieces of
     at most `chunk_len` (the padding-only mode); without it, whole documents (the packer splits).
@@ -80,9 +87,19 @@ class _DocumentIterator(grain.DatasetIterator):
         self._max_bad_fraction = max_bad_fraction
         self._bad: dict[str, int] = {}
         self._docs = 0
+        # per source: {"documents": n, "bad_records": {reason: n}} (totals above)
+        self._sources: dict[str, dict[str, Any]] = {}
         self._current: np.ndarray | None = None  # ids of the document being emitted
+        self._current_src = "data"
         self._current_parent_state: dict | None = None
         self._chunk = 0  # next piece of the current document
+
+    def _source(self, name: str) -> dict[str, Any]:
+        return self._sources.setdefault(name, {"documents": 0, "bad_records": {}})
+
+    def _count_document(self, src: str) -> None:
+        self._docs += 1
+        self._source(src)["documents"] += 1
 
     def _on_bad(self, rec: dict[str, Any]) -> None:
         message = f"{rec['loc']}: bad record ({rec['detail']})"
@@ -92,14 +109,20 @@ class _DocumentIterator(grain.DatasetIterator):
         total = sum(self._bad.values())
         if total <= _LOG_FIRST or np.log10(total).is_integer():
             log.warning("skipped %s [%d bad records so far]", message, total)
+        name = rec.get("src", "data")
+        source = self._source(name)
+        source["bad_records"][rec["bad"]] = source["bad_records"].get(rec["bad"], 0) + 1
+        bad = sum(source["bad_records"].values())
+        seen = bad + source["documents"]
         limit = self._max_bad_fraction
-        seen = total + self._docs
-        if limit is not None and total >= MIN_BAD_TO_STOP and total > limit * seen:
-            reasons = ", ".join(f"{k} {v}" for k, v in sorted(self._bad.items()))
+        if limit is not None and bad >= MIN_BAD_TO_STOP and bad > limit * seen:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(source["bad_records"].items()))
+            where = "" if name == "data" else f"{name}: "
             raise DataError(
-                f"{total} of the {seen} records read are bad ({reasons}; the last: {message}), "
-                f"more than data.max_bad_fraction={limit}; expected mostly good records "
-                "(check data.source and data.text_field) or a larger data.max_bad_fraction")
+                f"{where}{bad} of the {seen} records read{' from it' if where else ''} are bad "
+                f"({reasons}; the last: {message}), more than data.max_bad_fraction={limit}; "
+                f"expected mostly good records (check {name}.source and {name}.text_field) or "
+                "a larger data.max_bad_fraction")
 
     def __next__(self) -> dict[str, np.ndarray]:
         while self._current is None:
@@ -109,9 +132,10 @@ class _DocumentIterator(grain.DatasetIterator):
                 self._on_bad(rec)
                 continue
             if "example" in rec:  # a ready example (multimodal): passed through whole
-                self._docs += 1
+                self._count_document(rec.get("src", "data"))
                 return rec["example"]
             self._current, self._current_parent_state, self._chunk = rec["ids"], state, 0
+            self._current_src = rec.get("src", "data")
         ids = self._current
         n = len(ids) - 1
         step = n if self._chunk_len is None else self._chunk_len
@@ -120,7 +144,7 @@ class _DocumentIterator(grain.DatasetIterator):
         self._chunk += 1
         if stop >= n:
             self._current, self._current_parent_state, self._chunk = None, None, 0
-            self._docs += 1
+            self._count_document(self._current_src)
         return {"inputs": ids[start:stop], "targets": ids[start + 1:stop + 1]}
 
     def get_state(self) -> dict[str, Any]:
@@ -128,17 +152,24 @@ class _DocumentIterator(grain.DatasetIterator):
         return {
             "parent": self._current_parent_state if in_doc else self._parent.get_state(),
             "chunk": self._chunk if in_doc else 0,
-            STATE_KEY: {"documents": self._docs, "bad_records": dict(self._bad)},
+            STATE_KEY: {"documents": self._docs, "bad_records": dict(self._bad),
+                        "sources": {k: {"documents": v["documents"],
+                                        "bad_records": dict(v["bad_records"])}
+                                    for k, v in self._sources.items()}},
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         own = state[STATE_KEY]
         self._docs, self._bad = own["documents"], dict(own["bad_records"])
+        # States saved before per-source counts existed start those counts afresh.
+        self._sources = {k: {"documents": v["documents"], "bad_records": dict(v["bad_records"])}
+                         for k, v in own.get("sources", {}).items()}
         self._current, self._current_parent_state, self._chunk = None, None, 0
         if state["chunk"]:  # resume in the middle of a document: re-read it
             rec = next(self._parent)
             self._current, self._current_parent_state = rec["ids"], state["parent"]
+            self._current_src = rec.get("src", "data")
             self._chunk = state["chunk"]
 
 

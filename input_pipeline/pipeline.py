@@ -91,8 +91,8 @@ def document_dataset(cfg: DataConfig, *, split: str, seed: int, process_index: i
     tokenizer = make_tokenizer(cfg)
     per_source = []
     for i, src in enumerate(cfg.source_configs()):
-        records = open_source(src, cfg, split,
-                              f"data.sources[{i}]" if cfg.source == "mixture" else "data")
+        name = f"data.sources[{i}]" if cfg.source == "mixture" else "data"
+        records = open_source(src, cfg, split, name)
         if len(records) < process_count:
             raise DataError(f"data.source={src.source!r} ({split}): {len(records)} records "
                              f"cannot be sharded over {process_count} processes")
@@ -102,7 +102,7 @@ def document_dataset(cfg: DataConfig, *, split: str, seed: int, process_index: i
         if num_epochs != 1:
             ds = ds.repeat(num_epochs)
         per_source.append(ds.map(ParseAndTokenize(
-            src.source, src.text_field, tokenizer, cfg.add_bos, cfg.add_eos)))
+            src.source, src.text_field, tokenizer, cfg.add_bos, cfg.add_eos, name)))
     if len(per_source) == 1:
         ds = per_source[0]
     elif train:

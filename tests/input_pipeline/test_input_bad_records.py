@@ -81,6 +81,68 @@ def test_mostly_bad_records_stop_with_one_line(tmp_path, good_every) -> None:
     assert "more than data.max_bad_fraction=0.1" in str(e.value) and "\n" not in str(e.value)
 
 
+MAX_BATCHES = 5_000  # of 2 records: the mixture below stops well before
+
+
+def _mixture_with_a_bad_source(tmp_path) -> DataConfig:
+    """95% good records from source 0, 5% from source 1 whose every record lacks `text`
+    (a misspelt text_field): 5% bad overall, under max_bad_fraction=0.1."""
+    good = write_jsonl(tmpfile(tmp_path, "good.jsonl"), [f"document {i}" for i in range(500)])
+    bad = tmpfile(tmp_path, "bad.jsonl")
+    with open(bad, "wb") as f:
+        f.writelines([BAD_LINES["missing_field"]] * 50)
+    ev = write_jsonl(tmpfile(tmp_path, "eval.jsonl"), ["held out"])
+    return DataConfig(source="mixture", seq_len=32, packing=False, sources=(
+        {"source": "jsonl", "paths": [good], "eval_paths": [ev], "weight": 0.95},
+        {"source": "jsonl", "paths": [bad], "eval_paths": [ev], "weight": 0.05}))
+
+
+def test_a_mostly_bad_mixture_source_stops_though_the_stream_is_mostly_good(tmp_path) -> None:
+    """max_bad_fraction is judged per source: the low-weight source whose records are all
+    bad stops the run once it gave MIN_BAD_TO_STOP of them (judged over the whole stream,
+    5% bad, it was skipped for ever). Reference: the counts of the records written here."""
+    from input_pipeline import DataError
+    from input_pipeline.documents import MIN_BAD_TO_STOP
+
+    it = make_dataset(_mixture_with_a_bad_source(tmp_path), split="train", batch_size=2, seed=0)
+    batches = 0
+    with pytest.raises(DataError) as e:
+        for batches in range(MAX_BATCHES):  # ~2,000 records hold 100 bad ones
+            next(it)
+    message = str(e.value)
+    assert message.startswith(
+        f"data.sources[1]: {MIN_BAD_TO_STOP} of the {MIN_BAD_TO_STOP} records read from it are "
+        f"bad (missing_field {MIN_BAD_TO_STOP}; the last: ")
+    assert ("check data.sources[1].source and data.sources[1].text_field" in message
+            and "\n" not in message)
+    stats = it.stats()  # the good source went on: ~19 good records per bad one
+    assert stats.bad_records == {"missing_field": MIN_BAD_TO_STOP}
+    assert stats.documents > 10 * MIN_BAD_TO_STOP and batches * 2 <= stats.documents
+
+
+def test_per_source_bad_counts_survive_a_restore(tmp_path) -> None:
+    """The per-source counts are iterator state: a restored iterator stops at the same
+    batch as one that never stopped (counts restarted from zero would run longer)."""
+    from input_pipeline import DataError
+
+    cfg = _mixture_with_a_bad_source(tmp_path)
+
+    def batches_until_error(it) -> int:
+        with pytest.raises(DataError):
+            for n in range(MAX_BATCHES):
+                next(it)
+        return n
+
+    total = batches_until_error(make_dataset(cfg, split="train", batch_size=2, seed=0))
+    it = make_dataset(cfg, split="train", batch_size=2, seed=0)
+    for _ in range(total // 2):
+        next(it)
+    state = it.get_state()
+    fresh = make_dataset(cfg, split="train", batch_size=2, seed=0)
+    fresh.set_state(state)
+    assert total // 2 + batches_until_error(fresh) == total
+
+
 def test_blank_lines_are_not_records(tmp_path, caplog) -> None:
     """A blank (or whitespace-only) line between JSONL records is no record, good or bad
     (it was an invalid_json bad record: a file spaced by blank lines read as half bad and
