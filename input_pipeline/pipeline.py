@@ -25,6 +25,7 @@ import numpy as np
 
 from input_pipeline.config import DataConfig
 from input_pipeline.documents import DocumentIterDataset, ParseAndTokenize, collect_counts
+from input_pipeline.fingerprint import fingerprint
 from input_pipeline.sources import DataError, open_source
 from input_pipeline.tokenizer import make_tokenizer
 
@@ -170,11 +171,16 @@ def _from_json(state: Any) -> Any:
 
 
 class DataIterator:
-    """A grain iterator of batches plus counters; `get_state()` is JSON-serialisable."""
+    """A grain iterator of batches plus counters; `get_state()` is JSON-serialisable.
 
-    def __init__(self, iterator: grain.DatasetIterator):
+    `inputs`: the fingerprint of what the stream reads (`input_pipeline/fingerprint.py`),
+    saved in its state for a resumed run to compare; None for collated in-memory examples.
+    """
+
+    def __init__(self, iterator: grain.DatasetIterator, inputs: dict[str, Any] | None = None):
         self._it = iterator
         self._batches = self._real = self._slots = 0
+        self.inputs = inputs
 
     def __iter__(self) -> DataIterator:
         return self
@@ -190,11 +196,15 @@ class DataIterator:
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"grain": self._it.get_state(), "batches": self._batches,
-                "real_tokens": self._real, "slots": self._slots}
+        state = {"grain": self._it.get_state(), "batches": self._batches,
+                 "real_tokens": self._real, "slots": self._slots}
+        if self.inputs is not None:
+            state["inputs"] = self.inputs
+        return state
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Accepts `get_state()`'s dict, also after a JSON round trip (a checkpoint)."""
+        """Accepts `get_state()`'s dict, also after a JSON round trip (a checkpoint); its
+        `inputs` fingerprint is for the caller to compare (`fingerprint.changes`)."""
         self._it.set_state(_from_json(state["grain"]))
         self._batches, self._real, self._slots = (
             state["batches"], state["real_tokens"], state["slots"])
@@ -229,7 +239,7 @@ def make_dataset(cfg: DataConfig, *, split: str, batch_size: int, seed: int,
     ds = make_grain_dataset(cfg, split=split, batch_size=batch_size, seed=seed,
                             process_index=process_index, process_count=process_count,
                             num_epochs=num_epochs)
-    return DataIterator(ds.__iter__())
+    return DataIterator(ds.__iter__(), fingerprint(cfg, split))
 
 
 def packing_efficiency(batches: Any) -> float:

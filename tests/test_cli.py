@@ -191,7 +191,7 @@ def test_refused_resumes_keep_the_runs_config(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"jaxmoe: {where}: data.add_bos=True -> False: expected the run's tokenizer settings "
         "(the model's token ids would change meaning; a tokenizer file is compared by its "
-        "path); a new tokenizer needs a new --run-dir")
+        "contents); a new tokenizer needs a new --run-dir")
     assert main(base + ["train.steps=2", "data.seed=5"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"jaxmoe: {where}: data.seed=0 -> 5: expected the run's data settings (its saved data "
@@ -212,6 +212,60 @@ def test_refused_resumes_keep_the_runs_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train.restart_data=true ignored: the data settings are the checkpoint's" in out
     assert "the data starts from its beginning" not in out
+
+
+def test_resume_compares_tokenizer_and_data_files_by_what_they_hold(tmp_path, capsys):
+    """The checkpoint's data state holds a fingerprint of the tokenizer file (its bytes) and
+    of the train files (paths and sizes). A tokenizer retrained into the same file and a
+    glob that matches one more file are refused in one line (both resumed silently while
+    the tokenizer was compared by its path and the glob by its text); the same tokenizer
+    under another path resumes (it was refused). Reference: hashlib of the files here."""
+    import hashlib
+    import shutil
+
+    from input_pipeline.tokenizer import train_tokenizer
+
+    texts = [f"document number {i} " + "ab cd " * (i % 7) for i in range(200)]
+    d = tmp_path / "data"
+    d.mkdir()
+    write = lambda path, rows: path.write_text(  # noqa: E731
+        "".join(json.dumps({"text": t}) + "\n" for t in rows))
+    write(d / "a.jsonl", texts[:150])
+    write(tmp_path / "eval.jsonl", texts[150:])
+    tok = tmp_path / "tok.json"
+    train_tokenizer(texts, str(tok), 300)
+    run_dir = tmp_path / "run"
+    base = ["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(run_dir),
+            "--no-progress", "train.sample_tokens=0", "train.eval_batches=1",
+            "train.batch_size=8", "data.seq_len=64", "data.source=jsonl",
+            f"data.paths=[{d}/*.jsonl]", f"data.eval_paths=[{tmp_path / 'eval.jsonl'}]"]
+    assert main(base + ["train.steps=1", f"data.tokenizer={tok}"]) == 0
+    where = f"checkpoint {run_dir / 'checkpoints' / '1'}"
+    moved = tmp_path / "moved.json"
+    shutil.copy(tok, moved)
+    digest = lambda path: "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
+    before = digest(tok)
+    train_tokenizer(texts[:100], str(tok), 290)  # retrained into the same file
+    capsys.readouterr()
+    assert main(base + ["train.steps=2", f"data.tokenizer={tok}"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"jaxmoe: {where}: data.tokenizer={str(tok)!r}: its contents differ from the run's "
+        f"({before[:19]} -> {digest(tok)[:19]}): expected the run's tokenizer settings (the "
+        "model's token ids would change meaning; a tokenizer file is compared by its "
+        "contents); a new tokenizer needs a new --run-dir")
+    assert main(base + ["train.steps=2", f"data.tokenizer={moved}"]) == 0  # the same bytes
+    assert f"data.tokenizer: {str(tok)!r} -> {str(moved)!r}" in capsys.readouterr().out
+    write(d / "b.jsonl", ["a shard added since"] * 20)
+    base += [f"data.tokenizer={moved}"]
+    assert main(base + ["train.steps=3"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"jaxmoe: checkpoint {run_dir / 'checkpoints' / '2'}: the data files are not the "
+        "run's (1 -> 2 files): expected the run's data settings (its saved data position "
+        "belongs to that stream); add train.restart_data=true to read the new data from its "
+        "beginning")
+    assert main(base + ["train.steps=3", "train.restart_data=true"]) == 0
+    assert "the data starts from its beginning" in capsys.readouterr().out
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["1", "2", "3"]
 
 
 @pytest.mark.parametrize("n, text", [

@@ -27,6 +27,7 @@ from typing import Any, Self
 import jax
 import numpy as np
 
+from input_pipeline.fingerprint import changes as input_changes
 from jaxmoe import config as config_lib
 from jaxmoe.checkpoint import manager as ckpt
 from jaxmoe.checkpoint import priority
@@ -174,14 +175,27 @@ class RunCheckpointer:
                 f"{self.path(step)} aside (e.g. rename it to {step}.damaged) to resume from "
                 f"step {older[-1]}") from e
         where = f"checkpoint {self.path(step)}"
-        changed = fixed_setting_changes(restored.config, self._config, TOKENIZER_KEYS)
+        # What the stream read (input_pipeline/fingerprint.py): tokenizer contents, train files.
+        # Checkpoints from before fingerprints compare the tokenizer by its path.
+        stored_inputs = (restored.data_state or {}).get("inputs")
+        inputs = getattr(train_iter, "inputs", None)
+        fingerprinted = stored_inputs is not None and inputs is not None
+        differ = input_changes(stored_inputs, inputs) if fingerprinted else {}
+        tokenizer_keys = tuple(k for k in TOKENIZER_KEYS
+                               if not (fingerprinted and k == "data.tokenizer"))
+        changed = fixed_setting_changes(restored.config, self._config, tokenizer_keys)
+        if "tokenizer" in differ:
+            changed.append(f"data.tokenizer={self.cfg.data.tokenizer!r}: {differ['tokenizer']}")
         if changed:
+            how = "by its contents" if fingerprinted else "by its path"
             raise CheckpointMismatch(
                 f"{where}: {'; '.join(changed)}: expected the run's tokenizer settings (the "
-                "model's token ids would change meaning; a tokenizer file is compared by its "
-                "path); a new tokenizer needs a new --run-dir")
+                f"model's token ids would change meaning; a tokenizer file is compared {how})"
+                "; a new tokenizer needs a new --run-dir")
         changed = fixed_setting_changes(restored.config, self._config,
                                         stream_keys(restored.config.get("data", {})))
+        if "files" in differ:
+            changed.append(differ["files"])
         restart = self.cfg.train.restart_data
         if changed and not restart:
             raise CheckpointMismatch(
