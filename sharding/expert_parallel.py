@@ -168,17 +168,21 @@ def megablox_ffn(x_sorted, group_sizes, w_gate, w_up, w_down, *, interpret: bool
 
     m, k = x_sorted.shape
     f = w_gate.shape[-1]
+    # gmm needs whole row tiles (its k and n tiles may be ragged): up to 512 rows are one
+    # tile; more are padded to a multiple of 512 with rows outside every group.
+    tm = min(512, m)
+    padded = -(-m // tm) * tm
 
     def mm(lhs, rhs, n_in, n_out):  # positional: gmm's non-differentiable arguments
-        tiling = (min(512, m), min(1024, n_in), min(1024, n_out))
+        tiling = (tm, min(1024, n_in), min(1024, n_out))
         return gmm(lhs, rhs, group_sizes, lhs.dtype, tiling, None, None, False, interpret)
 
     # The kernels leave rows outside every group (and their input gradients) unwritten:
     # select them away on the way in and out, so neither garbage nor NaN can leak.
-    valid = (jnp.arange(m) < jnp.sum(group_sizes))[:, None]
-    x = jnp.where(valid, x_sorted, 0)
+    valid = (jnp.arange(padded) < jnp.sum(group_sizes))[:, None]
+    x = jnp.where(valid, jnp.pad(x_sorted, ((0, padded - m), (0, 0))), 0)
     h = jnp.where(valid, jax.nn.silu(mm(x, w_gate, k, f)) * mm(x, w_up, k, f), 0)
-    return jnp.where(valid, mm(h, w_down, f, k), 0)
+    return jnp.where(valid, mm(h, w_down, f, k), 0)[:m]
 
 
 def _local_experts(rows, rid, ws, ffn):

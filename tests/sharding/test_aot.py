@@ -76,6 +76,19 @@ def test_tiny_on_small_topology_with_expert_parallelism(capsys):
     assert per_device <= executed < 4 * per_device
 
 
+@pytest.mark.parametrize("overrides", [
+    ["mesh.data=4", "data.seq_len=200"],  # 1,600 rows per device
+    ["mesh.expert=4", "mesh.data=1", "mesh.expert_buffer_factor=1.3"],  # 2,663 received
+])
+def test_row_counts_that_are_not_whole_kernel_tiles_compile(capsys, overrides):
+    """The grouped-matmul kernel tiles rows by 512: counts above it that are not a multiple
+    failed to compile with a traceback ("1600 must be divisible by x-dimension tile size")."""
+    rc = main(["compile", "--config", "configs/tiny_moe.yaml", "--topology", "v5p-8",
+               *overrides])
+    out = capsys.readouterr().out
+    assert rc == 0 and "source: compiled" in out, out
+
+
 def test_gpu_target_falls_back_to_the_analytic_estimate(capsys):
     rc = main(["compile", "--config", "configs/tiny_moe.yaml", "--topology", "h100-8"])
     out = capsys.readouterr().out
