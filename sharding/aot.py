@@ -137,6 +137,8 @@ def topology_devices(target: Target) -> list[Any] | None:
             return None  # no libtpu
         name = target.topology_name
         kwargs = {"num_slices": target.num_slices} if target.num_slices > 1 else {}
+        if target.chip.chip_config:
+            kwargs["chip_config_name"] = target.chip.chip_config
     else:
         name, kwargs = target.name, {}
     platform = "tpu" if target.chip.platform == "tpu" else "cuda"

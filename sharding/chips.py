@@ -51,6 +51,9 @@ class Chip:
     devices_per_chip: int = 1  # JAX devices per chip (TensorCores exposed separately)
     topology_prefix: str = ""  # libtpu topology name prefix ("v5p" -> "v5p:4x4x4")
     torus_dims: int = 0  # 3 (v4, v5p, 7x) or 2 (v5e, v6e); 0 for GPUs
+    # libtpu's chip_config_name for compile-only devices: v4's default config exposes each
+    # TensorCore as a device, while v4 hosts run megacore (one device per chip)
+    chip_config: str = ""
 
     def ring_bw(self) -> float:
         """Bytes/s one chip sends in a collective along one mesh axis: a bidirectional ring on
@@ -62,7 +65,8 @@ class Chip:
 
 
 CHIPS: dict[str, Chip] = {c.name: c for c in [
-    Chip("v4", "tpu", 275e12, 32 * GIB, 1200 * GB, 600 * GB, 6, 25e9 / 8, 1, "v4", 3),
+    Chip("v4", "tpu", 275e12, 32 * GIB, 1200 * GB, 600 * GB, 6, 25e9 / 8, 1, "v4", 3,
+         "megacore"),
     Chip("v5e", "tpu", 197e12, 16 * GB, 819 * GB, 400 * GB, 4, 25e9 / 8, 1, "v5e", 2),
     Chip("v5p", "tpu", 459e12, 95 * GIB, 2765 * GB, 1200 * GB, 6, 50e9 / 8, 1, "v5p", 3),
     Chip("v6e", "tpu", 918e12, 32 * GB, 1638 * GB, 800 * GB, 4, 50e9 / 8, 1, "v6e", 2),

@@ -89,6 +89,16 @@ def test_row_counts_that_are_not_whole_kernel_tiles_compile(capsys, overrides):
     assert rc == 0 and "source: compiled" in out, out
 
 
+def test_v4_compiles_for_one_device_per_chip(capsys):
+    """v4 hosts run megacore (one JAX device per chip, its 32 GiB): libtpu's default v4
+    config gave 8 compile-only devices for v4:2x2x1, so the mesh (data=8) disagreed with the
+    report's 4 devices and 32 GiB, and MFU was twice too high."""
+    rc = main(["compile", "--config", "configs/tiny_moe.yaml", "--topology", "v4-8"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "target: v4-8 (v4:2x2x1; 4 chips, 4 devices); mesh data=4; source: compiled" in out
+
+
 def test_gpu_target_falls_back_to_the_analytic_estimate(capsys):
     rc = main(["compile", "--config", "configs/tiny_moe.yaml", "--topology", "h100-8"])
     out = capsys.readouterr().out
