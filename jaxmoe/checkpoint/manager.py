@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ class PerProcessJsonRestore(ocp.args.CheckpointArgs):
 # ----------------------------------------------------------------------------- manager
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir).absolute() / "checkpoints"
+    return Path(os.path.abspath(run_dir)) / "checkpoints"  # normalised: no `..` in paths
 
 
 def make_manager(directory: str | Path, *, keep_last: int = 3, keep_every: int = 0,

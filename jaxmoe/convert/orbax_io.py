@@ -91,7 +91,7 @@ def fill_state(cfg: config_lib.ModelConfig, arrays: dict[str, Any]) -> tuple[Any
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The step directory or export that `path` names (see the module docstring)."""
-    path = Path(path).absolute()
+    path = Path(os.path.abspath(path))  # no `..`: tensorstore's file driver refuses them
     if not path.is_dir():
         raise CheckpointFormatError(f"{path}: no such directory")
     for candidate in (path, path / "checkpoints"):
@@ -126,7 +126,8 @@ class ParamsReader:
     def __init__(self, path: str | Path):
         self.step_dir = resolve_checkpoint(path)
         exported = (self.step_dir / EXPORT_MARKER).is_file()
-        config_file = self.step_dir / (EXPORT_CONFIG if exported else f"{CONFIG_ITEM}/{CONFIG_FILE}")
+        config_file = self.step_dir / (EXPORT_CONFIG if exported
+                                       else f"{CONFIG_ITEM}/{CONFIG_FILE}")
         items = ([self.step_dir / c for c in COLLECTIONS] if exported
                  else [self.step_dir / STATE_ITEM])
         required = [config_file] + [i / "_METADATA" for i in items if i.name != "rest"]

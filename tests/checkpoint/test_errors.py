@@ -140,3 +140,13 @@ def test_data_settings_a_resume_must_keep(stored_data, change, refused):
     current = {**stored, "data": {**stored["data"], **change}}
     got = fixed_setting_changes(stored, current, stream_keys(stored["data"]))
     assert got == refused
+
+
+def test_checkpoint_dir_is_absolute_and_normalised(tmp_path, monkeypatch):
+    """Printed checkpoint paths carry no `..` (`--run-dir ../runs/x` printed
+    `/work/repo/../runs/x/checkpoints/40`); symlinks are kept as named, not resolved."""
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    assert ckpt.checkpoint_dir("../runs/x") == tmp_path / "runs" / "x" / "checkpoints"
+    (tmp_path / "link").symlink_to(tmp_path / "repo")
+    assert ckpt.checkpoint_dir(tmp_path / "link" / "run") == tmp_path / "link" / "run" / "checkpoints"
