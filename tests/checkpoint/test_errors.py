@@ -148,5 +148,6 @@ def test_checkpoint_dir_is_absolute_and_normalised(tmp_path, monkeypatch):
     (tmp_path / "repo").mkdir()
     monkeypatch.chdir(tmp_path / "repo")
     assert ckpt.checkpoint_dir("../runs/x") == tmp_path / "runs" / "x" / "checkpoints"
-    (tmp_path / "link").symlink_to(tmp_path / "repo")
-    assert ckpt.checkpoint_dir(tmp_path / "link" / "run") == tmp_path / "link" / "run" / "checkpoints"
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "repo")
+    assert ckpt.checkpoint_dir(link / "run") == link / "run" / "checkpoints"
