@@ -122,6 +122,24 @@ def _example_shape(chip: Chip, chips: int = 0) -> str:
     return "x".join(["4"] * ndim)
 
 
+def _quiet_libtpu_off_tpu(target: Target) -> None:
+    """On a host without TPU chips, libtpu looks for the slice it runs on and prints an
+    `E... INVALID_ARGUMENT` trace and warnings on every (successful) compile. Compile-only
+    devices do not depend on these settings (checked with libtpu 0.0.42.1, v4 and v5p
+    targets); a TPU host's own values are never replaced."""
+    try:
+        from jax._src import hardware_utils
+
+        if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+            return
+    except (ImportError, AttributeError):  # a jax without it: leave libtpu as it is
+        return
+    cores = CORES_IN_NAME.get(target.chip.name, 1)
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE",
+                          f"{target.chip.topology_prefix}-{target.chips * cores}")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
 def topology_devices(target: Target) -> list[Any] | None:
     """Compile-only devices of `target`; None when no compiler for it is installed (no
     libtpu, no GPU plugin): the caller falls back to the analytic estimate. A shape that the
@@ -135,6 +153,7 @@ def topology_devices(target: Target) -> list[Any] | None:
     if target.chip.platform == "tpu":
         if xla_bridge.get_tpu_library_path() is None:
             return None  # no libtpu
+        _quiet_libtpu_off_tpu(target)
         name = target.topology_name
         kwargs = {"num_slices": target.num_slices} if target.num_slices > 1 else {}
         if target.chip.chip_config:

@@ -5,7 +5,10 @@ Needs `libtpu` (a plain PyPI wheel: `pip install libtpu`, or `pip install -e .[t
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import jax
@@ -97,6 +100,20 @@ def test_v4_compiles_for_one_device_per_chip(capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "target: v4-8 (v4:2x2x1; 4 chips, 4 devices); mesh data=4; source: compiled" in out
+
+
+def test_compile_prints_no_libtpu_noise_off_tpu():
+    """On a host without TPU chips, libtpu printed an `E... INVALID_ARGUMENT` trace and
+    warnings on every successful compile; stderr is now clean (its own process: libtpu
+    speaks once, when it loads)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    run = subprocess.run([sys.executable, "-m", "jaxmoe.cli", "compile", "--config",
+                          "configs/tiny_moe.yaml", "--topology", "v5p-8"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "source: compiled" in run.stdout
+    for noise in ("INVALID_ARGUMENT", "Failed to find host bounds", "could not determine"):
+        assert noise not in run.stderr, run.stderr
 
 
 def test_gpu_target_falls_back_to_the_analytic_estimate(capsys):
