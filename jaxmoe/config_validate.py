@@ -116,8 +116,12 @@ def validate(cfg: Config) -> Config:
         fail("train.optimizer.grad_clip_norm", o.grad_clip_norm, ">= 0 (0 disables clipping)")
     mesh_axes = {f.name: getattr(cfg.mesh, f.name) for f in dataclasses.fields(MeshConfig)
                  if f.name not in ("rules", "expert_all_to_all", "expert_buffer_factor")}
-    if sum(v == -1 for v in mesh_axes.values()) > 1:
-        fail("mesh", mesh_axes, "at most one axis set to -1")
+    rest = [k for k, v in mesh_axes.items() if v == -1]
+    if len(rest) > 1:  # mesh.data is -1 by default: setting another to -1 alone hits this
+        default = "; mesh.data is -1 by default: give it a size (e.g. mesh.data=1)" \
+            if "data" in rest else ""
+        raise ConfigError(f"{' and '.join(f'mesh.{k}=-1' for k in rest)}: expected at most "
+                          f"one mesh axis set to -1 (the devices left over){default}")
     for key, value in mesh_axes.items():
         if value == 0 or value < -1:
             fail(f"mesh.{key}", value, "a positive integer or -1")

@@ -60,7 +60,12 @@ BAD = [
      "train.grad_accum_steps=3: expected a divisor of train.batch_size=16"),
     (["train.optimizer.warmup_steps=-5"], "train.optimizer.warmup_steps=-5: expected >= 0"),
     (["train.optimizer.learning_rate=-1"], "train.optimizer.learning_rate=-1.0: expected > 0"),
-    (["mesh.data=-1", "mesh.fsdp=-1"], "expected at most one axis set to -1"),
+    (["mesh.data=-1", "mesh.fsdp=-1"], "mesh.data=-1 and mesh.fsdp=-1: expected at most one "
+     "mesh axis set to -1 (the devices left over); mesh.data is -1 by default: give it a size "
+     "(e.g. mesh.data=1)"),
+    (["mesh.data=2", "mesh.fsdp=-1", "mesh.expert=-1"],
+     "mesh.fsdp=-1 and mesh.expert=-1: expected at most one mesh axis set to -1 (the devices "
+     "left over)"),
     (["mesh.tensor=0"], "mesh.tensor=0: expected a positive integer or -1"),
     (["data.seq_len=1"], "data.seq_len=1: expected an integer >= 2"),
     (["model.num_experts=4", "model.num_experts=8"],
