@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None, *, hugepages: bool = False) -> int:
         if sources and isinstance(e, sources.BadRecordError):  # data.strict=true
             print(f"jaxmoe: data error: {e} (data.strict=true stops at the first bad record)",
                   file=sys.stderr)
-            return 1
+            return 2
         if sources and isinstance(e, sources.DataError):
             print(f"jaxmoe: data error: {e}", file=sys.stderr)
             return 2
@@ -158,13 +158,13 @@ def main(argv: list[str] | None = None, *, hugepages: bool = False) -> int:
         return 1
     except Exception as e:
         # Imported here: whatever raised a CheckpointError has already imported it.
-        from jaxmoe.checkpoint.damage import CheckpointError
+        from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch
 
         if not isinstance(e, CheckpointError):
             raise
         _drop_abandoned_reads()
         print(f"jaxmoe: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, CheckpointMismatch) else 1  # the config's fault: bad input
 
 
 def _drop_abandoned_reads() -> None:

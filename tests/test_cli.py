@@ -116,7 +116,7 @@ def test_strict_bad_record_is_one_line(tmp_path, capsys):
                str(tmp_path / "run"), "--no-progress", "train.steps=1", "data.source=jsonl",
                f"data.paths=[{data}]", "data.strict=true"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and err[-1].startswith(f"jaxmoe: data error: {data}:2: bad record"), err
+    assert rc == 2 and err[-1].startswith(f"jaxmoe: data error: {data}:2: bad record"), err
     assert err[-1].endswith("(data.strict=true stops at the first bad record)")
 
 
@@ -187,19 +187,19 @@ def test_refused_resumes_keep_the_runs_config(tmp_path, capsys):
     before = (run_dir / "config.yaml").read_text()
     capsys.readouterr()
     where = f"checkpoint {run_dir / 'checkpoints' / '1'}"
-    assert main(base + ["train.steps=2", "data.add_bos=false"]) == 1
+    assert main(base + ["train.steps=2", "data.add_bos=false"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"jaxmoe: {where}: data.add_bos=True -> False: expected the run's tokenizer settings "
         "(the model's token ids would change meaning; a tokenizer file is compared by its "
         "contents); a new tokenizer needs a new --run-dir")
-    assert main(base + ["train.steps=2", "data.seed=5"]) == 1
+    assert main(base + ["train.steps=2", "data.seed=5"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"jaxmoe: {where}: data.seed=0 -> 5: expected the run's data settings (its saved data "
         "position belongs to that stream); add train.restart_data=true to read the new data "
         "from its beginning")
     # config.yaml is the config of the run's checkpoints: a resume the checkpoint refuses
     # must not replace it with the refused config (a model change, here)
-    assert main(base + ["train.steps=2", "model.qk_norm=true"]) == 1
+    assert main(base + ["train.steps=2", "model.qk_norm=true"]) == 2
     assert "missing from the checkpoint" in capsys.readouterr().err
     assert (run_dir / "config.yaml").read_text() == before
     assert main(base + ["train.steps=2", "data.seed=5", "train.restart_data=true"]) == 0
@@ -247,7 +247,7 @@ def test_resume_compares_tokenizer_and_data_files_by_what_they_hold(tmp_path, ca
     before = digest(tok)
     train_tokenizer(texts[:100], str(tok), 290)  # retrained into the same file
     capsys.readouterr()
-    assert main(base + ["train.steps=2", f"data.tokenizer={tok}"]) == 1
+    assert main(base + ["train.steps=2", f"data.tokenizer={tok}"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"jaxmoe: {where}: data.tokenizer={str(tok)!r}: its contents differ from the run's "
         f"({before[:19]} -> {digest(tok)[:19]}): expected the run's tokenizer settings (the "
@@ -257,7 +257,7 @@ def test_resume_compares_tokenizer_and_data_files_by_what_they_hold(tmp_path, ca
     assert f"data.tokenizer: {str(tok)!r} -> {str(moved)!r}" in capsys.readouterr().out
     write(d / "b.jsonl", ["a shard added since"] * 20)
     base += [f"data.tokenizer={moved}"]
-    assert main(base + ["train.steps=3"]) == 1
+    assert main(base + ["train.steps=3"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"jaxmoe: checkpoint {run_dir / 'checkpoints' / '2'}: the data files are not the "
         "run's (1 -> 2 files): expected the run's data settings (its saved data position "
