@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -216,9 +217,13 @@ class RunCheckpointer:
                     f"checkpoint {self.path(step)}: the data-iterator state does not fit "
                     f"this data config ({type(e).__name__}: {e})") from e
         else:
-            _log(f"{self.path(step)} has no data-iterator state for process "
-                 f"{jax.process_index()} of {jax.process_count()}; the data restarts from its "
-                 "beginning, so batches differ from the interrupted run")
+            saved = sorted({int(m.group(1)) for p in (self.path(step) / "data").glob("*.json")
+                            if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))})
+            counts = " or ".join(map(str, saved))
+            what = (f"holds the data-iterator states of {counts} processes, this run has "
+                    f"{jax.process_count()}" if saved else "has no data-iterator state")
+            _log(f"{self.path(step)} {what}; the data restarts from its beginning, so batches "
+                 "differ from the interrupted run")
         diff = config_diff(restored.config, self._config)
         if diff:
             _log(f"config differs from the checkpoint's: {'; '.join(diff)}")

@@ -310,9 +310,9 @@ def test_process_count_change_restarts_the_data(two_steps, tmp_path, capsys):
     assert step == 2 and data.get_state() == {"batches": 0}  # as DataIterator() starts
     assert_trees_equal(state, two_steps[2][2])
     path = run_dir.absolute() / "checkpoints" / "2"
-    assert f"checkpoint: {path} has no data-iterator state for process 0 of 1; the data " \
-           "restarts from its beginning, so batches differ from the interrupted run" \
-           in log.splitlines(), log
+    assert f"checkpoint: {path} holds the data-iterator states of 2 processes, this run has " \
+           "1; the data restarts from its beginning, so batches differ from the interrupted " \
+           "run" in log.splitlines(), log
     assert sorted(p.name for p in data_dir.glob("process_*")) == ["process_0-of-2.json"]
 
 
