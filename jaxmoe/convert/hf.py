@@ -196,6 +196,10 @@ def hf_model_config(hf_dir: str | Path, overrides: Sequence[str] = (),
     if not isinstance(hf, dict):
         raise lo.ConversionError(f"{path}: expected a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type")
+    if model_type is None and isinstance(hf.get("model"), dict):  # jaxmoe's own config
+        raise lo.ConversionError(f"{path}: a jaxmoe config, not a Hugging Face one; expected a "
+                                 "Hugging Face model directory (`jaxmoe convert to-hf` "
+                                 "converts a jaxmoe checkpoint)")
     forms = [f for f in FORMATS.values() if model_type in f.model_types]
     if not forms:
         raise lo.ConversionError(f"{path}: model_type {model_type!r} is not supported (expected "
@@ -203,6 +207,8 @@ def hf_model_config(hf_dir: str | Path, overrides: Sequence[str] = (),
     form = forms[0]
     try:
         fields = form.model_fields(hf)
+    except lo.FormatRefusal as e:  # named by the file read, not by a flag from-hf lacks
+        raise lo.ConversionError(f"{path} (model_type {model_type!r}): {e.what}") from None
     except lo.ConversionError:
         raise
     except KeyError as e:
@@ -213,7 +219,11 @@ def hf_model_config(hf_dir: str | Path, overrides: Sequence[str] = (),
     if param_dtype is not None:
         fields["param_dtype"] = param_dtype
     cfg = config_lib.config_from_dict({"model": fields}, list(overrides))
-    form.check(cfg.model)
+    try:
+        form.check(cfg.model)
+    except lo.FormatRefusal as e:  # an override the format cannot hold
+        raise lo.ConversionError(f"{path} (model_type {model_type!r}) with "
+                                 f"{' '.join(overrides)}: {e.what}") from None
     return form, cfg
 
 

@@ -29,6 +29,15 @@ class ConversionError(ValueError):
     """The model cannot be represented in the target format, or the input is unusable."""
 
 
+class FormatRefusal(ConversionError):
+    """A format cannot hold this model (`to-hf --format F`) or read this config.json
+    (`from-hf`, which names the file instead of a flag)."""
+
+    def __init__(self, fmt: str, what: str):
+        super().__init__(f"--format {fmt}: {what}")
+        self.fmt, self.what = fmt, what
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """jaxmoe arrays `leaves` (entry `index` of their leading layers axis, or whole arrays when
@@ -194,7 +203,7 @@ def global_rules(m: ModelConfig) -> list[Rule]:
 # ----------------------------------------------------------------------------- config helpers
 
 def refuse(fmt: str, what: str) -> None:
-    raise ConversionError(f"--format {fmt}: {what}")
+    raise FormatRefusal(fmt, what)
 
 
 def check_common(fmt: str, m: ModelConfig) -> None:

@@ -170,6 +170,20 @@ def test_unsupported_hf_configs_are_refused(hf_mixtral, tmp_path, change, parts)
     with pytest.raises(ConversionError) as e:
         from_hf(bad, tmp_path / "out")
     _refused(e, *parts)
+    # named by the file read (from-hf has no --format flag; the message named one)
+    assert str(e.value).startswith(f"{bad / 'config.json'}") and "--format" not in str(e.value)
+
+
+def test_a_jaxmoe_checkpoint_given_to_from_hf_is_named(tmp_path):
+    """A jaxmoe export's config.json (jaxmoe's config) read as a Hugging Face one said
+    "model_type None is not supported"."""
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text(json.dumps({"model": {"num_layers": 2}}))
+    with pytest.raises(ConversionError) as e:
+        from_hf(tmp_path / "export", tmp_path / "out")
+    _refused(e, f"{tmp_path / 'export' / 'config.json'}: a jaxmoe config, not a Hugging Face "
+             "one; expected a Hugging Face model directory (`jaxmoe convert to-hf` converts a "
+             "jaxmoe checkpoint)")
 
 
 @pytest.mark.parametrize("text,parts", [
