@@ -172,9 +172,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     except Exception as e:  # the TPU compiler refuses programs that exceed HBM
         msg = str(e)
         if "RESOURCE_EXHAUSTED" in msg or "Ran out of memory" in msg:
-            first = next((ln for ln in msg.splitlines() if "memory" in ln.lower()), msg[:300])
+            first = next((ln for ln in msg.splitlines() if "memory" in ln.lower()),
+                         msg[:300]).strip()
             print(f"jaxmoe compile: the plan does not fit in HBM on {args.topology} "
-                  f"(compiler: {first.strip()})", file=sys.stderr)
+                  f"(compiler: {first})", file=sys.stderr)
+            if args.json_out:  # a sweep's record of this plan: no report, but the verdict
+                write_text_atomic(args.json_out, json.dumps(
+                    {"target": args.topology, "source": "compiled", "fits": False,
+                     "compiler_error": first}, indent=2))
             return EXIT_DOES_NOT_FIT
         raise
     print(estimate.format_report(report))

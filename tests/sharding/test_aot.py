@@ -5,6 +5,7 @@ Needs `libtpu` (a plain PyPI wheel: `pip install libtpu`, or `pip install -e .[t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -302,6 +303,19 @@ def test_plan_that_does_not_fit_exits_3(capsys):
                "model.num_kv_heads=128", "model.head_dim=128"])
     err = capsys.readouterr().err
     assert rc == 3 and "does not fit" in err and "\n" not in err.strip(), err
+
+
+def test_plan_the_tpu_compiler_refuses_for_hbm_exits_3_with_json(capsys, tmp_path):
+    """libtpu itself refusing the program (out of HBM) still writes --json-out: the verdict
+    and the compiler's line (no file was written, unlike the analytic does-not-fit case)."""
+    out = tmp_path / "plan.json"
+    rc = main(["compile", "--config", "configs/tiny_moe.yaml", "--topology", "v5e-4",
+               "train.batch_size=65536", "--json-out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 3 and "does not fit in HBM on v5e-4 (compiler: " in err, err
+    report = json.loads(out.read_text())
+    assert report["fits"] is False and report["target"] == "v5e-4"
+    assert "Ran out of memory" in report["compiler_error"] and report["compiler_error"] in err
 
 
 @pytest.mark.slow
