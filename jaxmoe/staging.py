@@ -63,7 +63,9 @@ def output_folder(out: str | Path) -> tuple[Path, str | None]:
     """(the folder an export is to be renamed to, a symlink followed; why it cannot be, or
     None). It must be new or an empty folder: a rename replaces only an empty one."""
     out = Path(out).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        return out, f"{out}: is a file; choose a new output directory"
+    if out.exists() and any(out.iterdir()):
         return out, f"{out}: exists and is not empty; choose a new output directory"
     return out, None
 

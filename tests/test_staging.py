@@ -48,9 +48,10 @@ def test_output_folder_is_new_or_empty_and_follows_a_symlink(tmp_path):
     assert output_folder(tmp_path / "new") == (tmp_path / "new", None)
     assert output_folder(empty) == (empty, None)
     assert output_folder(link) == (empty, None)  # the folder the link names
-    for bad in (full, full / "x"):
-        out, problem = output_folder(bad)
-        assert problem == f"{bad}: exists and is not empty; choose a new output directory"
+    assert output_folder(full)[1] == f"{full}: exists and is not empty; choose a new output " \
+                                     "directory"
+    assert output_folder(full / "x")[1] == f"{full / 'x'}: is a file; choose a new output " \
+                                           "directory"
 
 
 class _HalfWriter:

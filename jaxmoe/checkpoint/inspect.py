@@ -47,7 +47,8 @@ def resolve_step_dir(path: str | Path) -> Path:
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if not p.is_dir():
-        raise CheckpointError(f"{path}: no such directory")
+        what = "is a file; expected a directory" if p.is_file() else "no such directory"
+        raise CheckpointError(f"{path}: {what}")
     steps = sorted(int(c.name) for c in p.iterdir()
                    if c.name.isdigit() and (c / "state").is_dir())
     if not steps:
@@ -142,7 +143,7 @@ def describe(path: str | Path, *, config: bool = True) -> str:
     cfg = read_config(step_dir)
     if config and cfg is not None:
         lines.append("config:")
-        lines.extend("  " + l for l in yaml.safe_dump(cfg, sort_keys=False).splitlines())
+        lines.extend("  " + line for line in yaml.safe_dump(cfg, sort_keys=False).splitlines())
     return "\n".join(lines)
 
 

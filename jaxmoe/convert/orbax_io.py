@@ -93,7 +93,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """The step directory or export that `path` names (see the module docstring)."""
     path = Path(os.path.abspath(path))  # no `..`: tensorstore's file driver refuses them
     if not path.is_dir():
-        raise CheckpointFormatError(f"{path}: no such directory")
+        what = "is a file; expected a directory" if path.is_file() else "no such directory"
+        raise CheckpointFormatError(f"{path}: {what}")
     for candidate in (path, path / "checkpoints"):
         if (candidate / STATE_ITEM).is_dir() or (candidate / EXPORT_MARKER).is_file():
             return candidate

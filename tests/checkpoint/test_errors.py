@@ -77,6 +77,23 @@ def test_inspect_with_only_unfinished_saves(tmp_path):
     assert str(err.value) == f"{run_dir}: {expected}"
 
 
+def test_a_file_or_missing_path_is_named_as_such(tmp_path):
+    """`jaxmoe checkpoint inspect c1.json` said "no such directory" for a file; the
+    conversion reader (load_checkpoint, to-hf) likewise."""
+    from jaxmoe.convert.orbax_io import CheckpointFormatError, resolve_checkpoint
+
+    a_file = tmp_path / "c1.json"
+    a_file.write_text("{}")
+    for resolve, error in ((resolve_step_dir, CheckpointError),
+                           (resolve_checkpoint, CheckpointFormatError)):
+        with pytest.raises(error) as err:
+            resolve(a_file)
+        assert str(err.value) == f"{a_file}: is a file; expected a directory"
+        with pytest.raises(error) as err:
+            resolve(tmp_path / "none")
+        assert str(err.value) == f"{tmp_path / 'none'}: no such directory"
+
+
 def test_set_aside_never_overwrites(tmp_path):
     """`3/` set aside twice while `3.incomplete/` (from an earlier run) exists: the next free
     names `.incomplete-2`, `.incomplete-3` are taken; every folder keeps its own files."""
