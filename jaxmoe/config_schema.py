@@ -134,6 +134,11 @@ class TrainConfig:
     # on resume, read the data from its beginning instead of from where the checkpointed run
     # stood: what lets a run resume on another data stream (data.source, paths, ...)
     restart_data: bool = False
+    # a fresh run starts from these parameters (and router biases) instead of random ones: a
+    # run directory or step folder, a `jaxmoe checkpoint export-params` output or a
+    # `jaxmoe convert from-hf` output; names and shapes must match the model, dtypes are
+    # cast. The optimizer starts afresh at step 0. Ignored when the run resumes.
+    init_from: str = ""
     sample_prompt: str = "12+7="
     sample_tokens: int = 48
     tensorboard: bool = True

@@ -66,13 +66,14 @@ def _dtype_hint(step_dir: Path, stored: np.dtype, expected: np.dtype) -> str:
     return ""
 
 
-def check_shapes(step_dir: Path, stored: Any, target: Any) -> None:
+def check_shapes(step_dir: Path, stored: Any, target: Any, *, check_dtypes: bool = True) -> None:
     """Raises CheckpointMismatch naming the first array whose stored shape or dtype differs
     from `target` (restoring would silently cast a dtype, e.g. float32 -> bfloat16).
 
     stored: the item's metadata tree (leaves with `.shape`, `.dtype`); target: the pytree to
     restore (leaves with `.shape`, `.dtype`). Missing and unexpected arrays are reported the
-    same way; names and shapes are checked before dtypes."""
+    same way; names and shapes are checked before dtypes (`check_dtypes=False`: not at all, for a
+    restore that casts on purpose)."""
     have, want = flat_names(stored), flat_names(target)
     problems, dtypes = [], []
     for name, leaf in want.items():
@@ -83,7 +84,7 @@ def check_shapes(step_dir: Path, stored: Any, target: Any) -> None:
         elif tuple(have[name].shape) != shape:
             problems.append(f"array {name}: stored shape {tuple(have[name].shape)} but the "
                             f"config expects {shape}")
-        elif getattr(have[name], "dtype", None) is not None and \
+        elif check_dtypes and getattr(have[name], "dtype", None) is not None and \
                 np.dtype(have[name].dtype) != dtype:
             stored_dtype = np.dtype(have[name].dtype)
             dtypes.append((f"array {name}: stored as {stored_dtype} but the config expects "

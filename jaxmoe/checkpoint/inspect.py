@@ -26,6 +26,7 @@ from etils import epath
 
 from jaxmoe.checkpoint.damage import (
     CheckpointError,
+    check_shapes,
     explain,
     flat_names,
     older_steps_text,
@@ -173,21 +174,24 @@ def spreader(devices: list[jax.Device] | None = None
 def restore_params(path: str | Path, *, dtype: Any = None,
                    sharding: jax.sharding.Sharding | Callable[[tuple[int, ...]],
                                                               jax.sharding.Sharding] | None = None,
-                   collection: str = "params") -> dict[str, Any] | None:
+                   collection: str = "params", target: Any = None) -> Any:
     """The parameters of a training checkpoint or an export, as a nested dict of arrays.
 
     dtype: cast floating arrays while reading (None keeps the stored dtype); sharding: where
     every array goes, or a function of the array's shape giving that (e.g. `spreader()`;
     default: the first local device); collection: "params" or "rest" (the router selection
-    biases; None when the checkpoint has none)."""
+    biases; None when the checkpoint has none). target: a tree to read into instead (leaves
+    with shape, dtype and sharding, e.g. a train state's params): the stored names and
+    shapes must be its own (CheckpointMismatch), dtypes are cast to its."""
     step_dir = resolve_step_dir(path)
     try:
-        return _restore_params(step_dir, dtype, sharding, collection)
+        return _restore_params(step_dir, dtype, sharding, collection, target)
     except CheckpointError as e:
         raise _naming_older(e, step_dir) from e
 
 
-def _restore_params(step_dir: Path, dtype: Any, sharding: Any, collection: str) -> Any:
+def _restore_params(step_dir: Path, dtype: Any, sharding: Any, collection: str,
+                    target: Any = None) -> Any:
     item, exported = _item(step_dir)
     if exported:
         item = step_dir / collection
@@ -201,12 +205,17 @@ def _restore_params(step_dir: Path, dtype: Any, sharding: Any, collection: str) 
         raise CheckpointError(f"checkpoint {step_dir}: no {collection} in item {item.name}")
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-    def target(leaf):
+    def abstract_leaf(leaf):
         cast = dtype is not None and np.issubdtype(np.dtype(leaf.dtype), np.floating)
         where = sharding(tuple(leaf.shape)) if callable(sharding) else sharding
         return jax.ShapeDtypeStruct(leaf.shape, dtype if cast else leaf.dtype, sharding=where)
 
-    abstract = jax.tree.map(target, params_meta)
+    if target is None:
+        abstract = jax.tree.map(abstract_leaf, params_meta)
+    else:
+        check_shapes(step_dir, params_meta, target, check_dtypes=False)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
     if not exported:
         abstract = {collection: abstract}
     args = ocp.args.PyTreeRestore(

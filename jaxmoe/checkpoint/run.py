@@ -33,6 +33,7 @@ from jaxmoe import config as config_lib
 from jaxmoe.checkpoint import manager as ckpt
 from jaxmoe.checkpoint import priority
 from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch, older_steps_text
+from jaxmoe.checkpoint.init_from import init_from
 from jaxmoe.checkpoint.snapshot import StateSnapshot
 
 
@@ -157,7 +158,11 @@ class RunCheckpointer:
         step = self.manager.latest_step()
         if step is None:
             with trainer.context():
-                return trainer.init(), 0
+                state = trainer.init()
+            if self.cfg.train.init_from:
+                state, note = init_from(self.cfg.train.init_from, state)
+                _log(note)
+            return state, 0
         try:
             restored = ckpt.restore(self.manager, step, abstract_state(trainer))
             stored_step = int(np.asarray(jax.device_get(restored.state.step)))
@@ -228,6 +233,9 @@ class RunCheckpointer:
         if diff:
             _log(f"config differs from the checkpoint's: {'; '.join(diff)}")
         _log(f"resumed from {self.path(step)} (step {step})")
+        if self.cfg.train.init_from:  # a job script that keeps the flag: the run's own wins
+            _log(f"train.init_from={self.cfg.train.init_from} ignored: the run resumes from "
+                 "its own checkpoint")
         return restored.state, step
 
     def maybe_save(self, step: int, state: Any, train_iter: Any) -> bool:

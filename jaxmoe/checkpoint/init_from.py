@@ -1,0 +1,43 @@
+"""`train.init_from`: a fresh run starts from the parameters of another checkpoint.
+
+The source is anything `jaxmoe checkpoint export-params` reads: a run directory, its
+`checkpoints/` folder, a step folder, a params-only export, or a `jaxmoe convert from-hf`
+output (fine-tuning an imported Hugging Face model). Each array is read straight into the
+sharding of the fresh state's own (so onto any mesh), cast to its dtype; names and shapes
+must match the model the config builds. The optimizer state and step stay fresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from jaxmoe.checkpoint.damage import CheckpointMismatch
+from jaxmoe.checkpoint.inspect import resolve_step_dir, restore_params
+
+
+def _as_target(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        tree)
+
+
+def init_from(path: str, state: Any) -> tuple[Any, str]:
+    """(`state` with its params, and router biases where both have them, read from `path`;
+    a line saying what was read). Raises CheckpointError (CheckpointMismatch when the
+    stored arrays are not the model's), naming `train.init_from`."""
+    step_dir = resolve_step_dir(path)
+    try:
+        params = restore_params(step_dir, target=_as_target(state.params))
+        rest, note = state.rest, ""
+        if jax.tree.leaves(state.rest):
+            stored = restore_params(step_dir, collection="rest", target=_as_target(state.rest))
+            if stored is None:
+                note = "; router selection biases start at zero (it has none)"
+            else:
+                rest = stored
+    except CheckpointMismatch as e:
+        raise CheckpointMismatch(f"train.init_from={path}: {e}") from None
+    return (dataclasses.replace(state, params=params, rest=rest),
+            f"initialised the parameters from {step_dir}{note}; the optimizer starts afresh")

@@ -1,0 +1,131 @@
+"""`train.init_from`: a fresh run starts from another checkpoint's parameters.
+
+Reference: the arrays saved here (a seeded random "trained" state), compared bitwise; the
+fresh state `trainer.init()` builds for what must stay fresh (optimizer, step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmoe.checkpoint.damage import CheckpointMismatch
+from jaxmoe.checkpoint.inspect import export_params
+from jaxmoe.checkpoint.run import RunCheckpointer
+from jaxmoe.cli import main
+from jaxmoe.train.loop import build_trainer
+from tests.checkpoint._helpers import (
+    DataIterator,
+    assert_trees_equal,
+    host,
+    perturbed,
+    tiny_config,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(run dir with a checkpoint at step 3, its params-only export, the saved state)."""
+    cfg = tiny_config()
+    trainer = build_trainer(cfg, jax.devices()[:1])
+    with trainer.context():
+        state = perturbed(trainer.init(), seed=7)
+    state = dataclasses.replace(state, step=jax.numpy.asarray(3, state.step.dtype))
+    root = tmp_path_factory.mktemp("init_from")
+    checkpoints = RunCheckpointer(root / "run", cfg, async_save=False)
+    checkpoints.save(3, state, DataIterator(3), wait=True)
+    checkpoints.close()
+    export_params(root / "run", root / "export")
+    return root / "run", root / "export", host(state)
+
+
+def _start(run_dir, source, capsys, *overrides, devices=1):
+    """(state, step, log) of a fresh run in `run_dir` with train.init_from=source."""
+    cfg = tiny_config(f"train.init_from={source}", *overrides)
+    trainer = build_trainer(cfg, jax.devices()[:devices])
+    checkpoints = RunCheckpointer(run_dir, cfg, async_save=False)
+    try:
+        state, step = checkpoints.restore_or_init(trainer, DataIterator())
+    finally:
+        checkpoints.close()
+    with trainer.context():
+        fresh = host(trainer.init())
+    return state, step, capsys.readouterr().out, fresh
+
+
+@pytest.mark.parametrize("source", ["export", "run"])
+def test_a_fresh_run_starts_from_the_checkpoints_parameters(trained, tmp_path, capsys, source):
+    """Params and router biases are the saved ones, bitwise, read onto a 2-device FSDP mesh
+    (the source was saved from one device); step and optimizer state are fresh."""
+    run, export, saved = trained
+    path = export if source == "export" else run
+    state, step, log, fresh = _start(tmp_path / "new", path, capsys, "mesh.data=1",
+                                     "mesh.fsdp=2", devices=2)
+    assert step == 0
+    assert_trees_equal(state.params, saved.params)
+    assert_trees_equal(state.rest, saved.rest)
+    assert_trees_equal(state.opt_state, fresh.opt_state)
+    assert int(state.step) == 0
+    sharded = [x for x in jax.tree.leaves(state.params) if len(x.sharding.device_set) == 2]
+    assert sharded, "nothing was read onto the FSDP mesh"
+    where = export if source == "export" else run / "checkpoints" / "3"
+    assert (f"checkpoint: initialised the parameters from {where.absolute()}; the optimizer "
+            "starts afresh") in log
+
+
+def test_a_bfloat16_export_is_cast_to_the_models_dtype(trained, tmp_path, capsys):
+    """Reference: the saved float32 values rounded to bfloat16 (by numpy via ml_dtypes)."""
+    run, _, saved = trained
+    export_params(run, tmp_path / "bf16", dtype="bfloat16")
+    state, _, _, _ = _start(tmp_path / "new", tmp_path / "bf16", capsys)
+    for got, want in zip(jax.tree.leaves(host(state.params)), jax.tree.leaves(saved.params)):
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want.astype(jax.numpy.bfloat16).astype(np.float32))
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(trained, tmp_path, capsys):
+    _, export, _ = trained
+    with pytest.raises(CheckpointMismatch) as err:
+        _start(tmp_path / "new", export, capsys, "model.num_experts=8")
+    message = str(err.value)
+    assert message.startswith(f"train.init_from={export}: checkpoint {export.absolute()}: "
+                              "array ") and "stored shape" in message and "\n" not in message
+
+
+def test_a_resumed_run_ignores_init_from(trained, tmp_path, capsys):
+    """The run's own checkpoint wins (a job script that keeps the flag must not reset it)."""
+    run, export, saved = trained
+    state, step, log, _ = _start(run, export, capsys)
+    assert step == 3 and "train.init_from=" in log and "ignored" in log
+    assert_trees_equal(state.opt_state, saved.opt_state)
+
+
+def test_cli_refuses_a_missing_init_from_before_starting(tmp_path, capsys):
+    rc = main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(tmp_path / "r"),
+               f"train.init_from={tmp_path / 'none'}"])
+    assert rc == 2 and capsys.readouterr().err == (
+        f"jaxmoe: config error: train.init_from='{tmp_path / 'none'}': expected a checkpoint "
+        "folder (a run directory, a step folder, an export-params or convert from-hf "
+        "output)\n")
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_imported_hugging_face_model_starts_a_run(tmp_path, capsys):
+    """Fine-tuning a `jaxmoe convert from-hf` output: its config.json is the run's config,
+    its arrays the start. Reference: the same arrays as `load_checkpoint` reads them."""
+    from jaxmoe.config import load_config
+    from jaxmoe.convert import from_hf, load_checkpoint
+    from tests.convert.helpers import save_random_hf
+
+    imported = tmp_path / "imported"
+    from_hf(save_random_hf("mixtral", tmp_path / "hf"), imported)
+    cfg = load_config(imported / "config.json", [f"train.init_from={imported}"])
+    trainer = build_trainer(cfg, jax.devices()[:1])
+    checkpoints = RunCheckpointer(tmp_path / "run", cfg, async_save=False)
+    state, step = checkpoints.restore_or_init(trainer, DataIterator())
+    checkpoints.close()
+    assert step == 0
+    assert_trees_equal(state.params, load_checkpoint(imported).params)
