@@ -113,14 +113,21 @@ def describe(path: str | Path, *, config: bool = True) -> str:
     step_dir = resolve_step_dir(path)
     leaves = flat_names(read_metadata(step_dir))
     _, exported = _item(step_dir)
+    if exported:  # named as in a training checkpoint: params.*, and rest.* (router biases)
+        leaves = {f"params.{k}": v for k, v in leaves.items()}
+        if (step_dir / "rest").is_dir():
+            leaves.update({f"rest.{k}": v for k, v in
+                           flat_names(read_metadata(step_dir, step_dir / "rest")).items()})
     on_disk = sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file())
     total = sum(_bytes(v) for v in leaves.values())
     mesh = next((dict(zip(v.sharding.axis_names, np.asarray(v.sharding.shape).tolist()))
                  for v in leaves.values() if hasattr(v.sharding, "axis_names")), None)
-    header = json.loads((step_dir / EXPORT_MARKER).read_text()) if exported else None
-    step = header["step"] if exported else step_dir.name
-    lines = [f"checkpoint {step_dir}" + (" (params-only export)" if exported else ""),
-             f"step {step}; {len(leaves)} arrays, {_human(total)} in memory, "
+    header = json.loads((step_dir / EXPORT_MARKER).read_text()) if exported else {}
+    step = header.get("step") if exported else step_dir.name
+    source = f" of {header['source']}" if header.get("source") else ""
+    lines = [f"checkpoint {step_dir}" + (f" (params-only export{source})" if exported else ""),
+             ("no training step" if step is None else f"step {step}")
+             + f"; {len(leaves)} arrays, {_human(total)} in memory, "
              f"{_human(on_disk)} on disk"
              + (f"; saved on mesh {mesh}" if mesh else "")]
     width = max(len(n) for n in leaves) + 2

@@ -78,7 +78,13 @@ def test_export_params(run, tmp_path, capsys, dtype):
     assert spread and all("devices" in spec for spec in specs.values()), specs
     assert cli.main(["checkpoint", "inspect", str(out), "--no-config"]) == 0
     listing = capsys.readouterr().out
-    assert "(params-only export)" in listing and "step 2;" in listing
+    source = run_dir / "checkpoints" / "2"
+    assert f"(params-only export of {source.absolute()})" in listing and "step 2;" in listing
+    # every array is listed, the router biases under rest/ too (they were left out)
+    rows = {line.split()[0] for line in listing.splitlines()
+            if line.startswith(("params.", "rest."))}
+    assert rows == {f"params.{n}" for n in params} | {f"rest.{n}" for n in rest}
+    assert f"; {len(params) + len(rest)} arrays, " in listing
     # the output exists: refused as bad input (exit 2, as `jaxmoe convert` does), one line
     assert cli.main(argv) == 2
     assert capsys.readouterr().err == (f"jaxmoe: {out.resolve()}: exists and is not empty; "
