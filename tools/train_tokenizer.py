@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", "--vocab_size", dest="vocab_size",
                    type=int, required=True)
     p.add_argument("--out", required=True, help="tokenizer.json (bpe) or NAME.model (spm)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (a run trained with it refuses to resume)")
     p.add_argument("--max-documents", "--max_documents", dest="max_documents",
                    type=int, default=None, help="train on the first N docs")
     p.add_argument("--num-documents", "--num_documents", dest="num_documents",
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"--kind {args.kind}")
     if os.path.isdir(args.out):
         p.error(f"--out {args.out!r}: is a directory; expected a file path")
+    if os.path.exists(args.out) and not args.overwrite:
+        p.error(f"--out {args.out!r}: exists; expected a new file, or --overwrite to replace "
+                "it (runs trained with it then refuse to resume)")
     bad: dict[str, int] = {}
     try:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

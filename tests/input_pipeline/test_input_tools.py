@@ -46,7 +46,7 @@ def test_build_arrayrecord_round_trip(tmp_path, capsys, fmt: str) -> None:
     assert sorted(got) == sorted(texts)
 
 
-def test_train_tokenizer_tool(tmp_path) -> None:
+def test_train_tokenizer_tool(tmp_path, capsys) -> None:
     src = write_jsonl(tmpfile(tmp_path, "in.jsonl"), unique_texts(200))
     out = tmpfile(tmp_path, "tok/tokenizer.json")
     assert _tool("train_tokenizer").main(
@@ -54,6 +54,16 @@ def test_train_tokenizer_tool(tmp_path) -> None:
     tok = make_tokenizer(DataConfig(tokenizer=out))
     assert tok.decode(tok.encode("doc 00012 ab cd")) == "doc 00012 ab cd"
     assert tok.vocab_size <= 280
+    # an existing tokenizer is kept unless --overwrite (it was replaced silently; a run
+    # trained with it then refuses to resume)
+    before = open(out, "rb").read()
+    argv = ["--format", "jsonl", "--vocab-size", "270", "--out", out, src]
+    line = _fails("train_tokenizer", argv, capsys)
+    assert line.endswith(f"--out {out!r}: exists; expected a new file, or --overwrite to "
+                         "replace it (runs trained with it then refuse to resume)")
+    assert open(out, "rb").read() == before
+    assert _tool("train_tokenizer").main([*argv, "--overwrite"]) == 0
+    assert open(out, "rb").read() != before
 
 
 def _one_error_line(err: str, tool: str) -> str:
