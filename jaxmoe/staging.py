@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,23 @@ def _existing_parent(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def remove_failed_staging_dir(tmp: Path, settle_s: float = 0.5, timeout_s: float = 30.0) -> None:
+    """Removes the staging directory of a write that failed. Writer threads of the failed
+    library call may still finish other arrays' writes (Orbax abandons them to TensorStore,
+    whose file driver re-creates missing folders): the directory is removed again until it
+    stayed away for `settle_s` seconds, for at most `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(settle_s)
+        if not tmp.exists():
+            return
+        if time.monotonic() > deadline:
+            log.warning("%s: still being written to by abandoned writer threads; left behind "
+                        "(the next run of this output removes it)", tmp)
+            return
 
 
 def scratch_dir(base: str | Path, prefix: str = "jaxmoe-") -> Path:

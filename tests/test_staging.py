@@ -2,10 +2,17 @@
 
 import os
 import subprocess
+import threading
+import time
 
 import pytest
 
-from jaxmoe.staging import output_folder, staging_dir, stale_staging_dirs
+from jaxmoe.staging import (
+    output_folder,
+    remove_failed_staging_dir,
+    staging_dir,
+    stale_staging_dirs,
+)
 
 
 def test_staging_dir_removes_only_dead_processes_dirs(tmp_path):
@@ -100,3 +107,21 @@ def test_write_text_atomic_leaves_the_old_file_or_the_new(tmp_path, monkeypatch,
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
     assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_a_failed_staging_dir_is_removed_after_late_writes(tmp_path):
+    """A writer thread the failed call abandoned re-creates the folder after the first
+    removal (TensorStore's file driver makes missing folders): removed again once quiet.
+    Reference: the folder is gone after both writes and the removal (one rmtree left it)."""
+    tmp = tmp_path / ".out.partial-1"
+    (tmp / "params").mkdir(parents=True)
+
+    def late_write():
+        time.sleep(0.1)
+        (tmp / "params" / "d").mkdir(parents=True)
+        (tmp / "params" / "d" / "x").write_text("late")
+    writer = threading.Thread(target=late_write)
+    writer.start()
+    remove_failed_staging_dir(tmp, settle_s=0.3)
+    writer.join()
+    assert not tmp.exists()

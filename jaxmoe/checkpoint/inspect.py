@@ -14,7 +14,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +33,7 @@ from jaxmoe.checkpoint.damage import (
     write_problem,
 )
 from jaxmoe.checkpoint.manager import TMP_MARKER
-from jaxmoe.staging import output_folder, staging_dir
+from jaxmoe.staging import output_folder, remove_failed_staging_dir, staging_dir
 
 EXPORT_MARKER = "export.json"
 
@@ -288,7 +287,7 @@ def export_params(path: str | Path, out: str | Path, *, dtype: str | None = None
         (tmp / EXPORT_MARKER).write_text(json.dumps(header, indent=1))
         os.rename(tmp, out)  # takes the place of an empty folder atomically
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_failed_staging_dir(tmp)
         if isinstance(e, Exception) and not isinstance(e, CheckpointError):
             raise CheckpointError(f"writing {out}: {write_problem(e)}") from e
         raise
