@@ -43,6 +43,15 @@ _STEP_NAME = re.compile(r"0|[1-9][0-9]*")  # the step folder names Orbax recogni
 
 # ----------------------------------------------------------------------------- data item
 
+DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")  # PerProcessJsonHandler's names
+
+
+def saved_data_states(step_dir: Path) -> dict[tuple[int, int], Path]:
+    """{(process index, process count): file} of the data states saved in a step folder."""
+    return {(int(m[1]), int(m[2])): p for p in sorted((step_dir / "data").glob("*.json"))
+            if (m := DATA_FILE.fullmatch(p.name))}
+
+
 class PerProcessJsonHandler(ocp.JsonCheckpointHandler):
     """Every process writes its own `process_<i>-of-<n>.json` (its data shard's position)."""
 

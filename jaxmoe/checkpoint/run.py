@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import threading
@@ -183,7 +182,7 @@ class RunCheckpointer:
         where = f"checkpoint {self.path(step)}"
         # What the stream read (input_pipeline/fingerprint.py): tokenizer contents, train files.
         # Checkpoints from before fingerprints compare the tokenizer by its path.
-        stored_inputs = (restored.data_state or {}).get("inputs")
+        stored_inputs = self._stored_inputs(restored, step)
         inputs = getattr(train_iter, "inputs", None)
         fingerprinted = stored_inputs is not None and inputs is not None
         differ = input_changes(stored_inputs, inputs) if fingerprinted else {}
@@ -222,8 +221,7 @@ class RunCheckpointer:
                     f"checkpoint {self.path(step)}: the data-iterator state does not fit "
                     f"this data config ({type(e).__name__}: {e})") from e
         else:
-            saved = sorted({int(m.group(1)) for p in (self.path(step) / "data").glob("*.json")
-                            if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))})
+            saved = sorted({n for _, n in ckpt.saved_data_states(self.path(step))})
             counts = " or ".join(map(str, saved))
             what = (f"holds the data-iterator states of {counts} processes, this run has "
                     f"{jax.process_count()}" if saved else "has no data-iterator state")
@@ -237,6 +235,21 @@ class RunCheckpointer:
             _log(f"train.init_from={self.cfg.train.init_from} ignored: the run resumes from "
                  "its own checkpoint")
         return restored.state, step
+
+    def _stored_inputs(self, restored: Any, step: int) -> dict[str, Any] | None:
+        """The fingerprint saved with the data position (input_pipeline/fingerprint.py):
+        this process's, or, after a change of the process count, any process's (all
+        processes read the same tokenizer and files). None for checkpoints before it."""
+        if restored.data_state is not None:
+            return restored.data_state.get("inputs")
+        for path in ckpt.saved_data_states(self.path(step)).values():
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(state, dict) and "inputs" in state:
+                return state["inputs"]
+        return None
 
     def maybe_save(self, step: int, state: Any, train_iter: Any) -> bool:
         """Starts an async save when `step` is a multiple of train.checkpoint_every (and keeps

@@ -316,6 +316,51 @@ def test_process_count_change_restarts_the_data(two_steps, tmp_path, capsys):
     assert sorted(p.name for p in data_dir.glob("process_*")) == ["process_0-of-2.json"]
 
 
+class FingerprintedData(DataIterator):
+    """A data iterator whose state carries a fingerprint of its inputs, as the real one."""
+
+    def __init__(self, tokenizer: str, batches: int = 0):
+        super().__init__(batches)
+        self.inputs = {"tokenizer": tokenizer, "files": 0, "files_sha256": "none"}
+        self.state["inputs"] = self.inputs
+
+
+def test_a_changed_tokenizer_is_refused_after_a_process_count_change(two_steps, tmp_path):
+    """Without its own data state (saved by 2 processes, resumed by 1) a process still
+    compares the tokenizer's contents, with any process's fingerprint (they were skipped)."""
+    run_dir = copy_run(two_steps, tmp_path)
+    trainer = two_steps[1]
+    checkpoints, state, _, _, _ = resume(run_dir, trainer)
+    checkpoints.save(3, at_step(state, 3), FingerprintedData("sha256:aaaa"), wait=True)
+    checkpoints.close()
+    data_dir = run_dir / "checkpoints" / "3" / "data"
+    (data_dir / "process_0-of-1.json").rename(data_dir / "process_0-of-2.json")
+    checkpoints, _, step, _, _ = resume(run_dir, trainer, data=FingerprintedData("sha256:aaaa"))
+    checkpoints.close()
+    assert step == 3
+    with pytest.raises(CheckpointMismatch) as err:
+        resume(run_dir, trainer, data=FingerprintedData("sha256:bbbb"))
+    assert "its contents differ from the run's (sha256:aaaa -> sha256:bbbb)" in str(err.value)
+
+
+def test_an_older_checkpoint_compares_the_tokenizer_by_its_path(two_steps, tmp_path):
+    """A data state saved before fingerprints (no `inputs`): data.tokenizer is compared by
+    its path."""
+    run_dir = copy_run(two_steps, tmp_path)
+    trainer = two_steps[1]
+    cfg = dataclasses.replace(trainer.cfg, data=dataclasses.replace(
+        trainer.cfg.data, tokenizer="/elsewhere/tok.json"))
+    checkpoints = RunCheckpointer(run_dir, cfg)
+    with pytest.raises(CheckpointMismatch) as err:
+        checkpoints.restore_or_init(trainer, FingerprintedData("sha256:aaaa"))
+    checkpoints.close()
+    assert str(err.value) == (
+        f"checkpoint {run_dir.absolute() / 'checkpoints' / '2'}: data.tokenizer='byte' -> "
+        "'/elsewhere/tok.json': expected the run's tokenizer settings (the model's token ids "
+        "would change meaning; a tokenizer file is compared by its path); a new tokenizer "
+        "needs a new --run-dir")
+
+
 def test_config_diff():
     stored = {"model": {"dim": 64, "sizes": [1, 2], "old": 1}, "seed": 0}
     current = {"model": {"dim": 128, "sizes": (1, 2), "new": "x"}, "seed": 0}
