@@ -190,9 +190,6 @@ def check_data(cfg: Config) -> Config:
     from input_pipeline.tokenizer import make_tokenizer
 
     check_trainable(cfg)
-    if cfg.train.init_from and not os.path.isdir(cfg.train.init_from):
-        fail("train.init_from", cfg.train.init_from, "a checkpoint folder (a run directory, a "
-             "step folder, an export-params or convert from-hf output)")
     d = cfg.data
     if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
         fail("data.tokenizer", d.tokenizer, "'byte' or an existing tokenizer file")

@@ -10,12 +10,29 @@ must match the model the config builds. The optimizer state and step stay fresh.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
 
-from jaxmoe.checkpoint.damage import CheckpointMismatch
+from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch
 from jaxmoe.checkpoint.inspect import resolve_step_dir, restore_params
+from jaxmoe.config_schema import ConfigError
+
+
+def check_source(path: str, run_dir: str | Path) -> None:
+    """Refuses, before a fresh run starts, a `train.init_from` that names no checkpoint
+    (ConfigError, one line). A run that resumes ignores it, so it is not checked then (its
+    source may be gone by the time a preempted run resumes)."""
+    try:
+        resolve_step_dir(run_dir)
+        return  # the run resumes from its own checkpoint
+    except CheckpointError:
+        pass
+    try:
+        resolve_step_dir(path)
+    except CheckpointError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
 
 
 def _as_target(tree: Any) -> Any:

@@ -19,6 +19,7 @@ import input_pipeline
 import sharding
 from jaxmoe import config as config_lib
 from jaxmoe.checkpoint import manager as ckpt
+from jaxmoe.checkpoint.init_from import check_source
 from jaxmoe.checkpoint.run import PreemptionGuard, RunCheckpointer
 from jaxmoe.inference.sample import greedy_generate
 from jaxmoe.model.moe.block import expert_dispatch
@@ -174,6 +175,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
         process_index=jax.process_index(), process_count=jax.process_count())
     eval_data = _eval_batches(cfg, per_process)
 
+    if cfg.train.init_from:
+        check_source(cfg.train.init_from, run_dir)
     # The run directory is made once the mesh and the data are known to work: a run refused
     # before it starts leaves no directory behind.
     if is_main:

@@ -103,14 +103,27 @@ def test_a_resumed_run_ignores_init_from(trained, tmp_path, capsys):
     assert_trees_equal(state.opt_state, saved.opt_state)
 
 
-def test_cli_refuses_a_missing_init_from_before_starting(tmp_path, capsys):
-    rc = main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(tmp_path / "r"),
-               f"train.init_from={tmp_path / 'none'}"])
-    assert rc == 2 and capsys.readouterr().err == (
-        f"jaxmoe: config error: train.init_from='{tmp_path / 'none'}': expected a checkpoint "
-        "folder (a run directory, a step folder, an export-params or convert from-hf "
-        "output)\n")
-    assert not (tmp_path / "r").exists()
+def test_cli_refuses_a_bad_init_from_before_starting_and_a_resume_ignores_it(tmp_path,
+                                                                              capsys):
+    """A missing folder or one without a checkpoint: one config-error line (exit 2) before
+    the run directory is made. A run that resumes does not read it (its source may be gone
+    by the time a preempted job resumes): a missing one was refused and blocked the resume."""
+    base = ["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(tmp_path / "r"),
+            "--no-progress", "train.sample_tokens=0", "train.eval_batches=1",
+            "train.batch_size=8", "data.seq_len=64"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for bad, why in ((tmp_path / "none", "no such directory"),
+                     (empty, "no complete checkpoint (expected a run directory, its "
+                             "checkpoints/ folder, a step folder holding state/, or an "
+                             "export)")):
+        assert main(base + ["train.steps=1", f"train.init_from={bad}"]) == 2
+        assert capsys.readouterr().err == f"jaxmoe: config error: train.init_from: {bad}: {why}\n"
+        assert not (tmp_path / "r").exists()
+    assert main(base + ["train.steps=1"]) == 0
+    capsys.readouterr()
+    assert main(base + ["train.steps=2", f"train.init_from={tmp_path / 'none'}"]) == 0
+    assert f"train.init_from={tmp_path / 'none'} ignored" in capsys.readouterr().out
 
 
 def test_an_imported_hugging_face_model_starts_a_run(tmp_path, capsys):
