@@ -185,7 +185,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(estimate.format_report(report))
     if args.json_out:
         d = dataclasses.asdict(report)
-        d.update(step_s=report.step_s, mfu=report.mfu(), hbm_fraction=report.hbm_fraction)
+        d.update(step_s=report.step_s, mfu=report.mfu(), hbm_fraction=report.hbm_fraction,
+                 fits=report.fits)
         write_text_atomic(args.json_out, json.dumps(d, indent=2, default=float))
     if not report.fits:
         print(f"jaxmoe compile: the plan does not fit: {report.memory['total'] / 2**30:.2f} "

@@ -45,6 +45,21 @@ def test_float16_compute_is_refused_on_every_target(capsys):
         capsys.readouterr().err
 
 
+def test_json_report_says_whether_the_plan_fits(tmp_path, capsys):
+    """`fits` is in every --json-out file (it was only in the compiler-out-of-HBM one, so a
+    sweep reading it failed on every plan that fits). Reference: the printed report."""
+    import json
+
+    from jaxmoe.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["compile", "--config", "configs/tiny_moe.yaml", "--topology", "h100-8",
+                 "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["fits"] is True and report["target"] == "h100-8"
+    assert f"estimated MFU: {100 * report['mfu']:.1f}%" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("flag", ["--json-out", "--hlo-out"])
 def test_unwritable_report_paths_are_refused_before_compiling(tmp_path, capsys, flag):
     """A folder, or a file in a folder that does not exist: one line, exit 2, before any
