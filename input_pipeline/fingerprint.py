@@ -2,10 +2,11 @@
 
 A resumed run compares the checkpoint's fingerprint with today's (`jaxmoe/checkpoint/run.py`):
 the tokenizer by its file's contents, not its path (a tokenizer retrained into the same file
-is noticed, the same file moved is not a change), and the split's files by their sorted
-(absolute path, size) list (a `data.paths` glob that matches more files since, or a file
-that grew, is noticed). The data files' contents are not read: a file rewritten to the same
-size is not noticed.
+is noticed, the same file moved is not a change), and the split's files by their (absolute
+path, size) list in reading order (source by source, each pattern's matches sorted): a
+`data.paths` glob that matches more files since, or a file that grew, is noticed; so is a
+relative pattern resumed from another working directory. The data files' contents are not
+read: a file rewritten to the same size is not noticed.
 """
 
 from __future__ import annotations

@@ -116,12 +116,13 @@ def test_a_failed_staging_dir_is_removed_after_late_writes(tmp_path):
     tmp = tmp_path / ".out.partial-1"
     (tmp / "params").mkdir(parents=True)
 
-    def late_write():
-        time.sleep(0.1)
+    def late_write():  # right after the first removal, well inside the settle window
+        while tmp.exists():
+            time.sleep(0.001)
         (tmp / "params" / "d").mkdir(parents=True)
         (tmp / "params" / "d" / "x").write_text("late")
     writer = threading.Thread(target=late_write)
     writer.start()
-    remove_failed_staging_dir(tmp, settle_s=0.3)
+    remove_failed_staging_dir(tmp, settle_s=1.0)
     writer.join()
     assert not tmp.exists()

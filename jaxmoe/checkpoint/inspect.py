@@ -41,7 +41,7 @@ EXPORT_MARKER = "export.json"
 def resolve_step_dir(path: str | Path) -> Path:
     """A run directory, its `checkpoints/` folder, a step folder or an export -> the folder
     holding the arrays (the latest complete step when several are present)."""
-    p = Path(path).absolute()
+    p = Path(os.path.abspath(path))  # normalised: no `..` in the paths it names
     if (p / "state").is_dir() or (p / EXPORT_MARKER).is_file():
         return p
     if (p / "checkpoints").is_dir():

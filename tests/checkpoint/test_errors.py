@@ -168,3 +168,6 @@ def test_checkpoint_dir_is_absolute_and_normalised(tmp_path, monkeypatch):
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "repo")
     assert ckpt.checkpoint_dir(link / "run") == link / "run" / "checkpoints"
+    (tmp_path / "export").mkdir()  # what inspect, export-params and init_from read
+    (tmp_path / "export" / "export.json").write_text("{}")
+    assert resolve_step_dir("../export") == tmp_path / "export"
