@@ -104,7 +104,9 @@ def check_shapes(step_dir: Path, stored: Any, target: Any, *, check_dtypes: bool
 # `Error reading "params.lm_head.value/0.1"` or `Metadata at "step/zarr.json" ... does not
 # exist`. Absolute file paths start with "/" and never match.
 _ARRAY_KEY = re.compile(r'"([A-Za-z0-9_.\-]+)/(?:zarr\.json|\.zarray|[0-9.]*|c/[0-9/]*)"')
-_SPEC = re.compile(r"\s*\[tensorstore_spec[^\]]*\]|\s*See full TensorStore details:.*", re.DOTALL)
+# The spec is JSON in quotes and holds brackets of its own ("chunk_shape":[0,0]).
+_SPEC = re.compile(r"\s*\[tensorstore_spec='.*?'\]|\s*\[tensorstore_spec[^\]]*\]"
+                   r"|\s*See full TensorStore details:.*", re.DOTALL)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

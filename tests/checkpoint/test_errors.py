@@ -171,3 +171,18 @@ def test_checkpoint_dir_is_absolute_and_normalised(tmp_path, monkeypatch):
     (tmp_path / "export").mkdir()  # what inspect, export-params and init_from read
     (tmp_path / "export" / "export.json").write_text("{}")
     assert resolve_step_dir("../export") == tmp_path / "export"
+
+
+def test_write_problem_drops_a_spec_with_brackets_of_its_own():
+    """The OS reason comes first even when TensorStore's spec, which holds brackets of its
+    own, sits before it (the spec's tail was taken for the reason: `[0,0]}}'] (errno 27)`,
+    in about 1 of 6 full-disk test runs). Reference: the message written here."""
+    from jaxmoe.checkpoint.damage import write_problem
+
+    spec = ('{"driver":"zarr3","metadata":{"chunk_grid":{"configuration":'
+            '{"chunk_shape":[0,0]}}}}')
+    message = ('OUT_OF_RANGE: Error writing "a/zarr.json": Failed writing: "/x/f": File too '
+               f"large [tensorstore_spec='{spec}'] [os_error_code='27']")
+    assert write_problem(OSError(message)) == (
+        'File too large (errno 27): OUT_OF_RANGE: Error writing "a/zarr.json": Failed '
+        'writing: "/x/f": File too large [os_error_code=\'27\']')
