@@ -10,10 +10,12 @@ and collectives (`sharding.hlo`), and turns them into a step-time and MFU estima
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -122,22 +124,31 @@ def _example_shape(chip: Chip, chips: int = 0) -> str:
     return "x".join(["4"] * ndim)
 
 
-def _quiet_libtpu_off_tpu(target: Target) -> None:
+@contextlib.contextmanager
+def _quiet_libtpu_off_tpu(target: Target) -> Iterator[None]:
     """On a host without TPU chips, libtpu looks for the slice it runs on and prints an
-    `E... INVALID_ARGUMENT` trace and warnings on every (successful) compile. Compile-only
+    `E... INVALID_ARGUMENT` trace and warnings on every (successful) compile: it is told the
+    target's accelerator type and a local worker while it describes the topology (unset
+    again after, so child processes see the environment they were given). Compile-only
     devices do not depend on these settings (checked with libtpu 0.0.42.1, v4 and v5p
     targets); a TPU host's own values are never replaced."""
     try:
         from jax._src import hardware_utils
 
-        if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
-            return
+        on_tpu = bool(hardware_utils.num_available_tpu_chips_and_device_id()[0])
     except (ImportError, AttributeError):  # a jax without it: leave libtpu as it is
-        return
+        on_tpu = True
     cores = CORES_IN_NAME.get(target.chip.name, 1)
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE",
-                          f"{target.chip.topology_prefix}-{target.chips * cores}")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    defaults = {} if on_tpu else {
+        "TPU_ACCELERATOR_TYPE": f"{target.chip.topology_prefix}-{target.chips * cores}",
+        "TPU_WORKER_HOSTNAMES": "localhost"}
+    added = [k for k in defaults if k not in os.environ]
+    os.environ.update({k: defaults[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def topology_devices(target: Target) -> list[Any] | None:
@@ -153,16 +164,18 @@ def topology_devices(target: Target) -> list[Any] | None:
     if target.chip.platform == "tpu":
         if xla_bridge.get_tpu_library_path() is None:
             return None  # no libtpu
-        _quiet_libtpu_off_tpu(target)
+        quiet = _quiet_libtpu_off_tpu(target)
         name = target.topology_name
         kwargs = {"num_slices": target.num_slices} if target.num_slices > 1 else {}
         if target.chip.chip_config:
             kwargs["chip_config_name"] = target.chip.chip_config
     else:
-        name, kwargs = target.name, {}
+        name, kwargs, quiet = target.name, {}, contextlib.nullcontext()
     platform = "tpu" if target.chip.platform == "tpu" else "cuda"
     try:
-        topo = topologies.get_topology_desc(platform=platform, topology_name=name, **kwargs)
+        with quiet:
+            topo = topologies.get_topology_desc(platform=platform, topology_name=name,
+                                                **kwargs)
     except (ImportError, NotImplementedError):  # no plugin registered for the platform
         return None
     except (RuntimeError, ValueError) as e:

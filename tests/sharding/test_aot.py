@@ -103,7 +103,7 @@ def test_v4_compiles_for_one_device_per_chip(capsys):
     assert "target: v4-8 (v4:2x2x1; 4 chips, 4 devices); mesh data=4; source: compiled" in out
 
 
-def test_compile_prints_no_libtpu_noise_off_tpu():
+def test_compile_prints_no_libtpu_noise_off_tpu(capsys):
     """On a host without TPU chips, libtpu printed an `E... INVALID_ARGUMENT` trace and
     warnings on every successful compile; stderr is now clean (its own process: libtpu
     speaks once, when it loads)."""
@@ -115,6 +115,11 @@ def test_compile_prints_no_libtpu_noise_off_tpu():
     assert "source: compiled" in run.stdout
     for noise in ("INVALID_ARGUMENT", "Failed to find host bounds", "could not determine"):
         assert noise not in run.stderr, run.stderr
+    # in this process, the settings given to libtpu are unset again after use
+    keys = {"TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES"}
+    before = {k: os.environ.get(k) for k in keys}
+    assert main(["compile", "--config", "configs/tiny_moe.yaml", "--topology", "v5p-8"]) == 0
+    assert {k: os.environ.get(k) for k in keys} == before
 
 
 def test_gpu_target_falls_back_to_the_analytic_estimate(capsys):
