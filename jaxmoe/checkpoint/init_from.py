@@ -40,10 +40,11 @@ def _as_target(tree: Any) -> Any:
                         tree)
 
 
-def init_from(path: str, state: Any) -> tuple[Any, str]:
+def init_from(path: str, state: Any) -> tuple[Any, str, Path]:
     """(`state` with its params, and router biases where both have them, read from `path`;
-    a line saying what was read). Raises CheckpointError (CheckpointMismatch when the
-    stored arrays are not the model's), naming `train.init_from`."""
+    a line saying what was read; the step folder or export read). Raises CheckpointError
+    (CheckpointMismatch when the stored arrays are not the model's), naming
+    `train.init_from`."""
     step_dir = resolve_step_dir(path)
     try:
         params = restore_params(step_dir, target=_as_target(state.params))
@@ -57,4 +58,5 @@ def init_from(path: str, state: Any) -> tuple[Any, str]:
     except CheckpointMismatch as e:
         raise CheckpointMismatch(f"train.init_from={path}: {e}") from None
     return (dataclasses.replace(state, params=params, rest=rest),
-            f"initialised the parameters from {step_dir}{note}; the optimizer starts afresh")
+            f"initialised the parameters from {step_dir}{note}; the optimizer starts afresh",
+            step_dir)

@@ -33,6 +33,7 @@ from jaxmoe.checkpoint import manager as ckpt
 from jaxmoe.checkpoint import priority
 from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch, older_steps_text
 from jaxmoe.checkpoint.init_from import init_from
+from jaxmoe.checkpoint.inspect import read_config
 from jaxmoe.checkpoint.snapshot import StateSnapshot
 
 
@@ -159,8 +160,14 @@ class RunCheckpointer:
             with trainer.context():
                 state = trainer.init()
             if self.cfg.train.init_from:
-                state, note = init_from(self.cfg.train.init_from, state)
+                state, note, source = init_from(self.cfg.train.init_from, state)
                 _log(note)
+                # Same shapes, other numerics (rope_theta, norm_eps, top-k, ...) load: say so
+                stored = (read_config(source) or {}).get("model")
+                diff = config_diff({"model": stored}, {"model": self._config["model"]}) \
+                    if stored else []
+                if diff:
+                    _log(f"model settings differ from {source}'s: {'; '.join(diff)}")
             return state, 0
         try:
             restored = ckpt.restore(self.manager, step, abstract_state(trainer))

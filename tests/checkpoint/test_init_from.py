@@ -142,3 +142,15 @@ def test_an_imported_hugging_face_model_starts_a_run(tmp_path, capsys):
     checkpoints.close()
     assert step == 0
     assert_trees_equal(state.params, load_checkpoint(imported).params)
+
+
+def test_other_model_numerics_load_and_are_named(trained, tmp_path, capsys):
+    """Same names and shapes, another rope_theta: it loads (the user may mean it) and the
+    log names the difference against the source's stored config (it loaded silently)."""
+    _, export, saved = trained
+    state, _, log, _ = _start(tmp_path / "new", export, capsys, "model.rope_theta=500000")
+    assert_trees_equal(state.params, saved.params)
+    assert (f"checkpoint: model settings differ from {export.absolute()}'s: model.rope_theta: "
+            "10000.0 -> 500000.0") in log.splitlines()
+    _, _, same, _ = _start(tmp_path / "same", export, capsys)
+    assert "model settings differ" not in same
