@@ -186,3 +186,10 @@ class DataConfig:
             return self.sources
         return (SourceConfig(source=self.source, paths=self.paths, eval_paths=self.eval_paths,
                              text_field=self.text_field),)
+
+    def named_sources(self) -> list[tuple[str, SourceConfig]]:
+        """`source_configs()` with the config section each comes from, for messages:
+        `data.sources[i]` in a mixture, else `data`."""
+        if self.source == "mixture":
+            return [(f"data.sources[{i}]", s) for i, s in enumerate(self.sources)]
+        return [("data", s) for s in self.source_configs()]

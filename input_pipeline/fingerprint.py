@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from input_pipeline.config import DataConfig
-from input_pipeline.sources import expand_paths
+from input_pipeline.sources import expand_paths, split_field
 
 
 def tokenizer_digest(tokenizer: str) -> str:
@@ -34,11 +34,10 @@ def split_files(cfg: DataConfig, split: str) -> list[str]:
     """The files a split's records come from, source by source (none for synthetic ones):
     `eval_paths` for a held-out split that has them, else `paths`."""
     files = []
-    for i, src in enumerate(cfg.source_configs()):
+    for where, src in cfg.named_sources():
         if src.source == "synthetic":
             continue
-        where = f"data.sources[{i}]" if cfg.source == "mixture" else "data"
-        field = "eval_paths" if split == "eval" and src.eval_paths else "paths"
+        field = split_field(src, split)
         files += expand_paths(getattr(src, field), f"{where}.{field}")
     return files
 

@@ -91,8 +91,7 @@ def document_dataset(cfg: DataConfig, *, split: str, seed: int, process_index: i
         num_epochs = 1
     tokenizer = make_tokenizer(cfg)
     per_source = []
-    for i, src in enumerate(cfg.source_configs()):
-        name = f"data.sources[{i}]" if cfg.source == "mixture" else "data"
+    for i, (name, src) in enumerate(cfg.named_sources()):
         records = open_source(src, cfg, split, name)
         if len(records) < process_count:
             raise DataError(f"data.source={src.source!r} ({split}): {len(records)} records "

@@ -240,6 +240,12 @@ def _open_file(kind: str, path: str, field: str) -> RecordSource:
                         f"a file in {kind} format") from e
 
 
+def split_field(src: SourceConfig, split: str) -> str:
+    """The setting whose files a split reads: `eval_paths` for a held-out split that has
+    them, else `paths` (the held-out split is then the last `eval_fraction` of them)."""
+    return "eval_paths" if split == "eval" and src.eval_paths else "paths"
+
+
 def open_source(src: SourceConfig, cfg: DataConfig, split: str,
                 where: str = "data") -> RecordSource:
     """The records of one source's split (without host sharding).
@@ -253,7 +259,7 @@ def open_source(src: SourceConfig, cfg: DataConfig, split: str,
         return corpus.SyntheticSource(
             cfg.seed, *corpus.split_bounds(cfg.num_documents, cfg.eval_fraction, split))
     if src.eval_paths:
-        field = "paths" if split == "train" else "eval_paths"
+        field = split_field(src, split)
         return ConcatSource([_open_file(src.source, p, src.text_field) for p in
                              expand_paths(getattr(src, field), f"{where}.{field}")])
     whole = ConcatSource([_open_file(src.source, p, src.text_field)

@@ -200,9 +200,7 @@ def check_data(cfg: Config) -> Config:
     if vocab > cfg.model.vocab_size:
         fail("model.vocab_size", cfg.model.vocab_size,
               f">= {vocab}, the vocab_size of data.tokenizer={d.tokenizer!r}")
-    sources = ([(f"data.sources[{i}]", s) for i, s in enumerate(d.sources)]
-               if d.source == "mixture" else [("data", d)])
-    for prefix, src in sources:
+    for prefix, src in d.named_sources():
         if src.source == "synthetic":
             continue
         for name in ("paths", "eval_paths"):
