@@ -157,18 +157,7 @@ class RunCheckpointer:
     def _restore_or_init(self, trainer: Any, train_iter: Any) -> tuple[Any, int]:
         step = self.manager.latest_step()
         if step is None:
-            with trainer.context():
-                state = trainer.init()
-            if self.cfg.train.init_from:
-                state, note, source = init_from(self.cfg.train.init_from, state)
-                _log(note)
-                # Same shapes, other numerics (rope_theta, norm_eps, top-k, ...) load: say so
-                stored = (read_config(source) or {}).get("model")
-                diff = config_diff({"model": stored}, {"model": self._config["model"]}) \
-                    if stored else []
-                if diff:
-                    _log(f"model settings differ from {source}'s: {'; '.join(diff)}")
-            return state, 0
+            return self._fresh_state(trainer), 0
         try:
             restored = ckpt.restore(self.manager, step, abstract_state(trainer))
             stored_step = int(np.asarray(jax.device_get(restored.state.step)))
@@ -242,6 +231,21 @@ class RunCheckpointer:
             _log(f"train.init_from={self.cfg.train.init_from} ignored: the run resumes from "
                  "its own checkpoint")
         return restored.state, step
+
+    def _fresh_state(self, trainer: Any) -> Any:
+        """`trainer.init()`, with the parameters of `train.init_from` when it is set."""
+        with trainer.context():
+            state = trainer.init()
+        if not self.cfg.train.init_from:
+            return state
+        state, note, source = init_from(self.cfg.train.init_from, state)
+        _log(note)
+        # Same shapes, other numerics (rope_theta, norm_eps, top-k, ...) load: say so
+        stored = (read_config(source) or {}).get("model")
+        diff = config_diff({"model": stored}, {"model": self._config["model"]}) if stored else []
+        if diff:
+            _log(f"model settings differ from {source}'s: {'; '.join(diff)}")
+        return state
 
     def _stored_inputs(self, restored: Any, step: int) -> dict[str, Any] | None:
         """The fingerprint saved with the data position (input_pipeline/fingerprint.py):
