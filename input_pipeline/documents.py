@@ -153,9 +153,7 @@ class _DocumentIterator(grain.DatasetIterator):
             "parent": self._current_parent_state if in_doc else self._parent.get_state(),
             "chunk": self._chunk if in_doc else 0,
             STATE_KEY: {"documents": self._docs, "bad_records": dict(self._bad),
-                        "sources": {k: {"documents": v["documents"],
-                                        "bad_records": dict(v["bad_records"])}
-                                    for k, v in self._sources.items()}},
+                        "sources": _copy_sources(self._sources)},
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -163,14 +161,19 @@ class _DocumentIterator(grain.DatasetIterator):
         own = state[STATE_KEY]
         self._docs, self._bad = own["documents"], dict(own["bad_records"])
         # States saved before per-source counts existed start those counts afresh.
-        self._sources = {k: {"documents": v["documents"], "bad_records": dict(v["bad_records"])}
-                         for k, v in own.get("sources", {}).items()}
+        self._sources = _copy_sources(own.get("sources", {}))
         self._current, self._current_parent_state, self._chunk = None, None, 0
         if state["chunk"]:  # resume in the middle of a document: re-read it
             rec = next(self._parent)
             self._current, self._current_parent_state = rec["ids"], state["parent"]
             self._current_src = rec.get("src", "data")
             self._chunk = state["chunk"]
+
+
+def _copy_sources(sources: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A copy of per-source counts `{name: {"documents": n, "bad_records": {reason: n}}}`."""
+    return {k: {"documents": v["documents"], "bad_records": dict(v["bad_records"])}
+            for k, v in sources.items()}
 
 
 def collect_counts(state: Any) -> tuple[int, dict[str, int]]:

@@ -35,11 +35,6 @@ def check_source(path: str, run_dir: str | Path) -> None:
         raise ConfigError(f"train.init_from: {e}") from None
 
 
-def _as_target(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        tree)
-
-
 def init_from(path: str, state: Any) -> tuple[Any, str, Path]:
     """(`state` with its params, and router biases where both have them, read from `path`;
     a line saying what was read; the step folder or export read). Raises CheckpointError
@@ -47,10 +42,10 @@ def init_from(path: str, state: Any) -> tuple[Any, str, Path]:
     `train.init_from`."""
     step_dir = resolve_step_dir(path)
     try:
-        params = restore_params(step_dir, target=_as_target(state.params))
+        params = restore_params(step_dir, target=state.params)
         rest, note = state.rest, ""
         if jax.tree.leaves(state.rest):
-            stored = restore_params(step_dir, collection="rest", target=_as_target(state.rest))
+            stored = restore_params(step_dir, collection="rest", target=state.rest)
             if stored is None:
                 note = "; router selection biases start at zero (it has none)"
             else:
