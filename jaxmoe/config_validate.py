@@ -28,7 +28,6 @@ _CHOICES = {
 }
 
 
-
 def validate(cfg: Config) -> Config:
     """Checks every impossible combination; returns `cfg` unchanged or raises ConfigError."""
     m, t = cfg.model, cfg.train
@@ -50,7 +49,7 @@ def validate(cfg: Config) -> Config:
             fail(key, value, "a positive integer")
     if m.num_heads % m.num_kv_heads:
         fail("model.num_kv_heads", m.num_kv_heads,
-              f"a divisor of model.num_heads={m.num_heads}")
+             f"a divisor of model.num_heads={m.num_heads}")
     if m.head_dim % 2:
         fail("model.head_dim", m.head_dim, "an even number (rotary embeddings rotate pairs)")
     if m.num_experts < 0:
@@ -58,21 +57,21 @@ def validate(cfg: Config) -> Config:
     if m.num_experts:
         if not 1 <= m.num_experts_per_tok <= m.num_experts:
             fail("model.num_experts_per_tok", m.num_experts_per_tok,
-                  f"between 1 and model.num_experts={m.num_experts}")
+                 f"between 1 and model.num_experts={m.num_experts}")
         if m.expert_mlp_dim < 1:
             fail("model.expert_mlp_dim", m.expert_mlp_dim, "a positive integer")
         if m.capacity_factor <= 0:
             fail("model.capacity_factor", m.capacity_factor, "> 0")
         if m.gmm_block_size < 0 or m.gmm_block_size % 8:
             fail("model.gmm_block_size", m.gmm_block_size,
-                  "0 (auto) or a positive multiple of 8")
+                 "0 (auto) or a positive multiple of 8")
         if not 0 <= m.first_k_dense <= m.num_layers:
             fail("model.first_k_dense", m.first_k_dense,
-                  f"between 0 and model.num_layers={m.num_layers}")
+                 f"between 0 and model.num_layers={m.num_layers}")
         if (m.num_layers - m.first_k_dense) % m.moe_every:
             fail("model.moe_every", m.moe_every,
-                  f"a divisor of num_layers - first_k_dense = {m.num_layers - m.first_k_dense}"
-                  " (layers are scanned in repeating groups)")
+                 f"a divisor of num_layers - first_k_dense = {m.num_layers - m.first_k_dense}"
+                 " (layers are scanned in repeating groups)")
     _validate_shared_experts(m)
     for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "init_std"):
         if getattr(m, key) < 0:
@@ -85,7 +84,7 @@ def validate(cfg: Config) -> Config:
     _validate_mla_and_groups(m)
     if t.batch_size % t.grad_accum_steps:
         fail("train.grad_accum_steps", t.grad_accum_steps,
-              f"a divisor of train.batch_size={t.batch_size}")
+             f"a divisor of train.batch_size={t.batch_size}")
     for key in ("checkpoint_every", "keep_every"):
         if getattr(t, key) < 0:
             fail(f"train.{key}", getattr(t, key), ">= 0 (0 disables)")
@@ -97,7 +96,7 @@ def validate(cfg: Config) -> Config:
         fail("train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     if t.keep_every and t.checkpoint_every and t.keep_every % t.checkpoint_every:
         fail("train.keep_every", t.keep_every, f"a multiple of train.checkpoint_every="
-              f"{t.checkpoint_every} (only saved steps can be kept)")
+             f"{t.checkpoint_every} (only saved steps can be kept)")
     o = t.optimizer
     if o.learning_rate <= 0:
         fail("train.optimizer.learning_rate", o.learning_rate, "> 0")
@@ -128,7 +127,7 @@ def validate(cfg: Config) -> Config:
     a2a_choices = ("auto", "padded", "ragged", "ragged_emulated")
     if cfg.mesh.expert_all_to_all not in a2a_choices:
         fail("mesh.expert_all_to_all", cfg.mesh.expert_all_to_all,
-              f"one of {', '.join(a2a_choices)}")
+             f"one of {', '.join(a2a_choices)}")
     if cfg.mesh.expert_buffer_factor < 0:
         fail("mesh.expert_buffer_factor", cfg.mesh.expert_buffer_factor, ">= 0 (0 = never drop)")
     if cfg.mesh.rules:
@@ -142,17 +141,17 @@ def _validate_shared_experts(m: ModelConfig) -> None:
         fail("model.num_shared_experts", m.num_shared_experts, ">= 0")
     if m.shared_expert_mlp_dim < 0:
         fail("model.shared_expert_mlp_dim", m.shared_expert_mlp_dim,
-              ">= 0 (0: expert_mlp_dim * num_shared_experts)")
+             ">= 0 (0: expert_mlp_dim * num_shared_experts)")
     if m.num_experts == 0 and m.num_shared_experts:
         fail("model.num_shared_experts", m.num_shared_experts, "0 when model.num_experts=0 "
-              "(a dense model has no shared experts; widen model.mlp_dim instead)")
+             "(a dense model has no shared experts; widen model.mlp_dim instead)")
     if m.num_shared_experts == 0:
         if m.shared_expert_gate:
             fail("model.shared_expert_gate", True,
-                  "false when model.num_shared_experts=0 (it gates the shared experts)")
+                 "false when model.num_shared_experts=0 (it gates the shared experts)")
         if m.shared_expert_mlp_dim:
             fail("model.shared_expert_mlp_dim", m.shared_expert_mlp_dim,
-                  "0 when model.num_shared_experts=0")
+                 "0 when model.num_shared_experts=0")
 
 
 def _validate_rules(rules: dict[str, Any]) -> None:
@@ -175,7 +174,7 @@ def check_trainable(cfg: Config) -> Config:
     (`load_checkpoint`) but not for training, which has no loss scaling."""
     if cfg.model.compute_dtype == "float16":
         fail("model.compute_dtype", "float16", "float32 or bfloat16 for training (float16 "
-              "gradients need loss scaling, which jaxmoe does not do: small ones underflow)")
+             "gradients need loss scaling, which jaxmoe does not do: small ones underflow)")
     return cfg
 
 
@@ -199,7 +198,7 @@ def check_data(cfg: Config) -> Config:
         raise ConfigError(str(e)) from None
     if vocab > cfg.model.vocab_size:
         fail("model.vocab_size", cfg.model.vocab_size,
-              f">= {vocab}, the vocab_size of data.tokenizer={d.tokenizer!r}")
+             f">= {vocab}, the vocab_size of data.tokenizer={d.tokenizer!r}")
     for prefix, src in d.named_sources():
         if src.source == "synthetic":
             continue
@@ -216,42 +215,42 @@ def _validate_mla_and_groups(m: ModelConfig) -> None:
         for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(m, key) < 1:
                 fail(f"model.{key}", getattr(m, key),
-                      "a positive integer when model.attention=mla")
+                     "a positive integer when model.attention=mla")
         if m.q_lora_rank < 0:
             fail("model.q_lora_rank", m.q_lora_rank, ">= 0 (0: no query compression)")
         if m.qk_rope_head_dim % 2:
             fail("model.qk_rope_head_dim", m.qk_rope_head_dim,
-                  "an even number (rotary embeddings rotate pairs)")
+                 "an even number (rotary embeddings rotate pairs)")
         for key in ("qkv_bias", "qk_norm"):
             if getattr(m, key):
                 fail(f"model.{key}", True, "false when model.attention=mla")
     if m.rope_scaling == "yarn":
         if m.attention != "mla":
             fail("model.rope_scaling", m.rope_scaling,
-                  "none unless model.attention=mla (YaRN is implemented for MLA)")
+                 "none unless model.attention=mla (YaRN is implemented for MLA)")
         if m.rope_scaling_factor < 1:
             fail("model.rope_scaling_factor", m.rope_scaling_factor, ">= 1")
         if m.rope_original_max_len < 1:
             fail("model.rope_original_max_len", m.rope_original_max_len, "a positive integer")
         if m.yarn_beta_fast <= 0 or m.yarn_beta_slow <= 0:
             fail("model.yarn_beta_fast/yarn_beta_slow", (m.yarn_beta_fast, m.yarn_beta_slow),
-                  "positive numbers")
+                 "positive numbers")
         if m.yarn_beta_fast <= m.yarn_beta_slow:  # the ramp between them would be inverted
             fail("model.yarn_beta_fast/yarn_beta_slow", (m.yarn_beta_fast, m.yarn_beta_slow),
-                  "beta_fast > beta_slow (DeepSeek-V3: 32 and 1)")
+                 "beta_fast > beta_slow (DeepSeek-V3: 32 and 1)")
         for key in ("yarn_mscale", "yarn_mscale_all_dim"):
             if getattr(m, key) < 0:  # a zero or negative attention scale
                 fail(f"model.{key}", getattr(m, key), ">= 0")
     if m.n_group < 1 or (m.num_experts and m.num_experts % m.n_group):
         fail("model.n_group", m.n_group,
-              f"a positive divisor of model.num_experts={m.num_experts}")
+             f"a positive divisor of model.num_experts={m.num_experts}")
     if not 1 <= m.topk_group <= m.n_group:
         fail("model.topk_group", m.topk_group, f"between 1 and model.n_group={m.n_group}")
     if m.n_group > 1 and m.num_experts:
         per_group = m.num_experts // m.n_group
         if per_group < 2:
             fail("model.n_group", m.n_group, "at most num_experts / 2 (a group is scored by "
-                  "its top-2 experts)")
+                 "its top-2 experts)")
         if m.num_experts_per_tok > m.topk_group * per_group:
             fail("model.num_experts_per_tok", m.num_experts_per_tok,
-                  f"at most topk_group * experts per group = {m.topk_group * per_group}")
+                 f"at most topk_group * experts per group = {m.topk_group * per_group}")
