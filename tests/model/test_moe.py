@@ -218,8 +218,11 @@ def _loss_fn(cfg, graphdef, x, r):
 @pytest.mark.parametrize("dispatch,factor", [("dropless", 10.0), ("capacity", 10.0),
                                              ("capacity", 0.5)])
 def test_gradients_match_finite_differences(dispatch, factor):
-    """float64 block: jax.grad vs central differences on random coordinates of every input
-    (with factor 0.5 some copies are dropped: their experts get no gradient from them)."""
+    """float64 block: jax.grad vs central differences on every coordinate of the router
+    kernel and of x, 8 random coordinates of each other parameter, and 8 random directions
+    through all of them at once (with factor 0.5 some copies are dropped: their experts get
+    no gradient from them). (Sampling 40 coordinates in all let a stop_gradient on the
+    routing weights pass the factor-0.5 case.)"""
     cfg = dataclasses.replace(BASE, dispatch=dispatch, capacity_factor=factor,
                               num_shared_experts=1, shared_expert_mlp_dim=8,
                               shared_expert_gate=True)
@@ -236,10 +239,28 @@ def test_gradients_match_finite_differences(dispatch, factor):
         flat, unflatten = jax.flatten_util.ravel_pytree((state, x))
         g_flat, _ = jax.flatten_util.ravel_pytree((g_state, g_x))
         eps = 1e-6
-        for i in rng.choice(flat.size, size=40, replace=False):
-            e = jnp.zeros_like(flat).at[i].set(eps)
-            fd = (loss(*unflatten(flat + e)) - loss(*unflatten(flat - e))) / (2 * eps)
-            np.testing.assert_allclose(float(g_flat[i]), float(fd), rtol=1e-5, atol=1e-6)
+
+        def central(v):  # directional derivative of the loss along v, by differences
+            return float(loss(*unflatten(flat + eps * v)) - loss(*unflatten(flat - eps * v))
+                         ) / (2 * eps)
+
+        # ravel_pytree concatenates the leaves in tree order: each leaf's coordinate range
+        leaves = jax.tree_util.tree_leaves_with_path((state, x))
+        starts = np.cumsum([0] + [leaf.size for _, leaf in leaves])
+        coords = []
+        for (path, leaf), start in zip(leaves, starts):
+            name = jax.tree_util.keystr(path)
+            whole = "router" in name and "kernel" in name or path[0].idx == 1  # router, x
+            n = leaf.size if whole else min(8, leaf.size)
+            coords += list(start + rng.choice(leaf.size, size=n, replace=False))
+        assert len(coords) > 16 * 6 + 10 * 16  # the router kernel and x, whole
+        for i in coords:
+            fd = central(jnp.zeros_like(flat).at[i].set(1.0))
+            np.testing.assert_allclose(float(g_flat[i]), fd, rtol=1e-5, atol=1e-6)
+        for _ in range(8):
+            v = rng.normal(size=flat.size)
+            v = jnp.asarray(v / np.linalg.norm(v))
+            np.testing.assert_allclose(float(g_flat @ v), central(v), rtol=1e-5, atol=1e-6)
 
 
 def test_dropless_and_capacity_gradients_agree():
