@@ -28,7 +28,8 @@ JAXMOE_MODELS = {
     "mixtral": {},
     "qwen2_moe": dict(qkv_bias=True, num_shared_experts=1, shared_expert_mlp_dim=48,
                       shared_expert_gate=True, norm_topk_prob=False, first_k_dense=1),
-    "qwen3_moe": dict(qk_norm=True, norm_topk_prob=True, tie_embeddings=True),
+    # head width 24 is not hidden / heads (= 16): config.json must carry head_dim
+    "qwen3_moe": dict(qk_norm=True, norm_topk_prob=True, tie_embeddings=True, head_dim=24),
     "deepseek_v3": dict(attention="mla", q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
                         qk_rope_head_dim=8, v_head_dim=12, router_scoring="sigmoid",
                         num_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
@@ -105,7 +106,7 @@ def hf_config(fmt: str):
                               num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
                               mlp_only_layers=[0])
     if fmt == "qwen3_moe":
-        return Qwen3MoeConfig(**common, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        return Qwen3MoeConfig(**common, num_key_value_heads=2, head_dim=24, intermediate_size=96,
                               moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                               norm_topk_prob=True, decoder_sparse_step=2)
     # Not transformers' defaults (see JAXMOE_MODELS): YaRN with mscale != mscale_all_dim.

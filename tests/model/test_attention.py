@@ -37,12 +37,15 @@ SEGMENTS_2 = np.concatenate([SEGMENTS, [[1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]]])
 POSITIONS_2 = np.concatenate([POSITIONS, [[7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 5, 6]]])
 
 
-@pytest.mark.parametrize("gqa", [1, 2, 4])
-def test_matches_loop_reference(gqa):
-    cfg = dataclasses.replace(CFG, num_kv_heads=gqa)
+@pytest.mark.parametrize("gqa,head_dim", [(1, 8), (2, 8), (4, 8), (2, 12)])
+def test_matches_loop_reference(gqa, head_dim):
+    """float32 module vs the float64 loop over queries, rtol 1e-5 of the output scale; head
+    width 12 is not embed / heads (= 8): rotary tables and softmax scale follow head_dim."""
+    cfg = dataclasses.replace(CFG, num_kv_heads=gqa, head_dim=head_dim)
     attn = _attn(cfg)
+    assert attn.q[...].shape == (cfg.embed_dim, cfg.num_heads, head_dim)
     x = np.random.default_rng(0).normal(size=(2, 12, cfg.embed_dim))
-    got = _run(attn, x, SEGMENTS_2, POSITIONS_2)
+    got = _run(attn, x, SEGMENTS_2, POSITIONS_2, cfg)
     w = [np.asarray(p[...], np.float64) for p in (attn.q, attn.k, attn.v, attn.o)]
     for row in range(2):
         want = ref_attention(x[row], *w, SEGMENTS_2[row], POSITIONS_2[row], cfg.rope_theta)
@@ -75,12 +78,13 @@ def test_causal_bitwise():
     assert not np.allclose(y[0, 8:], y2[0, 8:])
 
 
-@pytest.mark.parametrize("bias,norm", [(True, False), (False, True), (True, True)])
-def test_qkv_bias_and_qk_norm_match_loop_reference(bias, norm):
+@pytest.mark.parametrize("bias,norm,head_dim", [(True, False, 8), (False, True, 8),
+                                                (True, True, 8), (True, True, 12)])
+def test_qkv_bias_and_qk_norm_match_loop_reference(bias, norm, head_dim):
     """Qwen2 q/k/v biases and Qwen3 per-head q/k RMSNorm vs the float64 loop reference, with
     random biases and non-unit random norm scales (unit scales would commute with rope) set
     into the module. Tolerance as above: float32 vs float64, 1e-5 relative to scale."""
-    cfg = dataclasses.replace(CFG, qkv_bias=bias, qk_norm=norm)
+    cfg = dataclasses.replace(CFG, qkv_bias=bias, qk_norm=norm, head_dim=head_dim)
     attn = _attn(cfg)
     rng = np.random.default_rng(3)
     x = rng.normal(size=(1, 12, cfg.embed_dim))
@@ -95,7 +99,7 @@ def test_qkv_bias_and_qk_norm_match_loop_reference(bias, norm):
             extra[f"{name}_scale"] = rng.uniform(0.3, 2.0, size=d) * rng.choice([-1, 1], d)
             getattr(attn, f"{name}_norm").scale[...] = jnp.asarray(extra[f"{name}_scale"],
                                                                    jnp.float32)
-    got = _run(attn, x)[0]
+    got = _run(attn, x, cfg=cfg)[0]
     w = [np.asarray(p[...], np.float64) for p in (attn.q, attn.k, attn.v, attn.o)]
     want = ref_attention(x[0], *w, SEGMENTS[0], POSITIONS[0], cfg.rope_theta,
                          eps=cfg.norm_eps, **extra)
