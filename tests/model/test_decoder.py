@@ -99,6 +99,9 @@ def test_deepseek_v3_config_matches_the_published_counts():
 
 @pytest.mark.parametrize("layers,k,every", [(6, 0, 1), (6, 2, 1), (6, 0, 2), (7, 1, 3), (4, 4, 1)])
 def test_layer_groups_place_moe_layers(layers, k, every):
+    """Reference: Hugging Face's rule (Qwen-MoE's decoder_sparse_step, DeepSeek's
+    first_k_dense_replace): layer i is MoE when i >= k and (i - k + 1) % every == 0; the
+    scanned groups, unrolled, place MoE layers exactly there."""
     cfg = ModelConfig(num_layers=layers, first_k_dense=k, moe_every=every)
     placed = [is_moe for g in layer_groups(cfg) for _ in range(g.repeats) for is_moe in g.pattern]
     assert placed == [cfg.is_moe_layer(i) for i in range(layers)]

@@ -90,7 +90,14 @@ def test_one_process_with_an_empty_eval_shard_still_trains(tmp_path: Path):
              for i in range(30, 40)]  # eval: records 30..39; process 1 reads the odd ones
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(docs) + "\n")
-    _train_two_processes(tmp_path / "run", ["train.steps=1", "data.source=jsonl",
-                                            f"data.paths=[{path}]", "data.eval_fraction=0.25",
-                                            "data.shuffle=false"], timeout=240)
+    overrides = ["train.steps=1", "data.source=jsonl", f"data.paths=[{path}]",
+                 "data.eval_fraction=0.25", "data.shuffle=false"]
+    # the premise, read here: process 0's held-out share has 5 documents, process 1's none
+    from input_pipeline.pipeline import document_dataset
+    from jaxmoe.config import load_config
+    data_cfg = load_config("configs/tiny_moe.yaml", overrides[1:]).data
+    shares = [list(document_dataset(data_cfg, split="eval", seed=0, process_index=i,
+                                    process_count=2, num_epochs=1)) for i in (0, 1)]
+    assert [len(s) for s in shares] == [5, 0]
+    _train_two_processes(tmp_path / "run", overrides, timeout=240)
     assert [r["step"] for r in read_metrics(tmp_path / "run", "eval")] == [1]
