@@ -6,6 +6,7 @@ gradients (rtol 1e-5, atol 1e-7); prefix embeddings are equivalent to the tokens
 embed. (Values of the whole model: tests/convert/test_parity.py against transformers.)"""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import jax
@@ -198,6 +199,40 @@ def test_parameter_counts_of_each_option_are_exact(case):
     _assert_counts_exact(dataclasses.replace(TINY, **COUNT_CASES[case]))
 
 
+@pytest.mark.parametrize("case", sorted(COUNT_CASES))
+def test_every_variable_carries_logical_axis_names(case):
+    """Every parameter and buffer of the model names each of its dimensions with a logical
+    axis that `sharding/rules.py` maps (the one place mesh axes are named), None only for a
+    size-1 dimension; a variable with no names, or one name too few, would silently be
+    replicated on every device."""
+    from sharding.rules import DEFAULT_RULES, variable_axes
+
+    known = {name for name, _ in DEFAULT_RULES}
+    cfg = dataclasses.replace(TINY, **COUNT_CASES[case])
+    model = nnx.eval_shape(lambda: MoETransformer(cfg, nnx.Rngs(0)))
+    variables = jax.tree.leaves(nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert len(variables) >= 10
+    for path, v in nnx.to_flat_state(nnx.state(model)):
+        axes = variable_axes(v)
+        assert axes is not None and len(axes) == len(v.shape), (path, axes, v.shape)
+        # None (kept whole) only for a dimension of size 1 (the shared expert's gate column)
+        assert set(axes) - {None} <= known, (path, axes)
+        assert all(a is not None or n == 1 for a, n in zip(axes, v.shape)), (path, axes)
+
+
+def test_model_code_names_no_mesh_axis():
+    """Modules name logical axes only: no mesh, PartitionSpec or mesh-only axis name
+    (`data`, `fsdp`, `tensor`) in jaxmoe/model/ (`expert` is also a logical name)."""
+    root = Path(__file__).parents[2] / "jaxmoe" / "model"
+    pattern = re.compile(r"PartitionSpec|NamedSharding|jax\.sharding|Mesh\(|"
+                         r"[\"'](data|fsdp|tensor)[\"']")
+    files = sorted(root.rglob("*.py"))
+    assert len(files) >= 10
+    for f in files:
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            assert not pattern.search(line), f"{f}:{i}: {line.strip()}"
+
+
 def _primitives(jaxpr, inside_loop=False, found=None):
     """{(primitive name, inside a scan/while body)} of a closed jaxpr, recursively."""
     found = set() if found is None else found
@@ -207,6 +242,30 @@ def _primitives(jaxpr, inside_loop=False, found=None):
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             _primitives(sub, loop, found)
     return found
+
+
+def _equation_count(jaxpr) -> int:
+    """Equations of a jaxpr, those in sub-jaxprs (scan bodies, remat, custom VJPs) included."""
+    return sum(1 + sum(_equation_count(sub) for sub in jax.extend.core.jaxprs_in_params(
+        eqn.params)) for eqn in jaxpr.eqns)
+
+
+def test_program_size_does_not_grow_with_depth():
+    """What XLA compiles, the gradient program, has as many equations at 12 layers as at 3
+    (the scanned group's body appears once), while the unrolled model grows with depth
+    (the check's own control)."""
+    def size(**changes):
+        cfg = dataclasses.replace(TINY, remat="full", **changes)
+        model = nnx.eval_shape(lambda: MoETransformer(cfg, nnx.Rngs(0)))  # traced, not built
+        graphdef, state = nnx.split(model)
+        tokens, seg, pos = _inputs()
+
+        def loss(state):
+            return jnp.mean(nnx.merge(graphdef, state)(tokens, seg, pos).logits ** 2)
+        return _equation_count(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+
+    assert size(num_layers=3) == size(num_layers=12)
+    assert size(num_layers=6, scan_layers=False) > 2 * size(num_layers=3, scan_layers=False)
 
 
 @pytest.mark.parametrize("attention", ["gqa", "mla"])
