@@ -92,3 +92,19 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     after = files()
     assert sorted(after) == sorted(before)
     assert [k for k in before if after[k] != before[k]] == []
+
+
+def test_ci_runs_the_readme_test_command():
+    """`.ci/run` runs exactly the README's test command (`make test`), stops on the first
+    failure, and `make test` runs pytest over the whole suite (no test paths or -k in it)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert [ln.split("#")[0].strip() for ln in block.splitlines()] == ["make run", "make test"]
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+          if ln.strip() and not ln.startswith("#")]
+    assert ci[0] == "set -euo pipefail" and ci[-1] == "make test", ci
+    assert os.access(ROOT / ".ci" / "run", os.X_OK)
+    make = (ROOT / "Makefile").read_text().split("\ntest: install-dev\n", 1)[1].split("\n")[0]
+    assert re.fullmatch(r"\tJAX_PLATFORMS=cpu \$\(BIN\)/python -m pytest -q [-\w ]*\$\(ARGS\)",
+                        make), make
+    assert " -k" not in make and "tests/" not in make
