@@ -49,7 +49,12 @@ class Embedder(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens [batch, length] int -> [batch, length, embed] in compute dtype."""
-        x = jnp.take(self.embedding[...], tokens, axis=0)
+        # The table's embed dimension is gathered first, as FSDP does for every weight: looked
+        # up from the sharded table, rows come out split over embed, and going from there to
+        # the batch-split activation (and back, for the gradient) is a full rematerialisation
+        # for XLA on meshes with both data and fsdp/expert axes.
+        table = L.constrain(self.embedding[...], (L.VOCAB, None))
+        x = jnp.take(table, tokens, axis=0)
         return L.constrain(self.precision.cast(x), (L.BATCH, L.LENGTH, L.EMBED))
 
     def attend(self, x: jax.Array) -> jax.Array:

@@ -95,6 +95,14 @@ def build_trainer(cfg: config_lib.Config, devices=None) -> Trainer:
     return Trainer(cfg, mesh, rules, graphdef, state_sh, batch_sh, train_step, eval_step, init)
 
 
+def batch_shards(trainer: Trainer) -> int:
+    """How many ways the mesh splits a batch (the product of the mesh axes `batch` maps to)."""
+    spec = trainer.batch_sharding.spec
+    axes = spec[0] if len(spec) else None
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    return math.prod(trainer.mesh.shape[a] for a in axes)
+
+
 def evaluate(trainer: Trainer, state: TrainState, batches) -> float:
     """Mean held-out cross-entropy (nats/token) over `batches`."""
     ce, tokens = 0.0, 0.0
@@ -270,7 +278,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
         prompt = [tokenizer.bos_id] + tokenizer.encode(cfg.train.sample_prompt)
         with trainer.context():
             ids = greedy_generate(trainer.graphdef, state, prompt, cfg.train.sample_tokens,
-                                  eos_id=tokenizer.eos_id)
+                                  eos_id=tokenizer.eos_id, rows=batch_shards(trainer))
         summary["sample"] = cfg.train.sample_prompt + tokenizer.decode(ids)
     if is_main:
         print(f"final eval loss {eval_history[-1]['loss']:.4f} nats/token"

@@ -75,6 +75,8 @@ def test_dropless_greedy_matches_unpadded_prefix_forwards():
         logits = forward(graphdef, state.params, state.rest, batch).logits
         ids.append(int(np.argmax(logits[0, -1])))
     assert greedy_generate(graphdef, state, PROMPT, NEW) == ids[len(PROMPT):]
+    # Several identical rows (one per batch shard of a mesh) give the same tokens
+    assert greedy_generate(graphdef, state, PROMPT, NEW, rows=3) == ids[len(PROMPT):]
 
 
 def test_greedy_stops_at_eos_without_emitting_it(model):
@@ -94,4 +96,6 @@ def test_greedy_stops_at_eos_without_emitting_it(model):
                                  ([1], -1, "max_new_tokens=-1: expected an integer >= 0")):
         with pytest.raises(ValueError, match=re.escape(message)):
             greedy_generate(graphdef, state, prompt, new)
+    with pytest.raises(ValueError, match=re.escape("rows=0: expected an integer >= 1")):
+        greedy_generate(graphdef, state, PROMPT, NEW, rows=0)
     assert greedy_generate(graphdef, state, PROMPT, 0) == []
