@@ -97,10 +97,8 @@ def build_trainer(cfg: config_lib.Config, devices=None) -> Trainer:
 
 def batch_shards(trainer: Trainer) -> int:
     """How many ways the mesh splits a batch (the product of the mesh axes `batch` maps to)."""
-    spec = trainer.batch_sharding.spec
-    axes = spec[0] if len(spec) else None
-    axes = (axes,) if isinstance(axes, str) else (axes or ())
-    return math.prod(trainer.mesh.shape[a] for a in axes)
+    rows = trainer.mesh.size  # a multiple of every split
+    return rows // trainer.batch_sharding.shard_shape((rows, 1))[0]
 
 
 def evaluate(trainer: Trainer, state: TrainState, batches) -> float:
