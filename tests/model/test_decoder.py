@@ -210,9 +210,9 @@ def test_every_variable_carries_logical_axis_names(case):
     known = {name for name, _ in DEFAULT_RULES}
     cfg = dataclasses.replace(TINY, **COUNT_CASES[case])
     model = nnx.eval_shape(lambda: MoETransformer(cfg, nnx.Rngs(0)))
-    variables = jax.tree.leaves(nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    variables = list(nnx.to_flat_state(nnx.state(model)))
     assert len(variables) >= 10
-    for path, v in nnx.to_flat_state(nnx.state(model)):
+    for path, v in variables:
         axes = variable_axes(v)
         assert axes is not None and len(axes) == len(v.shape), (path, axes, v.shape)
         # None (kept whole) only for a dimension of size 1 (the shared expert's gate column)
