@@ -146,6 +146,19 @@ def test_bench_train_rejects_steps(monkeypatch, capsys, argv) -> None:
     _rejects(tool.main, argv, capsys, f"--steps {argv[1]}: expected", "bench_train")
 
 
+@pytest.mark.parametrize("flags, expected", [
+    # An AMX host (the issue's premise) and the 2026-11-30 VM (no bf16 units), cut to length.
+    ("fpu avx512f amx_bf16 avx512_bf16 amx_tile avx512_fp16 amx_int8", "amx_bf16 amx_int8 "
+     "amx_tile avx512_bf16"),
+    ("fpu avx512f avx512_vnni avx512_bitalg", "none"),
+])
+def test_bench_train_names_the_cpu_bf16_features(flags, expected) -> None:
+    """Reference: the flags written out above, as /proc/cpuinfo lists them per processor."""
+    cpuinfo = f"processor\t: 0\nmodel name\t: Xeon\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+    assert _tool("bench_train").cpu_bf16_features(cpuinfo) == expected
+    assert _tool("bench_train").cpu_bf16_features("processor\t: 0\n") == "unknown"
+
+
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "-3"]])
 def test_bench_matmul_rejects_steps(monkeypatch, capsys, argv) -> None:
     tool = _tool("bench_matmul")

@@ -7,10 +7,13 @@ Measured side by side in one process (the machine is shared and noisy; compare r
   2. compiled FLOPs of one step (XLA cost analysis, layers unrolled and no remat so nothing is
      counted once or twice) over the analytic model FLOPs (6 x active params x tokens +
      attention), per dispatch path;
-  3. achieved model FLOP/s over a 2048^2 bf16 matmul's FLOP/s (float32 accumulation) measured
-     in the same run;
+  3. achieved model FLOP/s over the FLOP/s of the host's fastest large matmul, measured in the
+     same run: a 2048^2 bf16 matmul accumulated in float32 (the fast path on CPUs with bf16
+     matrix units, AMX or AVX512-BF16) or the same in float32, whichever is faster here; the
+     CPU's bf16 features are printed with it (without them bf16 is converted in software);
   4. the same model trained in transformers (torch CPU, float32 and bfloat16 autocast);
-  5. for reference, the model with a dense MLP of the active expert width instead of the MoE.
+  5. for reference, the model with a dense MLP of the active expert width instead of the MoE,
+     and both models with float32 compute (faster on CPUs without bf16 matrix units).
 
 The process restarts itself with glibc malloc's hugetlb tunable, as `jaxmoe train` does
 (jaxmoe/hugepages.py; JAXMOE_HUGEPAGES=0 measures without; tools/bench_hugepages.py measures
@@ -65,12 +68,30 @@ def time_it(fn, steps: int) -> float:
     return float(np.median(times))
 
 
-def matmul_flops_per_s(n: int = 2048, steps: int = 10) -> float:
-    """FLOP/s of an n x n bfloat16 matmul accumulated in float32 (the fast library path; with a
-    bfloat16 *result* XLA:CPU takes a ~6x slower path, which an earlier version used)."""
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.bfloat16)
+def matmul_flops_per_s(n: int = 2048, steps: int = 10, dtype=jnp.bfloat16) -> float:
+    """FLOP/s of an n x n matmul with `dtype` operands accumulated in float32 (for bf16 the fast
+    library path; with a bfloat16 *result* XLA:CPU takes a ~6x slower path, which an earlier
+    version used)."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
     f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
     return 2 * n ** 3 / time_it(lambda: f(a).block_until_ready(), steps)
+
+
+def cpu_bf16_features(cpuinfo: str | None = None) -> str:
+    """The bf16 matrix features among the CPU's flags (Linux /proc/cpuinfo), e.g.
+    "amx_bf16 amx_tile avx512_bf16", "none", or "unknown" where there is no cpuinfo."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return "unknown"
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = line.split(":", 1)[1].split()
+            found = sorted({f for f in flags if f.startswith("amx") or f == "avx512_bf16"})
+            return " ".join(found) or "none"
+    return "unknown"
 
 
 # The same model with one dense SwiGLU MLP of the active expert width (2 x 512) in place of
@@ -154,27 +175,32 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--steps {args.steps}: expected an integer >= 1")
     reexec_with_hugepages()  # see the module docstring
 
-    peak = matmul_flops_per_s()
-    print(f"bf16 2048^2 matmul: {peak / 1e9:,.0f} GFLOP/s")
+    bf16_peak, f32_peak = matmul_flops_per_s(), matmul_flops_per_s(dtype=jnp.float32)
+    peak = max(bf16_peak, f32_peak)
+    print(f"2048^2 matmul: bf16 {bf16_peak / 1e9:,.0f} GFLOP/s, float32 {f32_peak / 1e9:,.0f} "
+          f"GFLOP/s (CPU bf16 features: {cpu_bf16_features()}); the fraction column is of the "
+          f"faster, {'bf16' if bf16_peak >= f32_peak else 'float32'}")
     rows = []
+
+    def add(name, r, flops_ratio=None):
+        model_flops = training_flops_per_token(r["cfg"].model, SEQ)["total"] * r["tokens_per_s"]
+        rows.append((name, r["tokens_per_s"], r["seconds"], flops_ratio, model_flops / peak))
+
     variants = [("dropless", [], "dropless, blocks"),
                 ("dropless", ["model.gmm_block_size=256"], "dropless, blocks of 256 rows"),
                 ("dropless", ["model.grouped_matmul=ragged_dot"], "dropless, lax.ragged_dot"),
                 ("capacity", [], "capacity 1.25")]
     for dispatch, extra, name in variants:
-        r = jaxmoe_step(dispatch, args.steps, extra)
         flops, analytic = compiled_flops(dispatch, extra)
-        model_flops = training_flops_per_token(r["cfg"].model, SEQ)["total"] * r["tokens_per_s"]
-        rows.append((f"jaxmoe {name} (bf16)", r["tokens_per_s"], r["seconds"],
-                     flops / analytic, model_flops / peak))
-    r = jaxmoe_step("dropless", args.steps, ["model.remat=none"])
-    model_flops = training_flops_per_token(r["cfg"].model, SEQ)["total"] * r["tokens_per_s"]
-    rows.append(("jaxmoe dropless, blocks (bf16, no remat)", r["tokens_per_s"], r["seconds"], None,
-                 model_flops / peak))
-    r = jaxmoe_step("dropless", args.steps, base=DENSE)
-    model_flops = training_flops_per_token(r["cfg"].model, SEQ)["total"] * r["tokens_per_s"]
-    rows.append(("reference: dense MLP of the active width (bf16)", r["tokens_per_s"],
-                 r["seconds"], None, model_flops / peak))
+        add(f"jaxmoe {name} (bf16)", jaxmoe_step(dispatch, args.steps, extra), flops / analytic)
+    add("jaxmoe dropless, blocks (bf16, no remat)",
+        jaxmoe_step("dropless", args.steps, ["model.remat=none"]))
+    add("jaxmoe dropless, blocks (float32)",
+        jaxmoe_step("dropless", args.steps, ["model.compute_dtype=float32"]))
+    add("reference: dense MLP of the active width (bf16)",
+        jaxmoe_step("dropless", args.steps, base=DENSE))
+    add("reference: dense MLP of the active width (float32)",
+        jaxmoe_step("dropless", args.steps, ["model.compute_dtype=float32"], base=DENSE))
     torch_best = None
     if not args.no_torch:
         for dtype in ("float32", "bfloat16"):
@@ -185,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{datetime.date.today()}  `JAX_PLATFORMS=cpu python tools/bench_train.py "
           f"--steps {args.steps}`  (jax {jax.__version__}, {os.cpu_count()} cores, "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r})\n")
-    print("| run | tokens/s | step (s) | compiled/analytic FLOPs | model FLOP/s / bf16 matmul |"
+    print("| run | tokens/s | step (s) | compiled/analytic FLOPs | model FLOP/s / best matmul |"
           + (" vs transformers best |" if torch_best else ""))
     print("|---|---:|---:|---:|---:|" + ("---:|" if torch_best else ""))
     for name, tps, sec, ratio, frac in rows:
