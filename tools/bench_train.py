@@ -13,7 +13,8 @@ Measured side by side in one process (the machine is shared and noisy; compare r
      CPU's bf16 features are printed with it (without them bf16 is converted in software);
   4. the same model trained in transformers (torch CPU, float32 and bfloat16 autocast);
   5. for reference, the model with a dense MLP of the active expert width instead of the MoE,
-     and both models with float32 compute (faster on CPUs without bf16 matrix units).
+     and both models with float32 compute (for CPUs without bf16 matrix units, where bf16 is
+     converted in software).
 
 The process restarts itself with glibc malloc's hugetlb tunable, as `jaxmoe train` does
 (jaxmoe/hugepages.py; JAXMOE_HUGEPAGES=0 measures without; tools/bench_hugepages.py measures
