@@ -10,11 +10,10 @@ Measured side by side in one process (the machine is shared and noisy; compare r
   3. achieved model FLOP/s over the FLOP/s of the host's fastest large matmul, measured in the
      same run: a 2048^2 bf16 matmul accumulated in float32 (the fast path on CPUs with bf16
      matrix units, AMX or AVX512-BF16) or the same in float32, whichever is faster here; the
-     CPU's bf16 features are printed with it (without them bf16 is converted in software);
+     CPU's bf16 features are printed with it (without them bf16 operands are widened to float32);
   4. the same model trained in transformers (torch CPU, float32 and bfloat16 autocast);
   5. for reference, the model with a dense MLP of the active expert width instead of the MoE,
-     and both models with float32 compute (for CPUs without bf16 matrix units, where bf16 is
-     converted in software).
+     and both models with float32 compute (for CPUs without bf16 matrix units).
 
 The process restarts itself with glibc malloc's hugetlb tunable, as `jaxmoe train` does
 (jaxmoe/hugepages.py; JAXMOE_HUGEPAGES=0 measures without; tools/bench_hugepages.py measures
