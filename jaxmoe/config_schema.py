@@ -76,8 +76,9 @@ class ModelConfig:
     # Dropless grouped matmul: "auto" (ragged_dot on TPU, blocks elsewhere), "ragged_dot",
     # "blocks" (see jaxmoe/model/moe/dropless.py for why XLA:CPU needs blocks).
     grouped_matmul: str = "auto"
-    # Rows per block of the "blocks" grouped matmul; 0 = auto (rows / (8 experts), so padding
-    # stays <= 12.5% of expert FLOPs). Larger blocks run faster on XLA:CPU but pad more.
+    # Rows per block of the "blocks" grouped matmul; 0 = auto: big blocks that every routing
+    # fills, then small ones of rows / (8 experts), so padding stays <= 12.5% of expert FLOPs
+    # (dropless.block_tiers). One size (> 0): larger run faster on XLA:CPU but pad more.
     gmm_block_size: int = 0
     capacity_factor: float = 1.25
     aux_loss_coef: float = 0.01  # Switch load-balancing loss

@@ -313,19 +313,112 @@ def test_block_layout_bound_and_padding():
     layout against the group sizes: enough blocks for sum ceil(size / 8) = 1 + 0 + 3 + 1 = 5
     whatever the sizes (static bound 7), rows in distinct slots of their own group's blocks,
     rows past sum(sizes) dropped."""
-    from jaxmoe.model.moe.dropless import block_layout, block_size
+    from jaxmoe.model.moe.dropless import block_layout, block_size, block_tiers
 
     assert block_size(2048, 4) == 64 and block_size(10**6, 384) == 256 and block_size(40, 6) == 8
     gs = jnp.asarray([5, 0, 17, 3], jnp.int32)
-    dest, block_group, nb = block_layout(gs, 30, 8)
-    assert nb == 7 >= 5  # (30 rows + 4 groups x 7 rows of padding at most) // 8
+    tiers = block_tiers(30, 4, exact=False)
+    assert tiers == ((8, 7),)  # (30 rows + 4 groups x 7 rows of padding at most) // 8
+    dest, (block_group,) = block_layout(gs, 30, tiers)
     dest = np.asarray(dest)
     used = dest[:25] // 8
     assert len(set(used)) == 5  # each group's rows fill ceil(size / 8) blocks, no more
-    assert len(set(dest[:25])) == 25 and (dest[25:] == nb * 8).all()  # padding rows dropped
+    assert len(set(dest[:25])) == 25 and (dest[25:] == 7 * 8).all()  # padding rows dropped
     # every row lands in a block of its own expert
     group_of_row = np.repeat(np.arange(4), np.asarray(gs))
     np.testing.assert_array_equal(np.asarray(block_group)[dest[:25] // 8], group_of_row)
+
+
+def test_block_tiers_worked_by_hand():
+    """2048 rows, 4 groups: big blocks of 2048 / 8 = 256 rows, ceil((2048 - 4 x 255) / 256) = 5
+    of them (every grouping fills 5: sum floor(size / 256) >= 4.02), then (2048 - 1280 + 4 x
+    63) // 64 = 15 blocks of 64: 2,240 slots, the same as 35 blocks of 64. A requested size,
+    rows that may be padding (exact=False) or too few rows for big blocks: one size."""
+    from jaxmoe.model.moe.dropless import block_tiers
+
+    assert block_tiers(2048, 4) == ((256, 5), (64, 15))
+    assert block_tiers(8192, 4) == ((512, 13), (256, 9))  # big blocks capped at 512 rows
+    assert block_tiers(2048, 4, requested=64) == ((64, 35),)
+    assert block_tiers(2048, 4, exact=False) == ((64, 35),)
+    assert block_tiers(40, 6) == ((8, 10),)  # big would be 2 rows < 2 x 8
+
+
+def _layout_cases(rng, rows, groups, big):
+    """Group sizes summing to `rows`: one group takes all, balanced, each one row short of a
+    multiple of the big block (fewest whole big blocks), and random (Dirichlet) splits."""
+    balanced = np.full(groups, rows // groups)
+    balanced[: rows % groups] += 1
+    cases = [np.eye(groups, dtype=np.int64)[0] * rows, balanced]
+    short = np.full(groups, big - 1)
+    short[0] += rows - short.sum()
+    cases.append(short)
+    for alpha in (0.3, 1.0, 10.0):
+        for _ in range(5):
+            p = rng.dirichlet(np.full(groups, alpha))
+            sizes = np.floor(p * rows).astype(np.int64)
+            sizes[rng.integers(groups)] += rows - sizes.sum()
+            cases.append(sizes)
+    return cases
+
+
+@pytest.mark.parametrize("rows,groups", [(2048, 4), (256, 4), (1000, 6), (16384, 64)])
+def test_two_tier_layout_places_every_row_in_its_groups_block(rows, groups):
+    """Reference: the definition. For adversarial and random group sizes summing to `rows`:
+    every row gets its own slot inside the static buffer, in a block of its own group (a
+    block holds one group's rows only), and the big blocks are always full."""
+    from jaxmoe.model.moe.dropless import block_layout, block_tiers
+
+    tiers = block_tiers(rows, groups)
+    assert len(tiers) == 2, tiers
+    (big, n_big), (small, n_small) = tiers
+    starts = [0, n_big * big]
+    for sizes in _layout_cases(np.random.default_rng(rows), rows, groups, big):
+        assert sizes.sum() == rows and (sizes >= 0).all()
+        dest, block_groups = block_layout(jnp.asarray(sizes, jnp.int32), rows, tiers)
+        dest = np.asarray(dest)
+        assert len(set(dest)) == rows and dest.min() >= 0
+        assert dest.max() < starts[1] + n_small * small
+        group_of_row = np.repeat(np.arange(groups), sizes)
+        for tier, ((block, _), start) in enumerate(zip(tiers, starts)):
+            mine = (dest >= start) & (dest < start + tiers[tier][1] * block)
+            blk = (dest[mine] - start) // block
+            np.testing.assert_array_equal(np.asarray(block_groups[tier])[blk], group_of_row[mine])
+        # the big tier is always full: n_big * big rows go through big matmuls
+        assert (dest < starts[1]).sum() == n_big * big
+
+
+def test_two_tier_dropless_matches_loop_reference():
+    """256 token copies over 4 experts use both block sizes (((32, 5), (8, 15))); outputs
+    against the float64 per-token loop (float32: 2e-5 of the output scale), gradients against
+    one block size of 8 rows (rtol 1e-4), with balanced and skewed routing."""
+    from jaxmoe.model.moe.dropless import block_tiers, dropless_moe
+
+    t, d, f, e, k = 128, 8, 12, 4, 2
+    assert block_tiers(t * k, e) == ((32, 5), (8, 15))
+    rng = np.random.default_rng(10)
+    x64 = rng.normal(size=(t, d))
+    ws64 = [rng.normal(size=s) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    x = jnp.asarray(x64, jnp.float32)
+    ws = [jnp.asarray(w, jnp.float32) for w in ws64]
+    for skew in (0.0, 3.0):
+        logits = rng.normal(size=(t, e)) + skew * np.arange(e)[::-1]
+        idx = np.argsort(-logits, axis=1)[:, :k].astype(np.int32)
+        wts = rng.uniform(size=(t, k))
+        want = np.zeros((t, d))
+        for i in range(t):
+            for j in range(k):
+                want[i] += wts[i, j] * ref.expert(x64[i], *(w[idx[i, j]] for w in ws64))
+        idx_j, wts_j = jnp.asarray(idx), jnp.asarray(wts, jnp.float32)
+        got = dropless_moe(x, wts_j, idx_j, *ws, "blocks")
+        np.testing.assert_allclose(got, want, rtol=0, atol=TOL * np.abs(want).max())
+
+        def loss(x, w_gate, w_up, w_down, wts, idx, block):
+            return jnp.sum(dropless_moe(x, wts, idx, w_gate, w_up, w_down, "blocks", block) ** 2)
+        grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+        g_tiers = grad(x, *ws, wts_j, idx_j, 0)
+        g_one = grad(x, *ws, wts_j, idx_j, 8)
+        for a, b in zip(g_tiers, g_one):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
 
 @pytest.mark.parametrize("block", [8, 16, 32])

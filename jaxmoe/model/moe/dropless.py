@@ -12,10 +12,13 @@ one-hot dispatch tensors. Two grouped-matmul implementations stand behind `exper
   measured in tools/bench_train.py), so `blocks` is the default off TPU. Its padding costs
   at most experts x block rows: block size ~ rows / (8 experts) keeps that <= 12.5% of the
   expert FLOPs (compiled/analytic FLOPs <= 1.1) once rows >= 64 x experts (below that the
-  block stays at its minimum of 8 rows and the share of padding grows). Larger blocks
-  (`model.gmm_block_size`) run faster on XLA:CPU but pad more: 256 rows on the benchmark
-  model ran at 1.0-1.3x the tokens/s of the default at 1.25x the analytic FLOPs
-  (tools/bench_train.py, docs/benchmarks.md).
+  block stays at its minimum of 8 rows and the share of padding grows). Larger blocks run
+  faster on XLA:CPU but pad more, so by default the blocks come in two sizes
+  (`block_tiers`): most rows go through big blocks that every routing fills completely, the
+  rest through small ones, with the small blocks' padding bound. On the benchmark model
+  (2,048 copies, 4 experts: 5 blocks of 256 + 15 of 64 rows, the same 2,240 slots as 35
+  blocks of 64) that made the training step 1.00-1.22x faster than one size of 64
+  (tools/bench_train.py, docs/benchmarks.md). `model.gmm_block_size` asks for one size.
 """
 
 from __future__ import annotations
@@ -44,44 +47,92 @@ def block_size(rows: int, groups: int, requested: int = 0) -> int:
     return int(min(256, max(8, 1 << (target.bit_length() - 1))))
 
 
-def block_layout(group_sizes: jax.Array, rows: int, block: int):
-    """Where each sorted row goes in the block buffer.
+def block_tiers(rows: int, groups: int, requested: int = 0,
+                exact: bool = True) -> tuple[tuple[int, int], ...]:
+    """Static ((block rows, number of blocks), ...) that hold any grouping of `rows` rows.
 
-    Returns (dest [rows] int32: slot in a [num_blocks * block] buffer, or num_blocks * block
-    for rows past sum(group_sizes); block_group [num_blocks]: the group of each block;
-    num_blocks: static upper bound sum_g ceil(size_g / block) <= (rows + G (block-1)) / block).
+    `requested` > 0 or `exact=False` (sum(group_sizes) may be < rows): one size, `block_size`'s,
+    with sum_g ceil(size_g / block) <= (rows + G (block - 1)) // block blocks. Otherwise two
+    sizes: big blocks of B = the largest power of two <= rows / (2 G) (at most 512, at least
+    2x the small block), as many as every grouping fills, ceil((rows - G (B - 1)) / B)
+    (sum_g floor(size_g / B) is at least that), then small blocks for the rest. The padding
+    bound is the small block's, G (block - 1) rows, but most rows go through big matmuls.
+    """
+    small = block_size(rows, groups, requested)
+    one = ((small, (rows + groups * (small - 1)) // small),)
+    if requested or not exact:
+        return one
+    big = 1 << max((rows // (2 * groups)).bit_length() - 1, 0)
+    big = min(big, 512)
+    num_big = max(0, -(-(rows - groups * (big - 1)) // big))
+    if big < 2 * small or num_big == 0:
+        return one
+    return ((big, num_big), (small, (rows - num_big * big + groups * (small - 1)) // small))
+
+
+def block_layout(group_sizes: jax.Array, rows: int, tiers: tuple[tuple[int, int], ...]):
+    """Where each sorted row goes in the block buffer of `block_tiers` shape.
+
+    Every tier but the last takes whole blocks of rows from the groups in order (group g gives
+    at most floor(left_g / block) of them) until its blocks are full; the last tier takes what
+    is left, ceil(left_g / block) blocks per group. Returns (dest [rows] int32: slot in the
+    [sum(n * block)] buffer, tiers one after another, or that length for rows past
+    sum(group_sizes); block_groups: per tier, [n] the group of each block).
     """
     groups = group_sizes.shape[0]
-    num_blocks = (rows + groups * (block - 1)) // block
-    blocks_per = (group_sizes + block - 1) // block
-    block_end = jnp.cumsum(blocks_per)
+    total = sum(n * b for b, n in tiers)
     row_end = jnp.cumsum(group_sizes)
     r = jnp.arange(rows, dtype=jnp.int32)
     group_of_row = jnp.searchsorted(row_end, r, side="right")  # == groups for unused rows
     g = jnp.minimum(group_of_row, groups - 1)
-    dest = (block_end[g] - blocks_per[g]) * block + r - (row_end[g] - group_sizes[g])
-    dest = jnp.where(group_of_row < groups, dest, num_blocks * block).astype(jnp.int32)
-    block_group = jnp.minimum(
-        jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right"), groups - 1)
-    return dest, block_group, num_blocks
+    j = r - (row_end[g] - group_sizes[g])  # index of the row within its group
+    dest = jnp.full((rows,), total, jnp.int32)
+    left, done, offset, block_groups = group_sizes, jnp.zeros_like(group_sizes), 0, []
+    for i, (block, n) in enumerate(tiers):
+        if i == len(tiers) - 1:
+            per = (left + block - 1) // block
+            placed = left
+        else:
+            avail = left // block
+            per = jnp.clip(n - (jnp.cumsum(avail) - avail), 0, avail)
+            placed = per * block
+        block_end = jnp.cumsum(per)
+        here = (group_of_row < groups) & (j >= done[g]) & (j < done[g] + placed[g])
+        slot = offset + (block_end[g] - per[g]) * block + j - done[g]
+        dest = jnp.where(here, slot, dest).astype(jnp.int32)
+        block_groups.append(jnp.minimum(
+            jnp.searchsorted(block_end, jnp.arange(n), side="right"), groups - 1))
+        left, done, offset = left - placed, done + placed, offset + n * block
+    return dest, block_groups
 
 
-def _slots(group_sizes: jax.Array, rows: int, experts: int, block: int = 0):
-    """(block, dest [rows] slot of each sorted row, src [slots] row of each slot or `rows`,
-    block_group [num_blocks])."""
-    block = block_size(rows, experts, block)
-    dest, block_group, nb = block_layout(group_sizes, rows, block)
-    src = jnp.full((nb * block,), rows, jnp.int32).at[dest].set(
+def _slots(group_sizes: jax.Array, rows: int, experts: int, block: int = 0,
+           exact: bool = True):
+    """(tiers, dest [rows] slot of each sorted row, src [slots] row of each slot or `rows`,
+    block_groups per tier)."""
+    tiers = block_tiers(rows, experts, block, exact)
+    dest, block_groups = block_layout(group_sizes, rows, tiers)
+    src = jnp.full((sum(n * b for b, n in tiers),), rows, jnp.int32).at[dest].set(
         jnp.arange(rows, dtype=jnp.int32), mode="drop")
-    return block, dest, src, block_group
+    return tiers, dest, src, block_groups
+
+
+def _tiered_swiglu(xb, tiers, block_groups, w_gate, w_up, w_down):
+    """xb [slots, embed] -> [slots, embed]: `block_swiglu` per tier of blocks."""
+    d, ys, offset = xb.shape[-1], [], 0
+    for (block, n), groups in zip(tiers, block_groups):
+        x = xb[offset:offset + n * block].reshape(n, block, d)
+        ys.append(block_swiglu(x, groups, w_gate, w_up, w_down).reshape(-1, d))
+        offset += n * block
+    return ys[0] if len(ys) == 1 else jnp.concatenate(ys)
 
 
 def _expert_ffn_blocks(x_sorted, group_sizes, w_gate, w_up, w_down, block=0):
-    rows, d = x_sorted.shape
-    block, dest, src, block_group = _slots(group_sizes, rows, w_gate.shape[0], block)
-    xb = gather_rows(x_sorted, src, dest[:, None]).reshape(-1, block, d)
-    yb = block_swiglu(xb, block_group, w_gate, w_up, w_down).reshape(-1, d)
-    return gather_rows(yb, dest, src[:, None])
+    rows = x_sorted.shape[0]  # may hold padding rows past sum(group_sizes): one block size
+    tiers, dest, src, groups = _slots(group_sizes, rows, w_gate.shape[0], block, exact=False)
+    xb = gather_rows(x_sorted, src, dest[:, None])
+    return gather_rows(_tiered_swiglu(xb, tiers, groups, w_gate, w_up, w_down), dest,
+                       src[:, None])
 
 
 def _dropless_blocks(x, weights, indices, w_gate, w_up, w_down, block=0):
@@ -89,12 +140,12 @@ def _dropless_blocks(x, weights, indices, w_gate, w_up, w_down, block=0):
     t, k = indices.shape
     d = x.shape[-1]
     order, group_sizes = sort_by_expert(indices, w_gate.shape[0])
-    block, dest, src, block_group = _slots(group_sizes, t * k, w_gate.shape[0], block)
+    tiers, dest, src, groups = _slots(group_sizes, t * k, w_gate.shape[0], block)
     slot_of_copy = jnp.zeros((t * k,), jnp.int32).at[order].set(dest)  # copy c = token * k + j
     copy_of_slot = jnp.where(src < t * k, order[jnp.minimum(src, t * k - 1)], t * k)
     token_of_slot = jnp.where(copy_of_slot < t * k, copy_of_slot // k, t)
-    xb = gather_rows(x, token_of_slot, slot_of_copy.reshape(t, k)).reshape(-1, block, d)
-    yb = block_swiglu(xb, block_group, w_gate, w_up, w_down).reshape(-1, d)
+    xb = gather_rows(x, token_of_slot, slot_of_copy.reshape(t, k))
+    yb = _tiered_swiglu(xb, tiers, groups, w_gate, w_up, w_down)
     y = gather_rows(yb, slot_of_copy, copy_of_slot[:, None]).reshape(t, k, d)
     return jnp.einsum("tkd,tk->td", y.astype(weights.dtype), weights).astype(x.dtype)
 
