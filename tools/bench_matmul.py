@@ -18,8 +18,9 @@ Measured side by side in one process (compare ratios; the machine is shared):
      with a packed causal mask: the softmax under autodiff (its backward reduces over the
      [t, s] scores) vs `attention.dot_product_attention` (written-out backward, row sums
      from the output);
-  7. the expert SwiGLU of one MoE layer, forward + gradient: `moe/block_swiglu.py` over the
-     35 blocks of 64 rows vs four dense SwiGLUs over static groups of 512 rows (perfectly
+  7. the expert SwiGLU of one MoE layer, forward + gradient: `moe/block_swiglu.py` over
+     35 blocks of 64 rows, 9 of 256, and the default two sizes (`dropless.block_tiers`: 5 of
+     256 + 15 of 64), vs four dense SwiGLUs over static groups of 512 rows (perfectly
      balanced experts known at compile time: a bound no dropless dispatch can beat here).
 
 Usage: JAX_PLATFORMS=cpu python tools/bench_matmul.py [--steps 30]
@@ -124,18 +125,27 @@ def attention_backward_rows(rng: np.random.Generator, steps: int):
 def expert_swiglu_rows(rng: np.random.Generator, steps: int):
     """Expert SwiGLU fwd+grad: row blocks with per-block weights vs static dense groups."""
     from jaxmoe.model.moe.block_swiglu import block_swiglu
+    from jaxmoe.model.moe.dropless import block_tiers
 
-    experts, embed, mlp, nb, blk = 4, 256, 512, 35, 64
-    rows_per = 2048 // experts
+    experts, embed, mlp, rows = 4, 256, 512, 2048
+    rows_per = rows // experts
     ws = [jnp.asarray(rng.normal(size=s) * 0.05, F32)
           for s in ((experts, embed, mlp), (experts, embed, mlp), (experts, mlp, embed))]
-    x = jnp.asarray(rng.normal(size=(nb * blk, embed)), BF16)
-    r = jnp.asarray(rng.normal(size=(nb * blk, embed)), F32)
-    block_group = jnp.asarray(np.minimum(np.arange(nb) * experts // 32, experts - 1), jnp.int32)
+    slots = 9 * 256  # the largest layout below
+    x = jnp.asarray(rng.normal(size=(slots, embed)), BF16)
+    r = jnp.asarray(rng.normal(size=(slots, embed)), F32)
 
-    def blocks(x, *ws):
-        y = block_swiglu(x.reshape(nb, blk, embed), block_group, *(w.astype(BF16) for w in ws))
-        return jnp.sum(y.reshape(-1, embed).astype(F32) * r)
+    def blocks(tiers):  # tiers: ((block rows, blocks), ...), blocks spread evenly over experts
+        def fn(x, *ws):
+            wc, ys, offset = [w.astype(BF16) for w in ws], [], 0
+            for blk, nb in tiers:
+                group = jnp.asarray(np.arange(nb) * experts // nb, jnp.int32)
+                xb = x[offset:offset + nb * blk].reshape(nb, blk, embed)
+                ys.append(block_swiglu(xb, group, *wc).reshape(-1, embed))
+                offset += nb * blk
+            y = jnp.concatenate(ys).astype(F32)
+            return jnp.sum(y * r[:offset])
+        return fn
 
     def static_groups(x, *ws):
         wg, wu, wd = (w.astype(BF16) for w in ws)
@@ -147,10 +157,15 @@ def expert_swiglu_rows(rng: np.random.Generator, steps: int):
             ys.append(einsum("rf,fo->ro", h.astype(BF16), wd[e]))
         return jnp.sum(jnp.concatenate(ys).astype(F32) * r[:experts * rows_per])
 
+    two = block_tiers(rows, experts)  # the default layout: ((256, 5), (64, 15))
     out = []
     useful = 3 * 3 * 2 * experts * rows_per * embed * mlp  # the 2,048 routed rows' FLOPs
     for name, fn in (
-            ("expert SwiGLU fwd+grad, 35 blocks x 64 rows (block_swiglu.py)", blocks),
+            ("expert SwiGLU fwd+grad, 35 blocks x 64 rows (one size)", blocks(((64, 35),))),
+            ("expert SwiGLU fwd+grad, 9 blocks x 256 rows (one size, 2,304 slots)",
+             blocks(((256, 9),))),
+            (f"expert SwiGLU fwd+grad, {' + '.join(f'{n} x {b}' for b, n in two)} rows "
+             "(two sizes, the default)", blocks(two)),
             ("expert SwiGLU fwd+grad, 4 static dense groups x 512 rows (bound)", static_groups)):
         grad = jax.jit(jax.grad(fn, argnums=(0, 1, 2, 3)))
         s = seconds(grad, x, *ws, steps=steps)
