@@ -341,6 +341,7 @@ def test_block_tiers_worked_by_hand():
     assert block_tiers(2048, 4, requested=64) == ((64, 35),)
     assert block_tiers(2048, 4, exact=False) == ((64, 35),)
     assert block_tiers(40, 6) == ((8, 10),)  # big would be 2 rows < 2 x 8
+    assert block_tiers(2048, 1) == ((512, 4),)  # one group fills every big block, no rest
 
 
 def _layout_cases(rng, rows, groups, big):
@@ -441,3 +442,22 @@ def test_dropless_block_size_does_not_change_the_result(block):
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     for a, b in zip(got[1], want[1]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_one_expert_uses_big_blocks_only():
+    """One expert, 64 copies: two big blocks of 32 rows and no small ones; the output equals
+    the plain (dense) SwiGLU of every token times its weight, float32 vs float64 (2e-5 of the
+    output scale)."""
+    from jaxmoe.model.moe.dropless import block_tiers, dropless_moe
+
+    t, d, f = 64, 8, 12
+    assert block_tiers(t, 1) == ((32, 2),)
+    rng = np.random.default_rng(11)
+    x64 = rng.normal(size=(t, d))
+    ws64 = [rng.normal(size=s) for s in ((1, d, f), (1, d, f), (1, f, d))]
+    wts = rng.uniform(size=(t, 1))
+    want = np.stack([wts[i, 0] * ref.expert(x64[i], *(w[0] for w in ws64)) for i in range(t)])
+    got = dropless_moe(jnp.asarray(x64, jnp.float32), jnp.asarray(wts, jnp.float32),
+                       jnp.zeros((t, 1), jnp.int32), *(jnp.asarray(w, jnp.float32) for w in ws64),
+                       "blocks")
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL * np.abs(want).max())

@@ -67,7 +67,8 @@ def block_tiers(rows: int, groups: int, requested: int = 0,
     num_big = max(0, -(-(rows - groups * (big - 1)) // big))
     if big < 2 * small or num_big == 0:
         return one
-    return ((big, num_big), (small, (rows - num_big * big + groups * (small - 1)) // small))
+    num_small = (rows - num_big * big + groups * (small - 1)) // small
+    return ((big, num_big), (small, num_small)) if num_small else ((big, num_big),)  # 1 group
 
 
 def block_layout(group_sizes: jax.Array, rows: int, tiers: tuple[tuple[int, int], ...]):
