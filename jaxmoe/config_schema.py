@@ -78,7 +78,8 @@ class ModelConfig:
     grouped_matmul: str = "auto"
     # Rows per block of the "blocks" grouped matmul; 0 = auto: big blocks that every routing
     # fills, then small ones of rows / (8 experts), so padding stays <= 12.5% of expert FLOPs
-    # (dropless.block_tiers). One size (> 0): larger run faster on XLA:CPU but pad more.
+    # (dropless.block_tiers; the expert-parallel path uses the small size only). One size
+    # (> 0): larger run faster on XLA:CPU but pad more.
     gmm_block_size: int = 0
     capacity_factor: float = 1.25
     aux_loss_coef: float = 0.01  # Switch load-balancing loss

@@ -345,8 +345,8 @@ def test_block_tiers_worked_by_hand():
 
 
 def _layout_cases(rng, rows, groups, big):
-    """Group sizes summing to `rows`: one group takes all, balanced, each one row short of a
-    multiple of the big block (fewest whole big blocks), and random (Dirichlet) splits."""
+    """Group sizes summing to `rows`: one group takes all, balanced, all groups but the first
+    one row short of a big block (the first takes the rest), and random (Dirichlet) splits."""
     balanced = np.full(groups, rows // groups)
     balanced[: rows % groups] += 1
     cases = [np.eye(groups, dtype=np.int64)[0] * rows, balanced]
@@ -362,7 +362,7 @@ def _layout_cases(rng, rows, groups, big):
     return cases
 
 
-@pytest.mark.parametrize("rows,groups", [(2048, 4), (256, 4), (1000, 6), (16384, 64)])
+@pytest.mark.parametrize("rows,groups", [(2048, 4), (256, 4), (1000, 6), (16384, 64), (100, 1)])
 def test_two_tier_layout_places_every_row_in_its_groups_block(rows, groups):
     """Reference: the definition. For adversarial and random group sizes summing to `rows`:
     every row gets its own slot inside the static buffer, in a block of its own group (a
@@ -386,6 +386,29 @@ def test_two_tier_layout_places_every_row_in_its_groups_block(rows, groups):
             np.testing.assert_array_equal(np.asarray(block_groups[tier])[blk], group_of_row[mine])
         # the big tier is always full: n_big * big rows go through big matmuls
         assert (dest < starts[1]).sum() == n_big * big
+
+
+def test_two_tier_layout_every_split_of_96_rows_in_3_groups():
+    """Reference: the definition, for all 4,753 splits of 96 rows into 3 groups (tiers
+    ((16, 4), (8, 6)); with one small block fewer 1,638 of them would not fit): each row
+    gets its own slot, in a block of its own group, and the big blocks are full."""
+    from jaxmoe.model.moe.dropless import block_layout, block_tiers
+
+    rows, groups = 96, 3
+    tiers = block_tiers(rows, groups)
+    assert tiers == ((16, 4), (8, 6))
+    (big, n_big), (small, n_small) = tiers
+    splits = np.array([(a, b, rows - a - b) for a in range(rows + 1) for b in range(rows + 1 - a)])
+    layout = jax.jit(jax.vmap(lambda gs: block_layout(gs, rows, tiers)))
+    dest, (g_big, g_small) = jax.tree.map(np.asarray, layout(jnp.asarray(splits, jnp.int32)))
+    slots = n_big * big + n_small * small
+    assert dest.min() >= 0 and dest.max() < slots
+    assert all(len(np.unique(d)) == rows for d in dest)
+    group_of_block = np.concatenate([np.repeat(g_big, big, axis=1),
+                                     np.repeat(g_small, small, axis=1)], axis=1)
+    for sizes, d, gob in zip(splits, dest, group_of_block):
+        np.testing.assert_array_equal(gob[d], np.repeat(np.arange(groups), sizes))
+    assert ((dest < n_big * big).sum(axis=1) == n_big * big).all()
 
 
 def test_two_tier_dropless_matches_loop_reference():

@@ -14,11 +14,13 @@ one-hot dispatch tensors. Two grouped-matmul implementations stand behind `exper
   expert FLOPs (compiled/analytic FLOPs <= 1.1) once rows >= 64 x experts (below that the
   block stays at its minimum of 8 rows and the share of padding grows). Larger blocks run
   faster on XLA:CPU but pad more, so by default the blocks come in two sizes
-  (`block_tiers`): most rows go through big blocks that every routing fills completely, the
-  rest through small ones, with the small blocks' padding bound. On the benchmark model
-  (2,048 copies, 4 experts: 5 blocks of 256 + 15 of 64 rows, the same 2,240 slots as 35
-  blocks of 64) that made the training step 1.00-1.22x faster than one size of 64
-  (tools/bench_train.py, docs/benchmarks.md). `model.gmm_block_size` asks for one size.
+  (`block_tiers`): over half the rows go through big blocks that every routing fills
+  completely, the rest through small ones, with the small blocks' padding bound. On the
+  benchmark model (2,048 copies, 4 experts: 5 blocks of 256 + 15 of 64 rows, the same 2,240
+  slots as 35 blocks of 64) the training step ran 1.10-1.35x faster than with one size of 64
+  in three tools/bench_train.py runs (docs/benchmarks.md, session 12; 1.00-1.19x in bf16 and
+  1.16-1.22x in float32 in alternating rounds, docs/xla_cpu.md). `model.gmm_block_size`
+  asks for one size; `expert_ffn` (rows may be padding) always uses one.
 """
 
 from __future__ import annotations
@@ -52,11 +54,12 @@ def block_tiers(rows: int, groups: int, requested: int = 0,
     """Static ((block rows, number of blocks), ...) that hold any grouping of `rows` rows.
 
     `requested` > 0 or `exact=False` (sum(group_sizes) may be < rows): one size, `block_size`'s,
-    with sum_g ceil(size_g / block) <= (rows + G (block - 1)) // block blocks. Otherwise two
-    sizes: big blocks of B = the largest power of two <= rows / (2 G) (at most 512, at least
-    2x the small block), as many as every grouping fills, ceil((rows - G (B - 1)) / B)
-    (sum_g floor(size_g / B) is at least that), then small blocks for the rest. The padding
-    bound is the small block's, G (block - 1) rows, but most rows go through big matmuls.
+    with sum_g ceil(size_g / block) <= (rows + G (block - 1)) // block blocks. Otherwise, if
+    B = the largest power of two <= rows / (2 G), at most 512, is at least twice the small
+    block: two sizes, as many big blocks of B rows as every grouping fills, ceil((rows -
+    G (B - 1)) / B) (sum_g floor(size_g / B) is at least that), then small blocks for the
+    rest. The padding bound is the small block's, G (block - 1) rows, and the same number
+    of slots; over half the rows go through big matmuls (62.5% on the benchmark model).
     """
     small = block_size(rows, groups, requested)
     one = ((small, (rows + groups * (small - 1)) // small),)
