@@ -125,8 +125,7 @@ def attention_backward_rows(rng: np.random.Generator, steps: int):
 
 def expert_swiglu_rows(rng: np.random.Generator, steps: int):
     """Expert SwiGLU fwd+grad: row blocks with per-block weights vs static dense groups."""
-    from jaxmoe.model.moe.block_swiglu import block_swiglu
-    from jaxmoe.model.moe.dropless import block_tiers
+    from jaxmoe.model.moe.dropless import block_tiers, tiered_swiglu
 
     experts, embed, mlp, rows = 4, 256, 512, 2048
     rows_per = rows // experts
@@ -137,15 +136,12 @@ def expert_swiglu_rows(rng: np.random.Generator, steps: int):
     r = jnp.asarray(rng.normal(size=(slots, embed)), F32)
 
     def blocks(tiers):  # tiers: ((block rows, blocks), ...), blocks spread evenly over experts
+        n = sum(blk * nb for blk, nb in tiers)
+        groups = [jnp.asarray(np.arange(nb) * experts // nb, jnp.int32) for _, nb in tiers]
+
         def fn(x, *ws):
-            wc, ys, offset = [w.astype(BF16) for w in ws], [], 0
-            for blk, nb in tiers:
-                group = jnp.asarray(np.arange(nb) * experts // nb, jnp.int32)
-                xb = x[offset:offset + nb * blk].reshape(nb, blk, embed)
-                ys.append(block_swiglu(xb, group, *wc).reshape(-1, embed))
-                offset += nb * blk
-            y = jnp.concatenate(ys).astype(F32)
-            return jnp.sum(y * r[:offset])
+            y = tiered_swiglu(x[:n], tiers, groups, *(w.astype(BF16) for w in ws))
+            return jnp.sum(y.astype(F32) * r[:n])
         return fn
 
     def static_groups(x, *ws):

@@ -65,11 +65,10 @@ def block_tiers(rows: int, groups: int, requested: int = 0,
     one = ((small, (rows + groups * (small - 1)) // small),)
     if requested or not exact:
         return one
-    big = 1 << max((rows // (2 * groups)).bit_length() - 1, 0)
-    big = min(big, 512)
-    num_big = max(0, -(-(rows - groups * (big - 1)) // big))
-    if big < 2 * small or num_big == 0:
+    big = min(1 << max((rows // (2 * groups)).bit_length() - 1, 0), 512)
+    if big < 2 * small:
         return one
+    num_big = -(-(rows - groups * (big - 1)) // big)  # >= 1: rows >= 2 G big
     num_small = (rows - num_big * big + groups * (small - 1)) // small
     return ((big, num_big), (small, num_small)) if num_small else ((big, num_big),)  # 1 group
 
@@ -121,8 +120,10 @@ def _slots(group_sizes: jax.Array, rows: int, experts: int, block: int = 0,
     return tiers, dest, src, block_groups
 
 
-def _tiered_swiglu(xb, tiers, block_groups, w_gate, w_up, w_down):
-    """xb [slots, embed] -> [slots, embed]: `block_swiglu` per tier of blocks."""
+def tiered_swiglu(xb: jax.Array, tiers: tuple[tuple[int, int], ...], block_groups,
+                  w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """xb [slots, embed], the tiers' blocks one after another (`block_tiers`), block_groups
+    per tier [n] (`block_layout`) -> [slots, embed]: `block_swiglu` per tier."""
     d, ys, offset = xb.shape[-1], [], 0
     for (block, n), groups in zip(tiers, block_groups):
         x = xb[offset:offset + n * block].reshape(n, block, d)
@@ -135,7 +136,7 @@ def _expert_ffn_blocks(x_sorted, group_sizes, w_gate, w_up, w_down, block=0):
     rows = x_sorted.shape[0]  # may hold padding rows past sum(group_sizes): one block size
     tiers, dest, src, groups = _slots(group_sizes, rows, w_gate.shape[0], block, exact=False)
     xb = gather_rows(x_sorted, src, dest[:, None])
-    return gather_rows(_tiered_swiglu(xb, tiers, groups, w_gate, w_up, w_down), dest,
+    return gather_rows(tiered_swiglu(xb, tiers, groups, w_gate, w_up, w_down), dest,
                        src[:, None])
 
 
@@ -149,7 +150,7 @@ def _dropless_blocks(x, weights, indices, w_gate, w_up, w_down, block=0):
     copy_of_slot = jnp.where(src < t * k, order[jnp.minimum(src, t * k - 1)], t * k)
     token_of_slot = jnp.where(copy_of_slot < t * k, copy_of_slot // k, t)
     xb = gather_rows(x, token_of_slot, slot_of_copy.reshape(t, k))
-    yb = _tiered_swiglu(xb, tiers, groups, w_gate, w_up, w_down)
+    yb = tiered_swiglu(xb, tiers, groups, w_gate, w_up, w_down)
     y = gather_rows(yb, slot_of_copy, copy_of_slot[:, None]).reshape(t, k, d)
     return jnp.einsum("tkd,tk->td", y.astype(weights.dtype), weights).astype(x.dtype)
 
