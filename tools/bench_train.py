@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import jaxmoe  # noqa: E402,F401
 from jaxmoe.config import load_config  # noqa: E402
 from jaxmoe.hugepages import reexec_with_hugepages  # noqa: E402
+from jaxmoe.model.moe.dropless import block_tiers  # noqa: E402
 from jaxmoe.model.params import training_flops_per_token  # noqa: E402
 from jaxmoe.train.loop import build_trainer  # noqa: E402
 
@@ -186,7 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         model_flops = training_flops_per_token(r["cfg"].model, SEQ)["total"] * r["tokens_per_s"]
         rows.append((name, r["tokens_per_s"], r["seconds"], flops_ratio, model_flops / peak))
 
-    variants = [("dropless", [], "dropless, blocks of 256 + 64 rows (default)"),
+    tiers = block_tiers(BATCH * SEQ * 2, 4)  # the default layout of BENCH's 2 x 4 experts
+    default = " + ".join(str(b) for b, _ in tiers)
+    variants = [("dropless", [], f"dropless, blocks of {default} rows (default)"),
                 ("dropless", ["model.gmm_block_size=64"], "dropless, blocks of 64 rows"),
                 ("dropless", ["model.gmm_block_size=256"], "dropless, blocks of 256 rows"),
                 ("dropless", ["model.grouped_matmul=ragged_dot"], "dropless, lax.ragged_dot"),
