@@ -71,6 +71,19 @@ def test_mixture_follows_weights(tmp_path) -> None:
     assert kinds["synthetic"] == pytest.approx(100, abs=3)
 
 
+def test_mixture_eval_reads_every_held_out_document_once_in_source_order(tmp_path) -> None:
+    """A mixture's eval split is every source's held-out documents, each once, source after
+    source in file order, whatever the weights (a weighted mix would stop when the smaller
+    source runs out and drop documents). Reference: the texts written here."""
+    eval_a, eval_b = unique_texts(10, "A"), unique_texts(3, "B")
+    cfg = DataConfig(source="mixture", seq_len=256, packing=False, sources=(
+        {"source": "jsonl", "paths": [write_jsonl(tmpfile(tmp_path, "a.jsonl"), ["a"] * 4)],
+         "eval_paths": [write_jsonl(tmpfile(tmp_path, "ea.jsonl"), eval_a)], "weight": 1.0},
+        {"source": "jsonl", "paths": [write_jsonl(tmpfile(tmp_path, "b.jsonl"), ["b"] * 4)],
+         "eval_paths": [write_jsonl(tmpfile(tmp_path, "eb.jsonl"), eval_b)], "weight": 3.0}))
+    assert _row_texts(all_batches(cfg, split="eval", batch_size=4, seed=0)) == eval_a + eval_b
+
+
 def test_too_few_records_for_hosts(tmp_path) -> None:
     path = write_jsonl(tmpfile(tmp_path, "a.jsonl"), unique_texts(3))
     cfg = DataConfig(source="jsonl", paths=(path,), eval_fraction=0.3)
