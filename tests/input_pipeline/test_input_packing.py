@@ -16,8 +16,9 @@ def _reference_docs(cfg: DataConfig) -> list[dict[str, np.ndarray]]:
     return list(document_dataset(cfg, split="eval", seed=0, num_epochs=1))
 
 
-def _check_rows(batches, docs, seq_len: int, packing: bool) -> None:
-    """Tokens once, in order; segments restart exactly at document or row starts."""
+def _check_rows(batches, docs, seq_len: int, packing: bool, pad_id: int = 0) -> None:
+    """Tokens once, in order; segments restart exactly at document or row starts; padding
+    holds `pad_id`."""
     stream_in = np.concatenate([d["inputs"] for d in docs])
     stream_tg = np.concatenate([d["targets"] for d in docs])
     np.testing.assert_array_equal(real_stream(batches, "inputs"), stream_in)
@@ -32,7 +33,8 @@ def _check_rows(batches, docs, seq_len: int, packing: bool) -> None:
                                       b["positions"]):
             n = int(np.count_nonzero(seg))
             assert np.all(seg[:n] > 0) and np.all(seg[n:] == 0)  # padding only at the end
-            assert np.all(inp[n:] == 0) and np.all(tgt[n:] == 0) and np.all(pos[n:] == 0)
+            assert np.all(inp[n:] == pad_id) and np.all(tgt[n:] == pad_id)
+            assert np.all(pos[n:] == 0)
             if n == 0:
                 continue
             assert seg[0] == 1 and np.all(np.diff(seg[:n]) >= 0)
@@ -53,6 +55,25 @@ def test_every_token_once_in_order(packing: bool) -> None:
     cfg = DataConfig(num_documents=160, eval_fraction=0.25, seq_len=64, packing=packing)
     batches = all_batches(cfg, split="eval", batch_size=3, seed=0)
     _check_rows(batches, _reference_docs(cfg), 64, packing)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_padding_holds_the_tokenizers_pad_id(monkeypatch, packing: bool) -> None:
+    """A tokenizer whose pad id is 7, not 0: padded slots (in rows and in the eval split's
+    filler rows) hold 7; the real tokens are unchanged. Reference: the documents as read."""
+    from input_pipeline import pipeline
+    from input_pipeline.tokenizer import ByteTokenizer
+
+    class Pad7(ByteTokenizer):
+        pad_id = 7  # byte 4 (EOT), absent from the synthetic corpus
+
+    monkeypatch.setattr(pipeline, "make_tokenizer", lambda cfg: Pad7())
+    cfg = DataConfig(num_documents=50, eval_fraction=0.5, seq_len=48, packing=packing)
+    batches = all_batches(cfg, split="eval", batch_size=4, seed=0)
+    docs = _reference_docs(cfg)
+    assert all((d["inputs"] != 7).all() for d in docs)
+    assert (batches[-1]["segment_ids"][-1] == 0).all()  # the last batch ends in a filler row
+    _check_rows(batches, docs, 48, packing, pad_id=7)
 
 
 @settings(max_examples=12, deadline=None)
