@@ -281,5 +281,13 @@ def test_missing_config_file(tmp_path):
     assert str(e.value) == f"--config {tmp_path}: is a directory; expected a YAML file"
 
 
-def test_defaults_are_valid():
-    assert load_config(None) == Config()
+def test_defaults_are_valid_and_as_documented():
+    """No YAML, no overrides: the defaults validate, and the ones the README and the
+    foundation issue state hold (float32 parameters, bfloat16 compute, dropless dispatch,
+    full remat, the embedded synthetic corpus, no accumulation)."""
+    cfg = load_config(None)
+    assert cfg == Config()
+    m = cfg.model
+    assert (m.param_dtype, m.compute_dtype, m.dispatch, m.remat) == (
+        "float32", "bfloat16", "dropless", "full")
+    assert (cfg.data.source, cfg.train.grad_accum_steps) == ("synthetic", 1)
