@@ -1,0 +1,78 @@
+"""How `train()` times its steps: the first step's compilation and every evaluation are left
+out of the logged step time (the StepTimer itself is tested in test_metrics.py).
+
+Reference: the calls the loop makes, recorded by a StepTimer subclass and a wrapped
+`evaluate` that measures its own wall time; one in-process run of a tiny model."""
+
+import time
+
+import pytest
+
+from jaxmoe.config import load_config
+from jaxmoe.train import loop
+from jaxmoe.train.metrics import StepTimer
+
+OVERRIDES = ["model.vocab_size=320", "model.embed_dim=32", "model.num_layers=1",
+             "model.num_heads=2", "model.num_kv_heads=1", "model.head_dim=16",
+             "model.expert_mlp_dim=32", "train.batch_size=8", "data.seq_len=16",
+             "data.num_documents=400", "train.steps=6", "train.log_every=1",
+             "train.eval_every=3", "train.eval_batches=1", "train.sample_tokens=0"]
+
+
+@pytest.fixture(scope="module")
+def timed_run(tmp_path_factory):
+    calls = []
+    eval_seconds = []
+
+    class Recorder(StepTimer):
+        def restart(self, step):
+            calls.append(("restart", step))
+            super().restart(step)
+
+        def pause(self, seconds):
+            calls.append(("pause", seconds))
+            super().pause(seconds)
+
+        def lap(self, step):
+            out = super().lap(step)
+            calls.append(("lap", step, out))
+            return out
+
+    def timed_evaluate(*args, **kwargs):
+        t = time.perf_counter()
+        out = evaluate(*args, **kwargs)
+        eval_seconds.append(time.perf_counter() - t)
+        return out
+
+    evaluate = loop.evaluate
+    mp = pytest.MonkeyPatch()
+    mp.setattr(loop, "StepTimer", Recorder)
+    mp.setattr(loop, "evaluate", timed_evaluate)
+    try:
+        summary = loop.train(load_config(None, OVERRIDES), tmp_path_factory.mktemp("run"),
+                             progress=False, sample=False)
+    finally:
+        mp.undo()
+    return calls, eval_seconds, summary
+
+
+def test_compilation_is_not_step_time(timed_run):
+    """The timer restarts right after step 1 (the compiling step); step 1's log row has no
+    step time, and every later lap covers exactly the steps since the previous one."""
+    calls, _, summary = timed_run
+    assert [c for c in calls if c[0] == "restart"] == [("restart", 0), ("restart", 1)]
+    laps = [c for c in calls if c[0] == "lap"]
+    assert [c[1] for c in laps] == [1, 2, 3, 4, 5, 6]
+    assert laps[0][2] is None and all(c[2] > 0 for c in laps[1:])
+    assert calls.index(("restart", 1)) < calls.index(laps[0])
+    assert [r["step"] for r in summary["train"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_each_evaluation_is_paused_out(timed_run):
+    """One pause per evaluation (steps 3 and 6), each at least as long as the evaluation
+    itself measured around `evaluate` (the pause also covers writing its metrics row)."""
+    calls, eval_seconds, summary = timed_run
+    pauses = [c[1] for c in calls if c[0] == "pause"]
+    assert len(eval_seconds) == 2 and len(pauses) == 2
+    assert all(p >= e for p, e in zip(pauses, eval_seconds))
+    assert [r["step"] for r in summary["eval"]] == [3, 6]
