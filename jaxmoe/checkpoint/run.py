@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from input_pipeline.fingerprint import changes as input_changes
@@ -103,6 +104,13 @@ def abstract_state(trainer: Any) -> Any:
         raise CheckpointError(f"trainer.init: {len(missing)} outputs have no sharding; "
                               "expected a jit with out_shardings")
     return abstract
+
+
+@jax.jit
+def _all_finite(state: Any) -> jax.Array:
+    """True when every floating-point array of `state` is free of NaN and inf (a scalar)."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
 
 
 class RunCheckpointer:
@@ -274,8 +282,18 @@ class RunCheckpointer:
         return False
 
     def save(self, step: int, state: Any, train_iter: Any, *, wait: bool = False) -> Path:
-        """Saves step `step` (unless it already is); `wait` blocks until it is on disk."""
+        """Saves step `step` (unless it already is); `wait` blocks until it is on disk.
+
+        A state holding NaN or inf is refused (FloatingPointError) before anything is
+        written: a diverged run must not rotate its good checkpoints out."""
         if step != self.last_saved:  # a save waited for needs no copy to write from
+            if not bool(_all_finite(state)):
+                kept = (f"the latest checkpoint, {self.path(self.last_saved)}, is kept"
+                        if self.last_saved is not None else "no checkpoint was written")
+                raise FloatingPointError(
+                    f"step {step}: the train state holds NaN or inf; not saved ({kept}); "
+                    "expected finite values: lower train.optimizer.learning_rate or check "
+                    "the data")
             ckpt.save(self.manager, step, state, self._config, train_iter.get_state(),
                       snapshot=None if wait else self._snapshot)
             self.last_saved = step

@@ -218,46 +218,55 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main),
                dynamic_ncols=True, desc="train")
     timer = StepTimer(start)
-    with PreemptionGuard() as guard:  # SIGTERM/SIGINT: save this step, then return
-        for step in range(start + 1, cfg.train.steps + 1):
-            batch = trainer.put_batch(next(train_iter))
-            with trainer.context():
-                state, metrics = trainer.train_step(state, batch)
-            if step == start + 1:  # it compiled the step: its time is not step time
-                jax.block_until_ready(metrics)
-                timer.restart(step)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                metrics = jax.device_get(metrics)
-                step_time = timer.lap(step)
-                timing = {}
-                if step_time is not None:
-                    tokens_per_s = float(metrics["tokens"]) / step_time
-                    metrics.update(step_time_s=step_time, tokens_per_s=tokens_per_s,
-                                   model_tflops_per_s=tokens_per_s * flops_per_token / 1e12)
-                    timing = {"tok_s": f"{tokens_per_s:,.0f}", "step_s": f"{step_time:.3f}"}
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"step {step}: loss is {loss}; stopping (lower "
-                                             "train.optimizer.learning_rate or check the data)")
-                writer.write(step, "train", metrics)
-                history.append({"step": step, "loss": loss})
-                bar.set_postfix(loss=f"{loss:.3f}", **timing)
-            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                jax.block_until_ready(state)  # the train steps before it are not eval time
-                eval_start = time.perf_counter()
-                eval_loss = evaluate(trainer, state, eval_data)
-                writer.write(step, "eval", {"loss": eval_loss})
-                eval_history.append({"step": step, "loss": eval_loss})
-                if is_main:
-                    bar.write(f"step {step}: eval loss {eval_loss:.4f}")
-                timer.pause(time.perf_counter() - eval_start)  # eval time is not step time
-            bar.update(1)
-            checkpoints.maybe_save(step, state, train_iter)  # async: training continues
-            if guard.should_stop(step):
-                break
-        bar.close()
-        # Inside the guard: a second signal during this save stops with one line (exit 130)
-        checkpoints.save(step, state, train_iter, wait=True)
+    try:
+        with PreemptionGuard() as guard:  # SIGTERM/SIGINT: save this step, then return
+            for step in range(start + 1, cfg.train.steps + 1):
+                batch = trainer.put_batch(next(train_iter))
+                with trainer.context():
+                    state, metrics = trainer.train_step(state, batch)
+                if step == start + 1:  # it compiled the step: its time is not step time
+                    jax.block_until_ready(metrics)
+                    timer.restart(step)
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    metrics = jax.device_get(metrics)
+                    step_time = timer.lap(step)
+                    timing = {}
+                    if step_time is not None:
+                        tokens_per_s = float(metrics["tokens"]) / step_time
+                        metrics.update(step_time_s=step_time, tokens_per_s=tokens_per_s,
+                                       model_tflops_per_s=tokens_per_s * flops_per_token / 1e12)
+                        timing = {"tok_s": f"{tokens_per_s:,.0f}", "step_s": f"{step_time:.3f}"}
+                    loss = float(metrics["loss"])
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"step {step}: loss is {loss}; stopping (lower "
+                                                 "train.optimizer.learning_rate or check the data)")
+                    writer.write(step, "train", metrics)
+                    history.append({"step": step, "loss": loss})
+                    bar.set_postfix(loss=f"{loss:.3f}", **timing)
+                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                    jax.block_until_ready(state)  # the train steps before it are not eval time
+                    eval_start = time.perf_counter()
+                    eval_loss = evaluate(trainer, state, eval_data)
+                    writer.write(step, "eval", {"loss": eval_loss})
+                    eval_history.append({"step": step, "loss": eval_loss})
+                    if is_main:
+                        bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+                    timer.pause(time.perf_counter() - eval_start)  # eval time is not step time
+                bar.update(1)
+                checkpoints.maybe_save(step, state, train_iter)  # async: training continues
+                if guard.should_stop(step):
+                    break
+            bar.close()
+            # Inside the guard: a second signal during this save stops with one line (exit 130)
+            checkpoints.save(step, state, train_iter, wait=True)
+    except Exception:
+        # An error (a diverged loss, a data or disk error) ends the run: a save already in
+        # flight is of a checked state, so let it finish rather than leave a half-written
+        # step and orbax's tracebacks from threads cut off at exit.
+        with contextlib.suppress(Exception):
+            checkpoints.close()
+        writer.close()
+        raise
     checkpoints.close()
     writer.close()
     if guard.received:

@@ -186,3 +186,36 @@ def test_write_problem_drops_a_spec_with_brackets_of_its_own():
     assert write_problem(OSError(message)) == (
         'File too large (errno 27): OUT_OF_RANGE: Error writing "a/zarr.json": Failed '
         'writing: "/x/f": File too large [os_error_code=\'27\']')
+
+
+class _Position:
+    """A data iterator's state, as the checkpointer asks for it."""
+
+    def get_state(self) -> dict:
+        return {"position": 3}
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_state_holding_nan_or_inf_is_not_saved(tmp_path, bad):
+    """keep_checkpoints=1: a diverged state (one NaN or inf in a bfloat16 leaf) after a good
+    step 1 is refused before anything is written, so step 1 is not rotated out. Reference:
+    the steps on disk and the whole message."""
+    from jaxmoe.checkpoint.run import RunCheckpointer
+    from tests.checkpoint._helpers import tiny_config
+
+    run = RunCheckpointer(tmp_path, tiny_config("train.keep_checkpoints=1"))
+    good = {"w": jnp.ones((4,), jnp.float32), "m": jnp.ones((2,), jnp.bfloat16),
+            "count": jnp.arange(3)}
+    try:
+        run.save(1, good, _Position(), wait=True)
+        diverged = {**good, "m": jnp.asarray([1.0, bad], jnp.bfloat16)}
+        with pytest.raises(FloatingPointError) as e:
+            run.save(2, diverged, _Position())
+        assert str(e.value) == (
+            f"step 2: the train state holds NaN or inf; not saved (the latest checkpoint, "
+            f"{run.path(1)}, is kept); expected finite values: lower "
+            "train.optimizer.learning_rate or check the data")
+        run.save(3, {**good, "w": good["w"] * 2}, _Position(), wait=True)  # finite: saved
+    finally:
+        run.close()
+    assert ckpt.make_manager(run.directory, keep_last=1).all_steps() == [3]

@@ -1,5 +1,6 @@
-"""How `train()` times its steps: the first step's compilation and every evaluation are left
-out of the logged step time (the StepTimer itself is tested in test_metrics.py).
+"""`train()` in process: the first step's compilation and every evaluation are left out of
+the logged step time (the StepTimer itself is tested in test_metrics.py), and an error
+mid-run lets the checkpoint save in flight finish.
 
 Reference: the calls the loop makes, recorded by a StepTimer subclass and a wrapped
 `evaluate` that measures its own wall time; one in-process run of a tiny model."""
@@ -76,3 +77,30 @@ def test_each_evaluation_is_paused_out(timed_run):
     assert len(eval_seconds) == 2 and len(pauses) == 2
     assert all(p >= e for p, e in zip(pauses, eval_seconds))
     assert [r["step"] for r in summary["eval"]] == [3, 6]
+
+
+def test_an_error_lets_the_save_in_flight_finish(tmp_path, monkeypatch):
+    """An error mid-run (here the evaluation at step 3 raises) closes the checkpointer
+    before it propagates: the async save of step 2 finishes (no half-written step is left,
+    and no orbax thread is cut off at exit). Reference: the steps on disk, the calls made."""
+    from jaxmoe.checkpoint import manager as ckpt
+    from jaxmoe.checkpoint.run import RunCheckpointer
+
+    closed = []
+
+    class Recorder(RunCheckpointer):
+        def close(self):
+            closed.append(self.manager.is_saving_in_progress())
+            super().close()
+
+    def failing_evaluate(*args, **kwargs):
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(loop, "RunCheckpointer", Recorder)
+    monkeypatch.setattr(loop, "evaluate", failing_evaluate)
+    cfg = load_config(None, OVERRIDES + ["train.checkpoint_every=2"])
+    with pytest.raises(RuntimeError, match="disk gone"):
+        loop.train(cfg, tmp_path, progress=False, sample=False)
+    assert len(closed) == 1
+    assert ckpt.make_manager(ckpt.checkpoint_dir(tmp_path), keep_last=2).all_steps() == [2]
+    assert ckpt.incomplete_checkpoints(ckpt.checkpoint_dir(tmp_path)) == []
