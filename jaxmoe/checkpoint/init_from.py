@@ -16,14 +16,16 @@ from typing import Any
 import jax
 
 from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch
-from jaxmoe.checkpoint.inspect import resolve_step_dir, restore_params
+from jaxmoe.checkpoint.inspect import check_params_fit, resolve_step_dir, restore_params
 from jaxmoe.config_schema import ConfigError
 
 
-def check_source(path: str, run_dir: str | Path) -> None:
-    """Refuses, before a fresh run starts, a `train.init_from` that names no checkpoint
-    (ConfigError, one line). A run that resumes ignores it, so it is not checked then (its
-    source may be gone by the time a preempted run resumes)."""
+def check_source(path: str, run_dir: str | Path, params: Any = None) -> None:
+    """Refuses, before a fresh run starts (so it leaves no run directory behind), a
+    `train.init_from` that names no checkpoint (ConfigError, one line) or, given the fresh
+    state's (abstract) `params`, one whose parameter names or shapes are not theirs
+    (CheckpointMismatch; from metadata, nothing is read). A run that resumes ignores it, so
+    it is not checked then (its source may be gone by the time a preempted run resumes)."""
     try:
         resolve_step_dir(run_dir)
         return  # the run resumes from its own checkpoint
@@ -33,6 +35,11 @@ def check_source(path: str, run_dir: str | Path) -> None:
         resolve_step_dir(path)
     except CheckpointError as e:
         raise ConfigError(f"train.init_from: {e}") from None
+    if params is not None:
+        try:
+            check_params_fit(path, params)
+        except CheckpointMismatch as e:
+            raise CheckpointMismatch(f"train.init_from={path}: {e}") from None
 
 
 def init_from(path: str, state: Any) -> tuple[Any, str, Path]:

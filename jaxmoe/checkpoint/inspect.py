@@ -25,6 +25,7 @@ from etils import epath
 
 from jaxmoe.checkpoint.damage import (
     CheckpointError,
+    CheckpointMismatch,
     check_shapes,
     explain,
     flat_names,
@@ -196,19 +197,37 @@ def restore_params(path: str | Path, *, dtype: Any = None,
         raise _naming_older(e, step_dir) from e
 
 
-def _restore_params(step_dir: Path, dtype: Any, sharding: Any, collection: str,
-                    target: Any = None) -> Any:
+def _stored_collection(step_dir: Path, collection: str) -> tuple[Path, bool, Any]:
+    """(the item folder, whether it is an export, the collection's array metadata: None for
+    a "rest" the checkpoint lacks)."""
     item, exported = _item(step_dir)
     if exported:
         item = step_dir / collection
         if collection != "params" and not item.is_dir():
-            return None
+            return item, exported, None
     meta = read_metadata(step_dir, item)
     params_meta = meta if exported else meta.get(collection)
     if not params_meta and collection != "params":
-        return None
+        return item, exported, None
     if params_meta is None:
         raise CheckpointError(f"checkpoint {step_dir}: no {collection} in item {item.name}")
+    return item, exported, params_meta
+
+
+def check_params_fit(path: str | Path, target: Any) -> Path:
+    """The step folder or export at `path`, once the names and shapes of its parameters are
+    known to be `target`'s (CheckpointMismatch otherwise); reads metadata only."""
+    step_dir = resolve_step_dir(path)
+    check_shapes(step_dir, _stored_collection(step_dir, "params")[2], target,
+                 check_dtypes=False)
+    return step_dir
+
+
+def _restore_params(step_dir: Path, dtype: Any, sharding: Any, collection: str,
+                    target: Any = None) -> Any:
+    item, exported, params_meta = _stored_collection(step_dir, collection)
+    if params_meta is None:
+        return None
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def abstract_leaf(leaf):
@@ -237,8 +256,9 @@ def _restore_params(step_dir: Path, dtype: Any, sharding: Any, collection: str,
 
 def _naming_older(error: CheckpointError, step_dir: Path) -> CheckpointError:
     """`error`, plus the complete checkpoints older than `step_dir` of its run, if any (what
-    a user of a damaged newest checkpoint can read instead)."""
-    if not step_dir.name.isdigit():
+    a user of a damaged newest checkpoint can read instead). Not for a mismatch: that is the
+    config's fault, and the older checkpoints would not fit it either."""
+    if isinstance(error, CheckpointMismatch) or not step_dir.name.isdigit():
         return error
     older = sorted(int(c.name) for c in step_dir.parent.iterdir() if c.name.isdigit()
                    and int(c.name) < int(step_dir.name) and (c / "state").is_dir())

@@ -62,11 +62,12 @@ def config_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 # Settings a resumed run shares with its checkpoint. The tokenizer's: under another one the
 # trained model's token ids change meaning. The data stream's: the saved iterator position
-# belongs to that stream (train.restart_data=true reads the new stream from its beginning).
+# belongs to that stream (train.restart_data=true reads the new stream from its beginning);
+# packing and the worker count also change the shape of grain's saved state.
 TOKENIZER_KEYS = ("data.tokenizer", "data.pad_token", "data.bos_token", "data.eos_token",
                   "data.add_bos", "data.add_eos")
 STREAM_KEYS = ("data.source", "data.paths", "data.sources", "data.text_field", "data.shuffle",
-               "train.seed")
+               "data.packing", "data.num_workers", "train.seed")
 
 
 def stream_keys(data: dict[str, Any]) -> tuple[str, ...]:

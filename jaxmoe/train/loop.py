@@ -25,9 +25,9 @@ from jaxmoe.inference.sample import greedy_generate
 from jaxmoe.model.moe.block import expert_dispatch
 from jaxmoe.model.params import active_params, total_params, training_flops_per_token
 from jaxmoe.staging import write_text_atomic
-from jaxmoe.train.metrics import MetricsWriter, StepTimer
+from jaxmoe.train.metrics import MetricsWriter, StepTimer, read_metrics
 from jaxmoe.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxmoe.train.run_dir import check_run_dir
+from jaxmoe.train.run_dir import check_run_dir, run_lock
 from jaxmoe.train.state import TrainState, init_state, model_graphdef
 from jaxmoe.train.step import make_eval_step, make_train_step
 
@@ -151,7 +151,12 @@ def _eval_batches(cfg: config_lib.Config, per_process_batch: int) -> list[dict[s
 def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
           sample: bool = True) -> dict[str, Any]:
     """Trains `cfg` for `cfg.train.steps` steps; returns a summary (losses, paths, sample)."""
-    run_dir = Path(run_dir)
+    with contextlib.ExitStack() as held:  # the run directory's lock, once it is taken
+        return _train(cfg, Path(run_dir), held, progress=progress, sample=sample)
+
+
+def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
+           progress: bool, sample: bool) -> dict[str, Any]:
     check_run_dir(run_dir)
     is_main = jax.process_index() == 0
     config_path = run_dir / "config.yaml"
@@ -182,7 +187,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
     eval_data = _eval_batches(cfg, per_process)
 
     if cfg.train.init_from:
-        check_source(cfg.train.init_from, run_dir)
+        check_source(cfg.train.init_from, run_dir, jax.eval_shape(trainer.init).params)
     # The run directory is made once the mesh and the data are known to work: a run refused
     # before it starts leaves no directory behind.
     if is_main:
@@ -191,6 +196,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
         except OSError as e:
             raise config_lib.ConfigError(f"--run-dir {run_dir}: cannot be created "
                                          f"({e.strerror}); expected a writable path") from None
+        held.enter_context(run_lock(run_dir))
         if not resuming:
             write_text_atomic(config_path, config_lib.dump_config(cfg))
     writer = MetricsWriter(run_dir, cfg.train.tensorboard, enabled=is_main)
@@ -199,8 +205,6 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
     # router biases and the data iterator's position), or start fresh.
     checkpoints = RunCheckpointer(run_dir, cfg)
     state, start = checkpoints.restore_or_init(trainer, train_iter)
-    if is_main and resuming:
-        write_text_atomic(config_path, config_lib.dump_config(cfg))
     # Rows past the checkpoint (or all rows, when a run died before its first checkpoint)
     # are trained and logged again: drop them so no step is logged twice.
     writer.resume_at(start)
@@ -213,6 +217,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
               "longer schedule has it; or use a new --run-dir to start over)")
         return {"train": [], "eval": [], "run_dir": str(run_dir),
                 "checkpoint": str(checkpoints.path(start))}
+    if is_main and resuming:  # the config the run goes on with (not when nothing is trained)
+        write_text_atomic(config_path, config_lib.dump_config(cfg))
     history: list[dict[str, float]] = []
     eval_history: list[dict[str, float]] = []
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main),
@@ -269,6 +275,11 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
         raise
     checkpoints.close()
     writer.close()
+    if is_main:  # the whole run's history, earlier segments of a resumed run included
+        rows = read_metrics(run_dir)
+        history = [{"step": r["step"], "loss": r["loss"]} for r in rows if r["split"] == "train"]
+        eval_history = [{"step": r["step"], "loss": r["loss"]} for r in rows
+                        if r["split"] == "eval"]
     if guard.received:
         print(f"checkpoint: {guard.signal_name} received; saved step {step} to "
               f"{checkpoints.path(step)}; exiting")

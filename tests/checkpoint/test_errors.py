@@ -135,6 +135,12 @@ def test_logits_segment_ids_must_match_tokens(model, tokens, segment_ids, shapes
     ({"source": "synthetic"}, {"seed": 5}, ["data.seed=0 -> 5"]),
     ({"source": "synthetic"}, {"eval_fraction": 0.1}, ["data.eval_fraction=0.05 -> 0.1"]),
     ({"source": "synthetic"}, {"shuffle": False}, ["data.shuffle=True -> False"]),
+    # packing and worker processes: grain's saved state has another shape (KeyError before)
+    ({"source": "synthetic"}, {"packing": False}, ["data.packing=True -> False"]),
+    ({"source": "synthetic"}, {"num_workers": 1}, ["data.num_workers=0 -> 1"]),
+    # read-ahead and row length: the saved position still fits
+    ({"source": "synthetic"}, {"num_threads": 2, "prefetch_buffer_size": 8, "seq_len": 64,
+                               "worker_buffer_size": 4}, []),
     # files: the synthetic seed/size play no part; with held-out files neither does the
     # fraction, and moving them elsewhere leaves the train stream alone
     ({"source": "jsonl", "paths": ["a.jsonl"]}, {"seed": 5, "num_documents": 9}, []),

@@ -7,6 +7,7 @@ fresh state `trainer.init()` builds for what must stay fresh (optimizer, step).
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import jax
 import numpy as np
@@ -124,6 +125,26 @@ def test_cli_refuses_a_bad_init_from_before_starting_and_a_resume_ignores_it(tmp
     capsys.readouterr()
     assert main(base + ["train.steps=2", f"train.init_from={tmp_path / 'none'}"]) == 0
     assert f"train.init_from={tmp_path / 'none'} ignored" in capsys.readouterr().out
+
+
+def test_cli_refuses_another_models_checkpoint_before_starting(trained, tmp_path, capsys):
+    """A source whose shapes are not the config's model (a run with an older step too):
+    exit 2, one line naming train.init_from and the first mismatching array, no "older
+    complete checkpoints" hint (they would not fit either), and no run directory left
+    behind (it was made before the parameters were read, and the exit code was 1)."""
+    run, _, _ = trained
+    source = tmp_path / "source"
+    shutil.copytree(run, source)
+    shutil.copytree(source / "checkpoints" / "3", source / "checkpoints" / "2")
+    run_dir = tmp_path / "r"
+    assert main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(run_dir),
+                 "--no-progress", "train.steps=1", "model.num_experts=8",
+                 f"train.init_from={source}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jaxmoe: train.init_from={source}: checkpoint "
+                          f"{source.absolute() / 'checkpoints' / '3'}: array "), err
+    assert err.endswith("the config does not match the checkpoint\n") and err.count("\n") == 1
+    assert not run_dir.exists()
 
 
 def test_an_imported_hugging_face_model_starts_a_run(tmp_path, capsys):

@@ -10,6 +10,7 @@ step it is at, exits 0, and its resumption again matches the reference.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shutil
 import signal
@@ -92,6 +93,8 @@ def test_sigkill_after_checkpoint_then_resume(reference, tmp_path):
     assert 4 <= start < STEPS and start % 4 == 0
     train_steps = [r["step"] for r in metric_rows(run_dir) if r["split"] == "train"]
     assert train_steps == list(range(1, STEPS + 1))  # replayed steps are not logged twice
+    summary = json.loads((run_dir / "summary.json").read_text())  # the whole run, not the resume
+    assert [r["step"] for r in summary["train"]] == train_steps
     losses, expected = train_losses(run_dir), reference.losses()
     assert losses == expected, {s: (losses.get(s), expected[s]) for s in expected
                                 if losses.get(s) != expected[s]}

@@ -62,9 +62,10 @@ def test_readme_main_command_trains_and_learns(tmp_path):
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     """`train.steps=1` twice in one run directory (in-process, a cut-down tiny model): the
-    second run exits 0, says the checkpoint is at step 1 and there is nothing to train, and
-    leaves every file of the run directory (metrics.jsonl, the checkpoint folders, the
-    config) byte for byte as the first run left it."""
+    second run, with a changed model setting, exits 0, says the checkpoint is at step 1 and
+    there is nothing to train, and leaves every file of the run directory (metrics.jsonl,
+    the checkpoint folders, the config) byte for byte as the first run left it: config.yaml
+    still describes the run's checkpoints."""
     from jaxmoe.cli import main
 
     run_dir = tmp_path / "run"
@@ -82,8 +83,9 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
 
     before = files()
     assert "metrics.jsonl" in before and any(k.startswith("checkpoints/1/state/") for k in before)
-    assert main(argv) == 0
+    assert main(argv + ["model.rope_theta=500"]) == 0
     out = capsys.readouterr().out
+    assert "model.rope_theta: 10000.0 -> 500" in out, out
     step_dir = run_dir.absolute() / "checkpoints" / "1"
     assert (f"checkpoint: {step_dir} is at step 1 >= train.steps=1; nothing to train (raise "
             "train.steps to continue: the learning-rate schedule is laid over train.steps, so "
