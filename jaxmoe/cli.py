@@ -66,13 +66,26 @@ def cmd_info(args) -> int:
     return 0
 
 
+class _Once(argparse.Action):
+    """An option given at most once (a second `--config` silently replaced the first)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r} and "
+                         f"{values!r}); expected one")
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxmoe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="jaxmoe", description="Train, inspect, compile for TPU, and convert jaxmoe "
+        "Mixture-of-Experts models. Commands take `--config C [key=value ...]` (train, info, "
+        "compile) or paths (checkpoint, convert); `jaxmoe CMD -h` for each.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, fn, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("--config", help="YAML config (a diff on the defaults)")
+        p.add_argument("--config", action=_Once, help="YAML config (a diff on the defaults)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.num_experts=8")
         p.set_defaults(fn=fn)
         return p
@@ -158,13 +171,15 @@ def main(argv: list[str] | None = None, *, hugepages: bool = False) -> int:
         return 1
     except Exception as e:
         # Imported here: whatever raised a CheckpointError has already imported it.
-        from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch
+        from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch, NotACheckpoint
 
         if not isinstance(e, CheckpointError):
             raise
         _drop_abandoned_reads()
         print(f"jaxmoe: {e}", file=sys.stderr)
-        return 2 if isinstance(e, CheckpointMismatch) else 1  # the config's fault: bad input
+        # A config that does not fit, or a path that names no checkpoint: bad input (2);
+        # a damaged checkpoint: 1.
+        return 2 if isinstance(e, (CheckpointMismatch, NotACheckpoint)) else 1
 
 
 def _drop_abandoned_reads() -> None:

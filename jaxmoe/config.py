@@ -223,6 +223,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(
                 f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+        if "model_type" in loaded or "architectures" in loaded:
+            raise ConfigError(
+                f"--config {path}: a Hugging Face config (model_type "
+                f"{loaded.get('model_type')!r}); expected a jaxmoe config: `jaxmoe convert "
+                "from-hf HF_DIR OUT` imports the model and writes OUT/config.json for it")
         values = loaded
     return config_from_dict(values, overrides)
 

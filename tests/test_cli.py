@@ -1,5 +1,6 @@
 """`jaxmoe info` and CLI error handling (in-process: every command is a plain function)."""
 
+import argparse
 import json
 import re
 
@@ -93,6 +94,24 @@ def test_overrides_may_follow_options():
         with pytest.raises(SystemExit) as e:
             parse_args(build_parser(), argv)
         assert e.value.code == 2
+
+
+def test_options_that_would_be_silently_replaced_or_rounded_away_are_refused(capsys):
+    """A second --config replaced the first; --max-shard-size 0.5 became 0 bytes (a shard
+    per tensor). Each is one argparse line, exit 2. Reference: the messages."""
+    from jaxmoe.cli import build_parser, parse_args
+    from jaxmoe.convert.cli import parse_size
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(build_parser(), ["info", "--config", "a.yaml", "--config", "b.yaml"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "jaxmoe info: error: --config given twice ('a.yaml' and 'b.yaml'); expected one")
+    assert parse_size("1") == 1 and parse_size("1.5KiB") == 1536 and parse_size("5GB") == 5e9
+    for bad, why in (("0.5", "expected at least 1 byte"), ("0", "expected at least 1 byte"),
+                     ("5 parsecs", "expected a size such as 5GB or 500MiB")):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"^'{bad}': {why}$"):
+            parse_size(bad)
 
 
 def test_train_refuses_a_run_dir_that_is_a_file_or_holds_other_files(tmp_path, capsys):

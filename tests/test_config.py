@@ -1,5 +1,6 @@
 """Config loading, overrides and validation: every bad value is one line naming key and value."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -271,6 +272,18 @@ def test_existing_data_passes_check_data(tmp_path):
 
 def test_same_key_twice_with_same_value_is_fine():
     assert parse_overrides(["a.b=1", "a.b=1"]) == {"a": {"b": 1}}
+
+
+def test_a_hugging_face_config_points_to_convert(tmp_path):
+    """A transformers config.json given as --config said "architectures: unknown key"."""
+    hf = tmp_path / "config.json"
+    hf.write_text(json.dumps({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                              "hidden_size": 4096}))
+    with pytest.raises(ConfigError) as e:
+        load_config(hf)
+    assert str(e.value) == (f"--config {hf}: a Hugging Face config (model_type 'mixtral'); "
+                            "expected a jaxmoe config: `jaxmoe convert from-hf HF_DIR OUT` "
+                            "imports the model and writes OUT/config.json for it")
 
 
 def test_missing_config_file(tmp_path):

@@ -39,7 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("checkpoint", help="inspect checkpoints or export their parameters")
     commands = p.add_subparsers(dest="checkpoint_command", required=True)
     inspect = commands.add_parser(
-        "inspect", help="arrays (shape, dtype, sharding, bytes), step, data state, config")
+        "inspect", help="arrays (shape, dtype, sharding, bytes), step, data state, config; "
+        "from metadata: the array data is not read or verified (export-params reads it)")
     inspect.add_argument("dir", help="run directory, checkpoints/ folder or step folder")
     inspect.add_argument("--no-config", action="store_true", help="omit the stored config")
     inspect.set_defaults(fn=cmd_inspect)

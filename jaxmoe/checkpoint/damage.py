@@ -44,6 +44,11 @@ def _key_str(key: Any) -> str:
     return str(key)
 
 
+class NotACheckpoint(CheckpointError):
+    """The path names no checkpoint at all (missing, a file, or a folder without one): bad
+    input, like a wrong path on the command line, not damage."""
+
+
 class CheckpointMismatch(CheckpointError):
     """The checkpoint is intact but does not fit the config (array names, shapes, dtypes):
     an older checkpoint of the same run would not fit either."""

@@ -26,6 +26,7 @@ from etils import epath
 from jaxmoe.checkpoint.damage import (
     CheckpointError,
     CheckpointMismatch,
+    NotACheckpoint,
     check_shapes,
     explain,
     flat_names,
@@ -49,12 +50,12 @@ def resolve_step_dir(path: str | Path) -> Path:
         p = p / "checkpoints"
     if not p.is_dir():
         what = "is a file; expected a directory" if p.is_file() else "no such directory"
-        raise CheckpointError(f"{path}: {what}")
+        raise NotACheckpoint(f"{path}: {what}")
     steps = sorted(int(c.name) for c in p.iterdir()
                    if c.name.isdigit() and (c / "state").is_dir())
     if not steps:
         partial = [c.name for c in p.iterdir() if TMP_MARKER in c.name]
-        raise CheckpointError(
+        raise (CheckpointError if partial else NotACheckpoint)(
             f"{path}: no complete checkpoint (expected a run directory, its checkpoints/ "
             "folder, a step folder holding state/, or an export)"
             + (f"; incomplete saves: {', '.join(sorted(partial))}" if partial else ""))

@@ -16,9 +16,12 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
 def parse_size(text: str) -> int:
     """"5GB" / "500MiB" / "1000000" -> bytes."""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
+    if not match or match.group(2).upper() not in _UNITS:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 5GB or 500MiB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected at least 1 byte")
+    return size
 
 
 def _run(fn_name: str, *args, **kwargs) -> int:

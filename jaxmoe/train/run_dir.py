@@ -58,6 +58,10 @@ def check_run_dir(run_dir: Path) -> None:
         raise ConfigError(
             f"--run-dir {run_dir}: its config.yaml is not a jaxmoe run's ({why}); expected a "
             "new or empty directory, or a run to resume")
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.exists() and not checkpoints.is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: {checkpoints} is a file; expected the run's "
+                          "checkpoints folder")
 
 
 @contextlib.contextmanager

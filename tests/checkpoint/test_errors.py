@@ -94,6 +94,26 @@ def test_a_file_or_missing_path_is_named_as_such(tmp_path):
         assert str(err.value) == f"{tmp_path / 'none'}: no such directory"
 
 
+@pytest.mark.parametrize("command", ["inspect", "export-params"])
+def test_a_path_that_names_no_checkpoint_is_bad_input(tmp_path, capsys, command):
+    """A missing path, a file, or an empty folder: one line, exit 2 (bad input, as convert
+    gives), not the exit 1 of a damaged checkpoint. Reference: the messages in full."""
+    from jaxmoe import cli
+
+    a_file = tmp_path / "c1.json"
+    a_file.write_text("{}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for path, why in ((tmp_path / "none", "no such directory"),
+                      (a_file, "is a file; expected a directory"),
+                      (empty, "no complete checkpoint (expected a run directory, its "
+                              "checkpoints/ folder, a step folder holding state/, or an "
+                              "export)")):
+        extra = [str(tmp_path / "out")] if command == "export-params" else []
+        assert cli.main(["checkpoint", command, str(path), *extra]) == 2
+        assert capsys.readouterr().err == f"jaxmoe: {path}: {why}\n"
+
+
 def test_set_aside_never_overwrites(tmp_path):
     """`3/` set aside twice while `3.incomplete/` (from an earlier run) exists: the next free
     names `.incomplete-2`, `.incomplete-3` are taken; every folder keeps its own files."""

@@ -44,6 +44,19 @@ def test_a_config_yaml_of_something_else_is_not_overwritten(tmp_path, capsys, te
     assert _files(tmp_path) == before
 
 
+def test_a_checkpoints_file_in_a_run_is_named(tmp_path, capsys):
+    """A file named `checkpoints` in a run gave orbax's NotADirectoryError traceback."""
+    (tmp_path / "config.yaml").write_text("model:\n  num_layers: 2\n")
+    (tmp_path / "checkpoints").write_text("not a folder")
+    before = _files(tmp_path)
+    assert main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(tmp_path),
+                 "train.steps=1"]) == 2
+    assert capsys.readouterr().err == (
+        f"jaxmoe: config error: --run-dir {tmp_path}: {tmp_path / 'checkpoints'} is a file; "
+        "expected the run's checkpoints folder\n")
+    assert _files(tmp_path) == before
+
+
 def _holder(run_dir: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], env=env, text=True,
