@@ -99,7 +99,8 @@ class DataConfig:
     # the files for ever.
     max_bad_fraction: float = 0.1
     # grain worker processes (0: all in the calling process). Each worker packs its own slice,
-    # so the batch order depends on num_workers: a resume keeps the checkpoint's value.
+    # so the batch order depends on num_workers: a resume with another value is refused
+    # (train.restart_data=true reads the data afresh).
     num_workers: int = 0
     worker_buffer_size: int = 2  # batches buffered per worker process
     # grain ReadOptions reader threads: 0 is fastest for in-memory / local data (no GIL

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -155,9 +156,49 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
         return _train(cfg, Path(run_dir), held, progress=progress, sample=sample)
 
 
+def _said_by_process_0(text: str, size: int = 2048) -> str:
+    """`text` as process 0 has it, in every process (a collective: all processes call it)."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(text.encode()[:size].ljust(size, b"\0"), np.uint8)
+    return bytes(multihost_utils.broadcast_one_to_all(data)).rstrip(b"\0").decode(
+        errors="replace")
+
+
+def _claim_run_dir(run_dir: Path, held: contextlib.ExitStack, locked: bool, *,
+                   create: bool) -> bool:
+    """Process 0 makes `run_dir` (when `create`) and, if it exists, locks it for this run
+    (run_dir.run_lock), unless it already holds the lock (`locked`). A refusal raises the
+    same one-line ConfigError in every process: the others would otherwise wait at their
+    next barrier. Returns whether process 0 holds the lock (False elsewhere)."""
+    problem = ""
+    if jax.process_index() == 0 and not locked:
+        try:
+            if create:
+                try:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise config_lib.ConfigError(
+                        f"--run-dir {run_dir}: cannot be created ({e.strerror}); expected a "
+                        "writable path") from None
+            if run_dir.is_dir():
+                held.enter_context(run_lock(run_dir))
+                locked = True
+        except config_lib.ConfigError as e:
+            problem = str(e)
+    if jax.process_count() > 1:
+        problem = _said_by_process_0(problem)
+    if problem:
+        raise config_lib.ConfigError(problem)
+    return locked
+
+
 def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
            progress: bool, sample: bool) -> dict[str, Any]:
     check_run_dir(run_dir)
+    # A run directory that exists (a resume) is locked at once: a second run on it stops
+    # here, before it builds anything (or fails for a device the first one holds).
+    locked = _claim_run_dir(run_dir, held, False, create=False)
     is_main = jax.process_index() == 0
     config_path = run_dir / "config.yaml"
     resuming = config_path.is_file()  # its config is replaced only once the resume succeeds
@@ -188,17 +229,11 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
 
     if cfg.train.init_from:
         check_source(cfg.train.init_from, run_dir, jax.eval_shape(trainer.init).params)
-    # The run directory is made once the mesh and the data are known to work: a run refused
-    # before it starts leaves no directory behind.
-    if is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise config_lib.ConfigError(f"--run-dir {run_dir}: cannot be created "
-                                         f"({e.strerror}); expected a writable path") from None
-        held.enter_context(run_lock(run_dir))
-        if not resuming:
-            write_text_atomic(config_path, config_lib.dump_config(cfg))
+    # A new run directory is made once the mesh and the data are known to work: a run
+    # refused before it starts leaves no directory behind.
+    _claim_run_dir(run_dir, held, locked, create=True)
+    if is_main and not resuming:
+        write_text_atomic(config_path, config_lib.dump_config(cfg))
     writer = MetricsWriter(run_dir, cfg.train.tensorboard, enabled=is_main)
 
     # Resume from the latest complete checkpoint in run_dir (parameters, optimizer, RNG,
@@ -265,13 +300,18 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
             bar.close()
             # Inside the guard: a second signal during this save stops with one line (exit 130)
             checkpoints.save(step, state, train_iter, wait=True)
-    except Exception:
+    except Exception as e:
         # An error (a diverged loss, a data or disk error) ends the run: a save already in
         # flight is of a checked state, so let it finish rather than leave a half-written
-        # step and orbax's tracebacks from threads cut off at exit.
+        # step and orbax's tracebacks from threads cut off at exit. Said first, so that a
+        # Ctrl-C during a long wait does not hide the error.
+        if checkpoints.manager.is_saving_in_progress():
+            print(f"jaxmoe: stopping after an error ({e}); waiting for the checkpoint save "
+                  "in flight to finish", file=sys.stderr, flush=True)
         with contextlib.suppress(Exception):
             checkpoints.close()
-        writer.close()
+        with contextlib.suppress(Exception):  # e.g. a full disk: the first error is the one
+            writer.close()
         raise
     checkpoints.close()
     writer.close()

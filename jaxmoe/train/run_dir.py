@@ -49,7 +49,9 @@ def check_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"--run-dir {run_dir}: {ancestor} is a file; expected a path whose "
                           "folders are folders")
     config = run_dir / "config.yaml"
-    if run_dir.is_dir() and not config.is_file() and any(run_dir.iterdir()):
+    # run.lock alone is what a run that died before writing its config leaves
+    if run_dir.is_dir() and not config.is_file() and any(p.name != LOCK_FILE
+                                                         for p in run_dir.iterdir()):
         raise ConfigError(
             f"--run-dir {run_dir}: holds other files and no jaxmoe run (no config.yaml); "
             "expected a new or empty directory, or a run to resume")
@@ -70,10 +72,16 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     second `jaxmoe train` on the same directory (which would resume from the first one's
     checkpoints and delete its save in progress) is refused in one line. The lock goes with
     the process, so a killed run leaves none behind. Take it in one process of a multi-host
-    job (the others share the directory). A file system without locks (some network or
-    FUSE mounts) is said once on stderr, and the run goes on unprotected."""
+    job (the others share the directory). Best effort: a file system without locks is said
+    once on stderr and the run goes on unprotected; some (NFS mounted with
+    `local_lock=flock`, Lustre's `localflock`, some FUSE mounts) grant the lock per client
+    without saying so, and then protect only against a second run on the same host."""
     path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"--run-dir {run_dir}: cannot open {path} ({e.strerror}); expected "
+                          "a writable directory") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -32,9 +32,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_two_processes(run_dir: Path, extra: list[str] = (), timeout: int = 600):
+def _train_two_processes(run_dir: Path, extra: list[str] = (), timeout: int = 600,
+                         rc: int = 0):
     """`jaxmoe train` in two local processes (2 CPU devices each); returns their outputs
-    after checking that both exited 0."""
+    after checking that both exited with `rc`."""
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -51,7 +52,7 @@ def _train_two_processes(run_dir: Path, extra: list[str] = (), timeout: int = 60
         for p in procs:
             p.kill()
     for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+        assert p.returncode == rc, f"process {i} exited {p.returncode}:\n{out[-3000:]}"
     return outs
 
 
@@ -101,3 +102,27 @@ def test_one_process_with_an_empty_eval_shard_still_trains(tmp_path: Path):
     assert [len(s) for s in shares] == [5, 0]
     _train_two_processes(tmp_path / "run", overrides, timeout=240)
     assert [r["step"] for r in read_metrics(tmp_path / "run", "eval")] == [1]
+
+
+def test_a_held_run_dir_stops_every_process_in_one_line(tmp_path: Path):
+    """Another process holds the run directory's lock: both processes of the job exit 2
+    with the refusal (only process 0 takes the lock; process 1 used to wait at a barrier
+    until the distributed service gave up minutes later). Reference: the message in full."""
+    from jaxmoe.config import dump_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_config(tiny_config(*OVERRIDES)))
+    hold = ("import sys; from pathlib import Path; from jaxmoe.train.run_dir import run_lock\n"
+            "with run_lock(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        outs = _train_two_processes(run_dir, timeout=180, rc=2)
+    finally:
+        holder.communicate("", timeout=30)
+    line = (f"jaxmoe: config error: --run-dir {run_dir}: another jaxmoe train is running in "
+            f"it (pid {holder.pid} holds {run_dir}/run.lock); expected one run per directory")
+    for out in outs:
+        assert line in out.splitlines(), out[-3000:]

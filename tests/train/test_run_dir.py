@@ -65,10 +65,12 @@ def _holder(run_dir: Path) -> subprocess.Popen:
     return proc
 
 
-def test_a_second_run_on_a_held_directory_is_refused(tmp_path, capsys):
+def test_a_second_run_on_a_held_directory_is_refused(tmp_path, capsys, monkeypatch):
     """Another process holds the lock: `jaxmoe train` there exits 2 with one line naming
-    that process, and leaves the directory as it was; once the holder exits normally, or is
-    killed with SIGKILL, the lock can be taken again."""
+    that process, before it builds anything, and leaves the directory as it was; once the
+    holder exits normally, or is killed with SIGKILL, the lock can be taken again."""
+    from jaxmoe.train import loop
+
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     assert main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(run_dir),
@@ -80,8 +82,10 @@ def test_a_second_run_on_a_held_directory_is_refused(tmp_path, capsys):
         holder = _holder(run_dir)
         try:
             before = _files(run_dir)
-            assert main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir",
-                         str(run_dir), "train.steps=2"]) == 2
+            with monkeypatch.context() as m:
+                m.setattr(loop, "build_trainer", lambda *a, **k: pytest.fail("built"))
+                assert main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir",
+                             str(run_dir), "train.steps=2"]) == 2
             err = capsys.readouterr().err.strip()
             assert err == (f"jaxmoe: config error: --run-dir {run_dir}: another jaxmoe train "
                            f"is running in it (pid {holder.pid} holds {run_dir}/run.lock); "
@@ -98,3 +102,15 @@ def test_a_second_run_on_a_held_directory_is_refused(tmp_path, capsys):
                 holder.wait(timeout=30)
         with run_lock(run_dir):  # released with its holder
             assert (run_dir / "run.lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_a_directory_holding_only_a_lock_file_is_a_new_run(tmp_path):
+    """A run that died between taking its lock and writing config.yaml leaves run.lock
+    alone: that folder is not "other files" (it was refused for ever)."""
+    from jaxmoe.train.run_dir import check_run_dir
+
+    (tmp_path / "run.lock").write_text("123\n")
+    check_run_dir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds other files and no jaxmoe run"):
+        check_run_dir(tmp_path)
