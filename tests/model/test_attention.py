@@ -16,8 +16,9 @@ from jaxmoe.model.precision import Precision
 from tests.reference.attention_reference import attention as ref_attention
 
 F32 = Precision(jnp.float32, jnp.float32, jnp.float32)
+# rope_theta is not the default, so a rotary that ignored it would show
 CFG = ModelConfig(embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, init_std=0.3,
-                  compute_dtype="float32")
+                  rope_theta=500.0, compute_dtype="float32")
 SEGMENTS = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 3, 0, 0, 0]])
 POSITIONS = np.array([[0, 1, 2, 0, 1, 2, 3, 0, 1, 0, 0, 0]])
 

@@ -172,6 +172,20 @@ def test_tied_embeddings_have_no_lm_head():
     assert total == total_params(TINY) - TINY.vocab_size * TINY.embed_dim
 
 
+def test_tied_logits_are_the_untied_model_with_the_embedding_as_head():
+    """Reference: the untied model holding the tied one's parameters, with lm_head set to
+    the embedding table transposed (so the head reads the final-normed states). float32:
+    rtol 1e-6."""
+    tied = MoETransformer(dataclasses.replace(TINY, tie_embeddings=True), nnx.Rngs(0))
+    untied = MoETransformer(TINY, nnx.Rngs(1))
+    nnx.update(untied, nnx.state(tied))
+    untied.lm_head[...] = tied.embedder.embedding[...].T
+    tokens, seg, pos = _inputs()
+    want = untied(tokens, seg, pos).logits
+    np.testing.assert_allclose(tied(tokens, seg, pos).logits, want, rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(want).max()) > 1e-2  # not trivially zero
+
+
 _MLA = dict(attention="mla", kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
             v_head_dim=6)
 COUNT_CASES = {

@@ -61,6 +61,9 @@ CASES = {
     "shared_ungated": dict(num_shared_experts=1, shared_expert_mlp_dim=20),
     "shared_gated": dict(num_shared_experts=1, shared_expert_mlp_dim=20, shared_expert_gate=True),
     "top1": dict(num_experts_per_tok=1),
+    # DeepSeek-V3 group-limited choice: 3 groups of 2 experts, both choices from the best group
+    "sigmoid_grouped": dict(router_scoring="sigmoid", norm_topk_prob=True,
+                            routed_scaling_factor=2.5, n_group=3, topk_group=1),
 }
 
 
@@ -75,8 +78,13 @@ def test_block_matches_loop_reference(case, dispatch):
     want, dropped = ref.moe_forward(
         x, block_params(block), top_k=cfg.num_experts_per_tok, scoring=cfg.router_scoring,
         norm_topk_prob=cfg.norm_topk_prob, scaling=cfg.routed_scaling_factor,
-        shared=shared, shared_gate=gate)
+        shared=shared, shared_gate=gate, n_group=cfg.n_group, topk_group=cfg.topk_group)
     assert dropped == 0 and float(stats.dropped) == 0
+    if cfg.n_group > 1:  # the group limit changes some token's choice, so it is tested
+        plain, _ = ref.moe_forward(x, block_params(block), top_k=cfg.num_experts_per_tok,
+                                   scoring=cfg.router_scoring, norm_topk_prob=True,
+                                   scaling=cfg.routed_scaling_factor)
+        assert np.abs(plain - want).max() > 100 * TOL * np.abs(want).max()
     np.testing.assert_allclose(y, want, rtol=TOL, atol=TOL * np.abs(want).max())
 
 

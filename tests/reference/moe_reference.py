@@ -14,8 +14,12 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def route(x, w_router, bias, *, top_k, scoring, norm_topk_prob, scaling):
-    """x [t, d] -> (weights [t, k], indices [t, k], probs [t, e]) for each token separately."""
+def route(x, w_router, bias, *, top_k, scoring, norm_topk_prob, scaling, n_group=1,
+          topk_group=1):
+    """x [t, d] -> (weights [t, k], indices [t, k], probs [t, e]) for each token separately.
+
+    n_group > 1 (DeepSeek-V3): the experts form n_group equal groups, each scored by the sum
+    of its two best selection scores; only the topk_group best groups' experts are chosen."""
     t = x.shape[0]
     probs, weights, indices = [], [], []
     for i in range(t):
@@ -26,7 +30,13 @@ def route(x, w_router, bias, *, top_k, scoring, norm_topk_prob, scaling):
         else:
             p = 1.0 / (1.0 + np.exp(-logits))
         sel = p + bias
-        idx = sorted(range(len(p)), key=lambda e: -sel[e])[:top_k]
+        allowed = range(len(p))
+        if n_group > 1:
+            size = len(p) // n_group
+            score = [sum(sorted(sel[g * size:(g + 1) * size])[-2:]) for g in range(n_group)]
+            best = sorted(range(n_group), key=lambda g: -score[g])[:topk_group]
+            allowed = [e for e in allowed if e // size in best]
+        idx = sorted(allowed, key=lambda e: -sel[e])[:top_k]
         w = np.array([p[e] for e in idx])
         if norm_topk_prob:
             w = w / w.sum()
@@ -41,7 +51,8 @@ def expert(x, w_gate, w_up, w_down):
 
 
 def moe_forward(x, p, *, top_k, scoring="softmax", norm_topk_prob=True, scaling=1.0,
-                shared=None, shared_gate=None, capacity=None, valid=None):
+                shared=None, shared_gate=None, capacity=None, valid=None, n_group=1,
+                topk_group=1):
     """x [t, d]; p: dict of float64 arrays (router [d,e], bias [e], w_gate/w_up [e,d,f],
     w_down [e,f,d]); shared: (gate, up, down) or None; shared_gate [d, 1] or None.
 
@@ -51,7 +62,8 @@ def moe_forward(x, p, *, top_k, scoring="softmax", norm_topk_prob=True, scaling=
     get no routed output. Returns (y [t, d], dropped: number of dropped valid token copies).
     """
     weights, indices, _ = route(x, p["router"], p["bias"], top_k=top_k, scoring=scoring,
-                                norm_topk_prob=norm_topk_prob, scaling=scaling)
+                                norm_topk_prob=norm_topk_prob, scaling=scaling,
+                                n_group=n_group, topk_group=topk_group)
     t, d = x.shape
     y = np.zeros((t, d))
     admitted = np.ones((t, top_k), bool)
