@@ -125,12 +125,12 @@ class DataConfig:
         if not isinstance(self.sources, (list, tuple)):
             _fail("sources", self.sources, "a list of {source, paths, weight, ...} mappings")
         sources = []
-        for s in self.sources:
+        for i, s in enumerate(self.sources):
             if isinstance(s, dict):
                 unknown = set(s) - {f.name for f in dataclasses.fields(SourceConfig)}
                 if unknown:
                     _fail("sources", s, f"mappings without unknown keys {sorted(unknown)}")
-                s = SourceConfig(**s)
+                s = SourceConfig(**s, key=f"data.sources[{i}]")
             if not isinstance(s, SourceConfig):
                 _fail("sources", s, "a mapping of SourceConfig fields")
             sources.append(s)

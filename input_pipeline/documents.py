@@ -63,17 +63,19 @@ class DocumentIterDataset(grain.IterDataset):
 
     With `chunk_len`, a document longer than `chunk_len` pairs is emitted as several pieces of
     at most `chunk_len` (the padding-only mode); without it, whole documents (the packer splits).
+    `check`: what the too-many-bad-records error tells the user to check (default: the
+    source's `source` and `text_field` settings).
     """
 
     def __init__(self, parent: grain.IterDataset, *, chunk_len: int | None, strict: bool,
-                 max_bad_fraction: float | None = None):
+                 max_bad_fraction: float | None = None, check: str | None = None):
         super().__init__(parent)
         self._chunk_len, self._strict = chunk_len, strict
-        self._max_bad_fraction = max_bad_fraction
+        self._max_bad_fraction, self._check = max_bad_fraction, check
 
     def __iter__(self) -> grain.DatasetIterator:
         return _DocumentIterator(self._parent.__iter__(), self._chunk_len, self._strict,
-                                 self._max_bad_fraction)
+                                 self._max_bad_fraction, self._check)
 
     def __str__(self) -> str:
         return f"DocumentIterDataset(chunk_len={self._chunk_len}, strict={self._strict})"
@@ -81,10 +83,11 @@ class DocumentIterDataset(grain.IterDataset):
 
 class _DocumentIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, chunk_len: int | None, strict: bool,
-                 max_bad_fraction: float | None = None):
+                 max_bad_fraction: float | None = None, check: str | None = None):
         super().__init__(parent)
         self._chunk_len, self._strict = chunk_len, strict
         self._max_bad_fraction = max_bad_fraction
+        self._check = check  # what the too-many-bad-records error tells to check
         self._bad: dict[str, int] = {}
         self._docs = 0
         # per source: {"documents": n, "bad_records": {reason: n}} (totals above)
@@ -121,7 +124,8 @@ class _DocumentIterator(grain.DatasetIterator):
             raise DataError(
                 f"{where}{bad} of the {seen} records read{' from it' if where else ''} are bad "
                 f"({reasons}; the last: {message}), more than data.max_bad_fraction={limit}; "
-                f"expected mostly good records (check {name}.source and {name}.text_field) or "
+                f"expected mostly good records (check "
+                f"{self._check or f'{name}.source and {name}.text_field'}) or "
                 "a larger data.max_bad_fraction")
 
     def __next__(self) -> dict[str, np.ndarray]:

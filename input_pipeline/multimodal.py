@@ -9,7 +9,8 @@ An example is a dict with any of these keys (missing or None = absent):
     points  array [N, point_dim];  N > max_points keeps the first max_points points
 
 Ragged (non-rectangular) or non-numeric arrays and empty ones (T, S or N = 0) are bad records
-(`bad_shape`), as is text that is not valid Unicode (`not_utf8`: a lone surrogate).
+(`bad_shape`), as are arrays holding NaN or inf in float32 (`not_finite`) and text that is
+not valid Unicode (`not_utf8`: a lone surrogate).
 
 Every example is collated to the same fixed shapes; absent modalities are zero-filled (text:
 inputs/targets filled with `pad_id`) and `<modality>_mask[b]` is False, and partially filled ones
@@ -40,7 +41,7 @@ import numpy as np
 
 from input_pipeline.documents import DocumentIterDataset
 from input_pipeline.pipeline import DataIterator, mark_absl_flags_parsed, stack_rows
-from input_pipeline.sources import BadRecord, check_utf8
+from input_pipeline.sources import BadRecord, DataError, check_utf8
 from input_pipeline.tokenizer import ByteTokenizer, Tokenizer, encode_document
 
 MODALITIES = ("text", "image", "video", "audio", "points")
@@ -87,7 +88,11 @@ def _array(example: dict, key: str, ndim: int) -> np.ndarray | None:
     if x.shape[0] == 0:
         raise BadRecord("bad_shape", f"{key} has shape {x.shape}, expected at least one "
                                      "element along axis 0")
-    return x.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # too large: inf, refused below
+        x = x.astype(np.float32)
+    if not np.isfinite(x).all():  # NaN, inf, or too large for float32
+        raise BadRecord("not_finite", f"{key} holds NaN or inf values (in float32)")
+    return x
 
 
 def _fit(x: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -203,6 +208,11 @@ def make_multimodal_dataset(examples: Sequence[dict], spec: MultimodalSpec, *, b
     does for text (None: never).
     """
     tokenizer = tokenizer or ByteTokenizer()
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index}: expected in [0, {process_count})")
+    if len(examples) < process_count:  # a host without examples would stop at once
+        raise DataError(f"{name}: {len(examples)} examples cannot be sharded over "
+                        f"{process_count} processes; expected at least one per process")
     ds = grain.MapDataset.source(_Located(examples, name))[process_index::process_count]
     if shuffle:
         ds = ds.shuffle(seed=seed % 2**32)
@@ -210,7 +220,8 @@ def make_multimodal_dataset(examples: Sequence[dict], spec: MultimodalSpec, *, b
         ds = ds.repeat(num_epochs)
     ds = ds.map(_Collate(spec, tokenizer)).to_iter_dataset(grain.ReadOptions(num_threads=0))
     ds = DocumentIterDataset(ds, chunk_len=None, strict=strict,
-                             max_bad_fraction=max_bad_fraction)
+                             max_bad_fraction=max_bad_fraction,
+                             check=f"the keys, shapes and values of {name} against the spec")
     ds = ds.batch(batch_size, batch_fn=functools.partial(
         stack_rows, batch_size=batch_size, pad_id=tokenizer.pad_id))
     if num_workers > 0:

@@ -26,7 +26,7 @@ import numpy as np
 from input_pipeline.config import DataConfig
 from input_pipeline.documents import DocumentIterDataset, ParseAndTokenize, collect_counts
 from input_pipeline.fingerprint import fingerprint
-from input_pipeline.sources import DataError, open_source
+from input_pipeline.sources import DataError, open_source, split_field
 from input_pipeline.tokenizer import make_tokenizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
@@ -93,6 +93,10 @@ def document_dataset(cfg: DataConfig, *, split: str, seed: int, process_index: i
     per_source = []
     for i, (name, src) in enumerate(cfg.named_sources()):
         records = open_source(src, cfg, split, name)
+        if not len(records):  # empty or blank-line-only files
+            field = split_field(src, split)
+            raise DataError(f"{name}.{field}={list(getattr(src, field))!r}: expected records "
+                            f"for the {split} split; the files hold none")
         if len(records) < process_count:
             raise DataError(f"data.source={src.source!r} ({split}): {len(records)} records "
                              f"cannot be sharded over {process_count} processes")

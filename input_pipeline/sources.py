@@ -15,6 +15,7 @@ reader threads / worker processes (`parse_text`), so a bad record costs one skip
 from __future__ import annotations
 
 import bisect
+import codecs
 import collections
 import glob
 import json
@@ -50,7 +51,8 @@ class DataError(ValueError):
 
 
 BAD_REASONS = (
-    "invalid_json", "missing_field", "not_utf8", "empty_text", "bad_shape", "empty_example")
+    "invalid_json", "missing_field", "not_utf8", "empty_text", "bad_shape", "not_finite",
+    "empty_example")
 
 
 class RecordSource(Protocol):
@@ -60,15 +62,55 @@ class RecordSource(Protocol):
 
 
 def expand_paths(patterns: tuple[str, ...], field: str = "data.paths") -> list[str]:
-    """Files matching the glob patterns, sorted per pattern; a pattern matching nothing fails
-    (naming the setting `field` it came from)."""
+    """Files matching the glob patterns (`**` matches any depth), sorted per pattern.
+
+    A pattern matching nothing fails, and so does a file that two patterns match (it would be
+    read twice; a mixture's `weight` is the way to up-weight data); errors name `field`.
+    """
     files: list[str] = []
+    seen: dict[str, str] = {}  # real path -> the pattern that matched it first
     for pattern in patterns:
-        matched = sorted(glob.glob(os.path.expanduser(pattern)))
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matched:
             raise DataError(f"{field}={pattern!r}: expected files matching the pattern")
+        for path in matched:
+            real = os.path.realpath(path)
+            if real in seen:
+                raise DataError(
+                    f"{field}: {path!r} is matched by both {seen[real]!r} and {pattern!r}; "
+                    "expected each file once (a mixture's weight up-weights a source)")
+            seen[real] = pattern
         files.extend(matched)
     return files
+
+
+def check_held_out(cfg: DataConfig) -> None:
+    """Refuses held-out records that training also reads: a file of one source's held-out
+    split (its `eval_paths`, or its `paths` when the split is their last `eval_fraction`)
+    that is also in another source's `paths`, or in its own `paths` next to `eval_paths`.
+
+    A common slip is `paths: data/*.jsonl` with `eval_paths: data/eval.jsonl`. Raises a
+    one-line DataError naming the file and both settings.
+    """
+    named = [(where, src) for where, src in cfg.named_sources() if src.source != "synthetic"]
+    train: dict[str, tuple[str, bool]] = {}  # real path -> (setting, split by fraction)
+    for where, src in named:
+        by_fraction = not src.eval_paths
+        for path in expand_paths(src.paths, f"{where}.paths"):
+            other, other_by_fraction = train.setdefault(
+                os.path.realpath(path), (f"{where}.paths", by_fraction))
+            if other != f"{where}.paths" and (by_fraction or other_by_fraction):
+                # The held-out tail of one source is training data of the other.
+                raise DataError(f"{where}.paths: {path!r} is also in {other}; expected "
+                                "distinct files when a source holds out records by "
+                                "data.eval_fraction (they would be trained on)")
+    for where, src in named:
+        if src.eval_paths:
+            for path in expand_paths(src.eval_paths, f"{where}.eval_paths"):
+                other, _ = train.get(os.path.realpath(path), (None, False))
+                if other is not None:
+                    raise DataError(f"{where}.eval_paths: {path!r} is also in {other}; "
+                                    "expected held-out files that training does not read")
 
 
 class JsonlFile:
@@ -83,6 +125,8 @@ class JsonlFile:
         offset = 0
         with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
+                if number == 1 and line.startswith(codecs.BOM_UTF8):  # some editors add it
+                    line, offset = line[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
                 if line.strip():
                     starts.append(offset)
                     ends.append(offset + len(line))

@@ -72,12 +72,20 @@ def _hf_tokenizers(path: str):
     return tokenizers
 
 
+def _unreadable(path: str, kind: str, e: Exception) -> ValueError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return ValueError(f"data.tokenizer={path!r}: cannot be read ({first}); expected {kind}")
+
+
 class HFTokenizer:
     """A Hugging Face `tokenizers` JSON file (e.g. written by tools/train_tokenizer.py)."""
 
     def __init__(self, path: str, pad_token: str, bos_token: str, eos_token: str):
         self.path = path
-        self._tok = _hf_tokenizers(path).Tokenizer.from_file(path)
+        try:
+            self._tok = _hf_tokenizers(path).Tokenizer.from_file(path)
+        except Exception as e:  # the library raises a bare Exception on a bad file
+            raise _unreadable(path, "a Hugging Face tokenizer.json", e) from e
         self._tok.encode_special_tokens = True  # "<eos>" in a document is text, not EOS
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         look = self._tok.token_to_id
@@ -124,7 +132,10 @@ class SentencePieceTokenizer:
         except ImportError as e:
             raise ValueError(f"data.tokenizer={self.path!r}: expected the sentencepiece "
                              "package to be installed (pip install sentencepiece)") from e
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+        except (RuntimeError, OSError) as e:
+            raise _unreadable(self.path, "a SentencePiece .model file", e) from e
         self.vocab_size = int(self._sp.get_piece_size())
 
     def _piece_id(self, token: str) -> int | None:

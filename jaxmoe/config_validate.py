@@ -186,6 +186,7 @@ def check_data(cfg: Config) -> Config:
     and a model-only config (conversion, tests) may have a vocabulary smaller than 259 bytes.
     Reads the tokenizer file, never the data. Returns `cfg` or raises ConfigError.
     """
+    from input_pipeline.sources import check_held_out
     from input_pipeline.tokenizer import make_tokenizer
 
     check_trainable(cfg)
@@ -204,8 +205,12 @@ def check_data(cfg: Config) -> Config:
             continue
         for name in ("paths", "eval_paths"):
             for pattern in getattr(src, name):
-                if not glob.glob(os.path.expanduser(pattern)):
+                if not glob.glob(os.path.expanduser(pattern), recursive=True):
                     fail(f"{prefix}.{name}", pattern, "a file or a glob pattern matching files")
+    try:
+        check_held_out(d)  # DataError: a file read twice, or held out and trained on
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 

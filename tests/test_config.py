@@ -250,12 +250,17 @@ DATA_BAD = [
     (["data.source=mixture",
       "data.sources=[{source: synthetic}, {source: parquet, paths: ['{tmp}/*.parquet']}]"],
      "data.sources[1].paths='{tmp}/*.parquet': expected a file or a glob pattern matching"),
+    (["data.source=jsonl", "data.paths={tmp}/*.jsonl", "data.eval_paths={tmp}/a.jsonl"],
+     "data.eval_paths: '{tmp}/a.jsonl' is also in data.paths; expected held-out files"),
+    (["data.tokenizer={tmp}/bad.json"],  # not a tokenizer: exit 2, not a traceback
+     "data.tokenizer='{tmp}/bad.json': cannot be read ("),
 ]
 
 
 @pytest.mark.parametrize("overrides,message", DATA_BAD, ids=[b[1][:40] for b in DATA_BAD])
 def test_missing_data_and_small_vocab_give_one_line(overrides, message, tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "bad.json").write_text('{"text": "x"}\n')
     cfg = load_config(None, [o.replace("{tmp}", str(tmp_path)) for o in overrides])  # valid
     with pytest.raises(ConfigError) as e:
         check_data(cfg)

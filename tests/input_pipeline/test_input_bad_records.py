@@ -285,5 +285,7 @@ def test_multimodal_examples_that_are_all_bad_stop(tmp_path) -> None:
 
     it = make_multimodal_dataset([{"caption": "x"}] * 10, MultimodalSpec(), batch_size=2,
                                  seed=0)
-    with pytest.raises(DataError, match=r"^100 of the 100 records read are bad \("):
+    with pytest.raises(DataError, match=r"^100 of the 100 records read are bad \(") as e:
         next(it)
+    # the hint names what to check in the examples (it said data.source and data.text_field)
+    assert "(check the keys, shapes and values of examples against the spec)" in str(e.value)

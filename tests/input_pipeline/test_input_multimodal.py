@@ -110,6 +110,8 @@ BAD_EXAMPLES = {  # name -> (example, reason)
     "empty video": ({"video": np.zeros((0, 2, 3, 1))}, "bad_shape"),
     "empty audio list": ({"audio": [], "text": "hi"}, "bad_shape"),
     "lone surrogate": ({"text": "bad \ud800 x", "audio": np.ones(2)}, "not_utf8"),
+    "NaN audio": ({"audio": [1.0, float("nan")]}, "not_finite"),
+    "points past float32": ({"points": [[1e300, 0.0, 0.0]]}, "not_finite"),
 }
 
 
@@ -165,3 +167,15 @@ def test_sharding_over_processes() -> None:
         examples, spec, batch_size=1, seed=0, num_epochs=1, process_index=p, process_count=2)
         for v in b["audio"][:, 0]) for p in range(2)]
     assert sorted(seen[0] + seen[1]) == list(range(10)) and not set(seen[0]) & set(seen[1])
+
+
+def test_more_processes_than_examples_is_refused() -> None:
+    """A process with no examples stopped at once, even with endless epochs (the others
+    would wait for it); now it is one line, as for text data."""
+    from input_pipeline import DataError
+
+    examples = [{"text": "one"}, {"text": "two"}]
+    with pytest.raises(DataError, match=r"^examples: 2 examples cannot be sharded over 3 "
+                                        r"processes; expected at least one per process$"):
+        make_multimodal_dataset(examples, SPEC, batch_size=1, seed=0, process_index=2,
+                                process_count=3)

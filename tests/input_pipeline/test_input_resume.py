@@ -35,6 +35,25 @@ def test_resume_sees_the_same_batches(packing: bool, k: int) -> None:
     _assert_same(take(fresh, 6), expected)
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_resumed_run_can_be_resumed_again(packing: bool) -> None:
+    """A state taken from a restored iterator, at once and one batch later, must restore
+    too. Reference: the uninterrupted run. seq_len 32 < most documents, so the padding mode
+    is inside a split document (keeping no parent state there passed test_resume_*)."""
+    cfg = DataConfig(num_documents=300, seq_len=32, packing=packing)
+    it = make_dataset(cfg, split="train", batch_size=3, seed=5)
+    take(it, 2)
+    first = json.loads(json.dumps(it.get_state()))
+    expected = take(it, 5)
+    for skip in (0, 1):
+        resumed = make_dataset(cfg, split="train", batch_size=3, seed=5)
+        resumed.set_state(first)
+        take(resumed, skip)
+        again = make_dataset(cfg, split="train", batch_size=3, seed=5)
+        again.set_state(json.loads(json.dumps(resumed.get_state())))
+        _assert_same(take(again, 5 - skip), expected[skip:])
+
+
 def test_resume_at_a_row_that_ended_a_document(tmp_path) -> None:
     """Rows that end exactly at document ends leave the packer no remainder; grain marks
     that with the tuple (-1, -1), which a JSON checkpoint turns into a list. Documents of

@@ -104,3 +104,83 @@ def test_unreadable_inputs_are_one_line(tmp_path, kind) -> None:
                                        f"data.source={kind!r} (")
         assert str(e.value).endswith(f"expected a file in {kind} format")
         assert "\n" not in str(e.value)
+
+
+def _records(path, n: int, prefix: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": f"{prefix}{i} text"}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def test_held_out_files_that_training_reads_are_refused(tmp_path) -> None:
+    """`paths: data/*.jsonl` next to `eval_paths: data/eval.jsonl` trained on the eval set;
+    so did one file in two mixture sources when one of them holds out by eval_fraction.
+    Reference: which files each split reads, by hand."""
+    from input_pipeline import DataError
+    from input_pipeline.sources import check_held_out
+
+    train = _records(tmp_path / "train.jsonl", 5, "T")
+    held = _records(tmp_path / "eval.jsonl", 5, "E")
+    glob_all = str(tmp_path / "*.jsonl")
+    one = DataConfig(source="jsonl", paths=(glob_all,), eval_paths=(held,))
+    with pytest.raises(DataError) as e:
+        check_held_out(one)
+    assert str(e.value) == (f"data.eval_paths: {held!r} is also in data.paths; expected "
+                            "held-out files that training does not read")
+    check_held_out(DataConfig(source="jsonl", paths=(train,), eval_paths=(held,)))
+
+    def mixture(first: dict, second: dict) -> DataConfig:
+        return DataConfig(source="mixture", sources=(first, second))
+
+    with pytest.raises(DataError, match=r"^data\.sources\[1\]\.eval_paths: .*eval\.jsonl' is "
+                                        r"also in data\.sources\[0\]\.paths; expected"):
+        check_held_out(mixture({"source": "jsonl", "paths": [train, held]}, {
+            "source": "jsonl", "paths": [_records(tmp_path / "t2", 3, "U")],
+            "eval_paths": [held]}))
+    for eval_paths in ([held], []):  # the second source, or the first, splits by fraction
+        first = {"source": "jsonl", "paths": [train], "eval_paths": [held] * bool(eval_paths)}
+        with pytest.raises(DataError, match=r"^data\.sources\[1\]\.paths: .*train\.jsonl' is "
+                                            r"also in data\.sources\[0\]\.paths; expected"):
+            check_held_out(mixture(first, {"source": "jsonl", "paths": [train]}))
+    # both sources with separate eval files: the shared training file leaks nothing
+    both = {"source": "jsonl", "paths": [train], "eval_paths": [held]}
+    check_held_out(mixture(both, {**both, "eval_paths": [_records(tmp_path / "e2", 3, "F")]}))
+
+
+def test_file_patterns(tmp_path) -> None:
+    """A file two patterns match is refused (it was read twice, and with eval_fraction part
+    of it was held out and trained on); `**` matches any depth (it matched one level only).
+    Reference: the files written."""
+    from input_pipeline import DataError
+    from input_pipeline.sources import expand_paths
+
+    a = _records(tmp_path / "a.jsonl", 2, "A")
+    deep = _records(tmp_path / "x" / "y" / "b.jsonl", 2, "B")
+    mid = _records(tmp_path / "x" / "c.jsonl", 2, "C")
+    assert expand_paths((str(tmp_path / "**" / "*.jsonl"),)) == [a, mid, deep]
+    with pytest.raises(DataError) as e:
+        expand_paths((a, str(tmp_path / "*.jsonl")), "data.sources[0].paths")
+    assert str(e.value) == (f"data.sources[0].paths: {a!r} is matched by both {a!r} and "
+                            f"{str(tmp_path / '*.jsonl')!r}; expected each file once (a "
+                            "mixture's weight up-weights a source)")
+
+
+def test_a_byte_order_mark_and_empty_files(tmp_path) -> None:
+    """A UTF-8 byte-order mark cost the first record (invalid JSON); an empty eval file said
+    '0 records cannot be sharded over 1 processes'. Reference: the records written."""
+    from input_pipeline import DataError, make_dataset
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\n{"text": "second"}\n')
+    source = JsonlFile(str(path))
+    assert [json.loads(source[i][1])["text"] for i in range(len(source))] == ["first", "second"]
+    assert source[0][0] == f"{path}:1"
+    only_bom = tmp_path / "only.jsonl"
+    only_bom.write_bytes(b"\xef\xbb\xbf\n\n")
+    assert len(JsonlFile(str(only_bom))) == 0
+    cfg = DataConfig(source="jsonl", paths=(str(path),), eval_paths=(str(only_bom),),
+                     seq_len=8)
+    with pytest.raises(DataError) as e:
+        make_dataset(cfg, split="eval", batch_size=1, seed=0)
+    assert str(e.value) == (f"data.eval_paths={[str(only_bom)]!r}: expected records for the "
+                            "eval split; the files hold none")

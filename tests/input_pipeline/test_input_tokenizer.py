@@ -134,6 +134,20 @@ def test_unknown_tokenizer_file() -> None:
         make_tokenizer(DataConfig(tokenizer="/nonexistent/tok.json"))
 
 
+@pytest.mark.parametrize("name, expected", [
+    ("tok.json", "a Hugging Face tokenizer.json"), ("tok.model", "a SentencePiece .model file")])
+def test_unreadable_tokenizer_file_is_one_line(tmp_path, name: str, expected: str) -> None:
+    """A damaged file gave the library's traceback (a bare Exception / RuntimeError), which
+    the CLI reported with exit code 1 rather than as a config error."""
+    path = tmp_path / name
+    path.write_text('{"a tokenizer": 1}' if name.endswith(".json") else "not a model")
+    with pytest.raises(ValueError) as e:
+        make_tokenizer(DataConfig(tokenizer=str(path)))
+    message = str(e.value)
+    assert message.startswith(f"data.tokenizer={str(path)!r}: cannot be read (")
+    assert message.endswith(f"); expected {expected}") and "\n" not in message
+
+
 def test_unigram_entropy(tmp_path) -> None:
     cfg = DataConfig(num_documents=200, eval_fraction=0.1)
     start, stop = corpus.split_bounds(200, 0.1, "train")
