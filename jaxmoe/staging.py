@@ -68,6 +68,12 @@ def output_folder(out: str | Path) -> tuple[Path, str | None]:
         return out, f"{out}: is a file; choose a new output directory"
     if out.exists() and any(out.iterdir()):
         return out, f"{out}: exists and is not empty; choose a new output directory"
+    if out.is_dir() and os.path.ismount(out):  # the rename into place would fail at the end
+        return out, (f"{out}: is a mount point, which an output written beside it cannot be "
+                     f"renamed over; choose a new directory inside it, e.g. {out / 'export'}")
+    if out.is_dir() and out == Path.cwd().resolve():
+        return out, (f"{out}: is the current directory, which the output would replace; "
+                     "choose a new output directory")
     return out, None
 
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,24 @@ def test_output_folder_is_new_or_empty_and_follows_a_symlink(tmp_path):
                                      "directory"
     assert output_folder(full / "x")[1] == f"{full / 'x'}: is a file; choose a new output " \
                                            "directory"
+
+
+def test_a_mount_point_or_the_current_directory_is_refused(tmp_path, monkeypatch):
+    """An empty mount point (a container volume): the staged output, beside it on another
+    file system, was built whole and then deleted when rename(2) failed with EBUSY. The
+    current directory: the rename put a new folder in place of the shell's."""
+    empty = tmp_path / "volume"
+    empty.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == empty)
+    assert output_folder(empty)[1] == (
+        f"{empty}: is a mount point, which an output written beside it cannot be renamed "
+        f"over; choose a new directory inside it, e.g. {empty / 'export'}")
+    assert output_folder(empty / "export") == (empty / "export", None)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert output_folder(".")[1] == (f"{here}: is the current directory, which the output "
+                                     "would replace; choose a new output directory")
 
 
 class _HalfWriter:

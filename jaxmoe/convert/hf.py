@@ -1,9 +1,9 @@
 """jaxmoe checkpoint <-> Hugging Face safetensors, streaming.
 
-`to_hf` reads one stored chunk at a time: for arrays chunked per layer (the exports `from_hf`
-writes) that is one layer of one array; for arrays stored as a single chunk (a training
-checkpoint saved from one device, or `checkpoint export-params`) it is that whole stacked
-array, since TensorStore cannot decode part of a chunk. Every output shape is known up front, so safetensors shards are written tensor by
+`to_hf` reads one stored chunk at a time: for arrays chunked per layer (exports, and the
+checkpoints `jaxmoe train` saves) that is one layer of one array; for arrays stored several
+layers per chunk (a plain orbax save) it is those layers, since TensorStore cannot decode part
+of a chunk. Every output shape is known up front, so safetensors shards are written tensor by
 tensor (`ShardedWriter`) and nothing else accumulates. `from_hf` reads one HF tensor at a time
 from its shard and writes it into its layer of the stacked arrays.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -36,6 +37,9 @@ from jaxmoe.convert.qwen_moe import QWEN2_MOE, QWEN3_MOE
 from jaxmoe.convert.safetensors_io import SafetensorsReader, ShardedWriter, TensorPlan
 from jaxmoe.staging import output_folder, staging_dir
 
+log = logging.getLogger(__name__)
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+GENERATION_CONFIG = "generation_config.json"
 FORMATS: dict[str, lo.Format] = {f.name: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3)}
 OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -76,7 +80,8 @@ def _hf_shapes(rule: lo.Rule, abstract: dict[str, Any]) -> list[tuple[int, ...]]
     return [tuple(o.shape) for o in outs]
 
 
-def _plan(groups: list[list[lo.Rule]], abstract: dict[str, Any], dtype: np.dtype) -> list[TensorPlan]:
+def _plan(groups: list[list[lo.Rule]], abstract: dict[str, Any],
+          dtype: np.dtype) -> list[TensorPlan]:
     plan = []
     for group in groups:
         for rule in group:
@@ -128,8 +133,9 @@ def to_hf(checkpoint: str | Path, out: str | Path, fmt: str, dtype: str = "float
         reader.assume_zero(name, abstract[name].shape, abstract[name].dtype)
     for name, leaf in abstract.items():
         if reader.shape(name) != tuple(leaf.shape):
-            raise lo.ConversionError(f"checkpoint {reader.step_dir}: array {name} has shape "
-                                     f"{reader.shape(name)}, its config implies {tuple(leaf.shape)}")
+            raise lo.ConversionError(
+                f"checkpoint {reader.step_dir}: array {name} has shape {reader.shape(name)}, "
+                f"its config implies {tuple(leaf.shape)}")
     rules = form.rules(cfg.model)
     for name in _uncovered(rules, abstract):
         if not form.router_bias and np.any(reader.read(name) != 0):
@@ -143,8 +149,11 @@ def to_hf(checkpoint: str | Path, out: str | Path, fmt: str, dtype: str = "float
         for group in groups:
             _export_group(reader, group, writer)
         writer.close()
-        hf_cfg = form.hf_config(cfg, dtype)
+        token_ids, generation = _special_tokens(reader)
+        hf_cfg = {**form.hf_config(cfg, dtype), **token_ids}
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        if generation is not None:
+            (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
         # Takes the place of an empty folder (checked before) atomically; fails, leaving no
         # copy behind, if something was put there meanwhile.
         os.replace(tmp, out)
@@ -155,6 +164,43 @@ def to_hf(checkpoint: str | Path, out: str | Path, fmt: str, dtype: str = "float
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Report(out, len(plan), writer.bytes_written, time.perf_counter() - start)
+
+
+def _hf_extras(hf_dir: Path) -> dict[str, Any]:
+    """What an HF model directory says beyond the weights that `to_hf` should write back: the
+    special token ids of config.json and generation_config.json (stopping at EOS needs them)."""
+    hf = json.loads((hf_dir / "config.json").read_text())  # read before, by hf_model_config
+    extras: dict[str, Any] = {"token_ids": {k: hf[k] for k in TOKEN_ID_KEYS
+                                            if hf.get(k) is not None}}
+    path = hf_dir / GENERATION_CONFIG
+    if path.is_file():
+        try:
+            generation = json.loads(path.read_text())
+        except ValueError as e:
+            raise lo.ConversionError(f"{path}: not valid JSON ({' '.join(str(e).split())})"
+                                     ) from None
+        if not isinstance(generation, dict):
+            raise lo.ConversionError(f"{path}: expected a JSON object")
+        extras["generation_config"] = generation
+    return extras
+
+
+def _special_tokens(reader: ParamsReader) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(config.json's special token ids, generation_config.json or None) for an export: those
+    of the HF model a `from_hf` export came from, else the ids of the checkpoint's
+    `data.tokenizer` (none, with a warning, when its file is not on this machine)."""
+    hf = reader.header.get("hf")
+    if isinstance(hf, dict):
+        return dict(hf.get("token_ids") or {}), hf.get("generation_config")
+    from input_pipeline.tokenizer import make_tokenizer
+
+    try:
+        tok = make_tokenizer(reader.config.data)
+    except ValueError as e:
+        log.warning("config.json gets no bos/eos/pad token ids: %s", e)
+        return {}, None
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+            "pad_token_id": tok.pad_id}, None
 
 
 def _export_group(reader: ParamsReader, group: list[lo.Rule], writer: ShardedWriter) -> None:
@@ -218,7 +264,11 @@ def hf_model_config(hf_dir: str | Path, overrides: Sequence[str] = (),
         raise lo.ConversionError(f"{path}: a value of an unexpected type ({e})") from None
     if param_dtype is not None:
         fields["param_dtype"] = param_dtype
-    cfg = config_lib.config_from_dict({"model": fields}, list(overrides))
+    try:
+        cfg = config_lib.config_from_dict({"model": fields}, list(overrides))
+    except config_lib.ConfigError as e:  # a value the file holds (or an override) is refused
+        given = f" with {' '.join(overrides)}" if overrides else ""
+        raise lo.ConversionError(f"{path} (model_type {model_type!r}){given}: {e}") from None
     try:
         form.check(cfg.model)
     except lo.FormatRefusal as e:  # an override the format cannot hold
@@ -266,7 +316,8 @@ def from_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str] = (),
         if reader.info(name)[1] != shape:
             raise lo.ConversionError(f"{hf_dir}: tensor {name} has shape {reader.info(name)[1]}, "
                                      f"config.json implies {shape}")
-    writer = ParamsWriter(out, cfg, source=str(Path(hf_dir).absolute()))
+    writer = ParamsWriter(out, cfg, source=str(Path(hf_dir).absolute()),
+                          hf=_hf_extras(Path(hf_dir)))
     count = nbytes = 0
     try:
         for group in groups:

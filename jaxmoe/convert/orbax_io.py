@@ -106,14 +106,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
                                 "step directory with a 'state' item, or a params-only export)")
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
 def _config_from_dict(values: dict[str, Any]) -> config_lib.Config:
     return config_lib.config_from_dict(values)
 
 
 def _read_tree_names(item_dir: Path) -> tuple[list[str], bool, bool]:
     """(array names, use_ocdbt, use_zarr3) from an orbax item's `_METADATA`."""
-    meta = json.loads((item_dir / "_METADATA").read_text())
-    names = [".".join(ast.literal_eval(k)) for k in meta["tree_metadata"]]
+    path = item_dir / "_METADATA"
+    try:
+        meta = json.loads(path.read_text())
+        names = [".".join(ast.literal_eval(k)) for k in meta["tree_metadata"]]
+    except (ValueError, SyntaxError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointFormatError(f"{path}: not orbax tree metadata ({type(e).__name__}: "
+                                    f"{_one_line(e)}; damaged checkpoint?)") from None
     return names, bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", False))
 
 
@@ -136,7 +145,22 @@ class ParamsReader:
             if not f.is_file():
                 raise CheckpointFormatError(f"{self.step_dir}: {f.relative_to(self.step_dir)} "
                                             "is missing (incomplete or not a jaxmoe checkpoint)")
-        self.config = _config_from_dict(json.loads(config_file.read_text()))
+        try:
+            stored = json.loads(config_file.read_text())
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise CheckpointFormatError(f"{config_file}: not a JSON config ({_one_line(e)}; "
+                                        "damaged checkpoint?)") from None
+        self.config = _config_from_dict(stored)
+        self.header: dict[str, Any] = {}  # an export's export.json
+        if exported:
+            try:
+                self.header = json.loads((self.step_dir / EXPORT_MARKER).read_text())
+            except ValueError as e:
+                raise CheckpointFormatError(f"{self.step_dir / EXPORT_MARKER}: not JSON "
+                                            f"({_one_line(e)}; damaged checkpoint?)") from None
+            if not isinstance(self.header, dict):
+                raise CheckpointFormatError(f"{self.step_dir / EXPORT_MARKER}: expected a "
+                                            "JSON object (damaged checkpoint?)")
         self.missing_rest = exported and not (self.step_dir / "rest" / "_METADATA").is_file()
         # canonical name -> (item directory, stored name, use_ocdbt, use_zarr3)
         self._where: dict[str, tuple[Path, str, bool, bool]] = {}
@@ -198,11 +222,14 @@ class ParamsReader:
 class ParamsWriter:
     """Builds a params-only export at `out_dir` (see the module docstring)."""
 
-    def __init__(self, out_dir: str | Path, cfg: config_lib.Config, source: str = ""):
+    def __init__(self, out_dir: str | Path, cfg: config_lib.Config, source: str = "",
+                 hf: dict[str, Any] | None = None):
+        """`hf`: what the source model's HF files say beyond the weights (special token ids,
+        generation_config.json), kept in export.json for `to_hf`."""
         self.out_dir, problem = output_folder(out_dir)
         if problem:
             raise CheckpointFormatError(problem)
-        self.cfg, self.source = cfg, source
+        self.cfg, self.source, self.hf = cfg, source, hf
         _, self.abstract = abstract_params(cfg.model)
         self.tmp_dir = staging_dir(self.out_dir, sum(
             math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in self.abstract.values()))
@@ -297,7 +324,8 @@ class ParamsWriter:
             json.dumps(config_lib.to_dict(self.cfg), indent=1))
         (self.tmp_dir / EXPORT_MARKER).write_text(json.dumps(
             {"source": self.source, "step": None, "dtype": self.cfg.model.param_dtype,
-             "converted_by": "jaxmoe convert from-hf"}, indent=1))
+             "converted_by": "jaxmoe convert from-hf", **({"hf": self.hf} if self.hf else {})},
+            indent=1))
         os.replace(self.tmp_dir, self.out_dir)  # takes the place of an empty folder atomically
         return self.out_dir
 

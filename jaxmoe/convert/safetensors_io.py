@@ -19,6 +19,7 @@ import struct
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -89,6 +90,20 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def _is_entry(info: Any) -> bool:
+    """Whether a header value is a tensor entry: {dtype, shape, data_offsets}."""
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        return False
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    return (_naturals(shape) and _naturals(offsets) and len(offsets) == 2
+            and offsets[0] <= offsets[1])
+
+
+def _naturals(xs: Any) -> bool:
+    return isinstance(xs, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+
+
 class SafetensorsReader:
     """All tensors of an HF checkpoint directory (an index + shards, or one model.safetensors).
 
@@ -103,8 +118,10 @@ class SafetensorsReader:
                 weight_map = json.loads(index.read_text()).get("weight_map")
             except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
                 raise SafetensorsError(f"{index}: not a JSON index ({e})") from None
-            if not isinstance(weight_map, dict):
-                raise SafetensorsError(f"{index}: expected a 'weight_map' mapping")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
+                raise SafetensorsError(f"{index}: expected a 'weight_map' mapping of tensor "
+                                       "names to file names")
             files = sorted(set(weight_map.values()))
         elif (self.directory / SINGLE_FILE).is_file():
             files = [SINGLE_FILE]
@@ -119,6 +136,10 @@ class SafetensorsReader:
             header, offset = read_header(path)
             self.metadata[name] = header.pop("__metadata__", None) or {}
             for tensor, info in header.items():
+                if not _is_entry(info):
+                    raise SafetensorsError(
+                        f"{path}: header entry {tensor!r} is not {{dtype, shape, data_offsets: "
+                        "[begin, end]}} (damaged file?)")
                 self._where[tensor] = (path, info, offset)
 
     def names(self) -> set[str]:

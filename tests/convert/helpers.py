@@ -106,13 +106,19 @@ def hf_config(fmt: str):
                               num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
                               mlp_only_layers=[0])
     if fmt == "qwen3_moe":
+        # Special ids that are not jaxmoe's byte ids, two of them EOS: carried through.
         return Qwen3MoeConfig(**common, num_key_value_heads=2, head_dim=24, intermediate_size=96,
                               moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                              norm_topk_prob=True, decoder_sparse_step=2)
-    # Not transformers' defaults (see JAXMOE_MODELS): YaRN with mscale != mscale_all_dim.
-    yarn = {"rope_type": "yarn", "rope_theta": 300.0, "factor": 4.0,
-            "original_max_position_embeddings": 16, "mscale": 0.5, "mscale_all_dim": 1.0}
-    return DeepseekV3Config(**{**common, "rope_parameters": yarn}, max_position_embeddings=64,
+                              norm_topk_prob=True, decoder_sparse_step=2, bos_token_id=60,
+                              eos_token_id=[61, 62], pad_token_id=63)
+    # Not transformers' defaults (see JAXMOE_MODELS): YaRN with mscale != mscale_all_dim and
+    # its own betas, at an original length where they change the rotary table (at 16 any
+    # betas give the same one); top-k weights not renormalised.
+    yarn = {"rope_type": "yarn", "rope_theta": 300.0, "factor": 40.0,
+            "original_max_position_embeddings": 4096, "mscale": 0.5, "mscale_all_dim": 1.0,
+            "beta_fast": 4.0, "beta_slow": 0.5}
+    return DeepseekV3Config(**{**common, "rope_parameters": yarn}, norm_topk_prob=False,
+                            max_position_embeddings=163840,
                             num_key_value_heads=4, intermediate_size=96,
                             moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
                             n_group=4, topk_group=2, first_k_dense_replace=1, n_shared_experts=2,

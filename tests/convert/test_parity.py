@@ -46,6 +46,9 @@ def test_jaxmoe_to_transformers_logits(exported):
     assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (
         set(), set(), set()), info
     assert type(model).__name__ == CLASSES[fmt]
+    # The byte tokenizer's ids (data.tokenizer=byte), which generate() stops at.
+    g = model.generation_config
+    assert (g.bos_token_id, g.eos_token_id, g.pad_token_id) == (1, 2, 0)
     theirs = hf_logits(model, tokens())
     assert np.abs(theirs).max() > 1.0  # not a degenerate model
     np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
@@ -79,6 +82,12 @@ def test_round_trip_is_byte_identical(imported, tmp_path, monkeypatch):
     # The context length survives (it was the training seq_len, 256, after a round trip).
     configs = [json.loads((d / "config.json").read_text()) for d in (hf_dir, tmp_path / "again")]
     assert configs[0]["max_position_embeddings"] == configs[1]["max_position_embeddings"]
+    # So do the special token ids and generation_config.json (dropped before: generate()
+    # never stopped at EOS).
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert configs[1].get(key) == configs[0].get(key), key
+    generation = [(d / "generation_config.json").read_text() for d in (hf_dir, tmp_path / "again")]
+    assert json.loads(generation[1]) == json.loads(generation[0])
     original, again = read_tensors(hf_dir), read_tensors(tmp_path / "again")
     assert sorted(again) == sorted(original)
     for name, (dtype, shape, raw) in original.items():

@@ -8,6 +8,7 @@ import pytest
 
 from jaxmoe import cli
 from jaxmoe.convert import ConversionError, from_hf, to_hf
+from jaxmoe.convert.orbax_io import CheckpointFormatError
 from jaxmoe.convert.safetensors_io import SafetensorsReader, ShardedWriter, TensorPlan
 from tests.convert.helpers import jaxmoe_config, random_params, save_random_hf, write_export
 
@@ -162,6 +163,10 @@ def test_overrides_that_reshape_the_model_are_refused(hf_mixtral, tmp_path):
      ["rope type 'linear' is not supported"]),
     ({"quantization_config": {"quant_method": "fp8"}},
      ["quantized weights (quantization_config: fp8) are not supported"]),
+    # a value jaxmoe's config refuses: named with the file it came from (was "jaxmoe: config
+    # error: model.num_experts_per_tok=9 ..." with no word of config.json)
+    ({"num_experts_per_tok": 9}, ["(model_type 'mixtral'): model.num_experts_per_tok=9: "
+                                  "expected between 1 and"]),
 ])
 def test_unsupported_hf_configs_are_refused(hf_mixtral, tmp_path, change, parts):
     bad = _rewrite(hf_mixtral, tmp_path / "bad")
@@ -309,3 +314,61 @@ def test_damaged_inputs_are_one_line(hf_mixtral, tmp_path, capsys):
     assert cli.main(["convert", "from-hf", str(bad), str(tmp_path / "back")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"jaxmoe convert: {shard}: header of ") and "\n" not in err, err
+
+
+def test_damaged_metadata_is_one_line(tmp_path, capsys):
+    """A jaxmoe checkpoint's `_METADATA` or config.json that is not what orbax / jaxmoe
+    wrote, and safetensors headers or indexes whose entries have the wrong types: one line
+    naming the file (were JSONDecodeError, KeyError and TypeError tracebacks)."""
+    ckpt = _export(tmp_path, "mixtral")
+    meta = ckpt / "params" / "_METADATA"
+    for text in (meta.read_text()[:100], "{}"):
+        meta.write_text(text)
+        assert cli.main(["convert", "to-hf", str(ckpt), str(tmp_path / "hf"), "--format",
+                         "mixtral"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"jaxmoe convert: {meta}: not orbax tree metadata (") and \
+            err.endswith("damaged checkpoint?)") and "\n" not in err, err
+    config = ckpt / "config.json"
+    config.write_text('{"model": ')
+    with pytest.raises(CheckpointFormatError) as e:
+        to_hf(ckpt, tmp_path / "hf", "mixtral")
+    assert str(e.value).startswith(f"{config}: not a JSON config (") and "\n" not in str(e.value)
+
+    def safetensors(directory, header: dict, index: dict | None = None):
+        directory.mkdir()
+        raw = json.dumps(header).encode()
+        (directory / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
+        if index is not None:
+            (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+        return directory
+
+    from jaxmoe.convert.safetensors_io import SafetensorsError
+
+    entry = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    for i, bad in enumerate(["F32", {"dtype": "F32", "shape": [2]},
+                             {**entry, "data_offsets": [8, 0]}, {**entry, "shape": ["2"]}]):
+        d = safetensors(tmp_path / f"st{i}", {"w": bad})
+        with pytest.raises(SafetensorsError) as e:
+            SafetensorsReader(d)
+        assert str(e.value) == (f"{d / 'model.safetensors'}: header entry 'w' is not {{dtype, "
+                                "shape, data_offsets: [begin, end]}} (damaged file?)")
+    d = safetensors(tmp_path / "indexed", {"w": entry}, {"weight_map": {"w": 1}})
+    with pytest.raises(SafetensorsError, match=r"expected a 'weight_map' mapping of tensor names"):
+        SafetensorsReader(d)
+
+
+def test_special_token_ids_of_a_tokenizer_not_on_this_machine(tmp_path, caplog):
+    """A checkpoint whose data.tokenizer file is gone exports without bos/eos/pad ids, and
+    says so (writing the byte tokenizer's ids would be wrong for it)."""
+    ckpt = _export(tmp_path, "mixtral")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["data"]["tokenizer"] = str(tmp_path / "gone.json")
+    (ckpt / "config.json").write_text(json.dumps(config))
+    to_hf(ckpt, tmp_path / "hf", "mixtral")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert not {"bos_token_id", "eos_token_id", "pad_token_id"} & set(written)
+    assert not (tmp_path / "hf" / "generation_config.json").exists()
+    assert [r.getMessage() for r in caplog.records] == [
+        "config.json gets no bos/eos/pad token ids: data.tokenizer="
+        f"{str(tmp_path / 'gone.json')!r}: expected 'byte' or an existing tokenizer file"]

@@ -1,10 +1,12 @@
 """Streaming, sharding, dtypes and on-disk formats of the converter.
 
 Reads are counted to show a conversion holds one layer of one array at a time, from exports
-and from training checkpoints (both store stacked arrays one layer per chunk); shards, index, metadata and bfloat16
-output are checked tensor by tensor against the source arrays (exact)."""
+and from training checkpoints (both store stacked arrays one layer per chunk; a plain orbax save
+holds several per chunk); shards, index, metadata and bfloat16 output are checked tensor by
+tensor against the source arrays (exact)."""
 
 import json
+import shutil
 
 import jax
 import ml_dtypes
@@ -85,6 +87,14 @@ def test_training_checkpoint_converts_like_its_export(deep, tmp_path, monkeypatc
     assert max(sizes) == per_layer  # one layer of one array at a time
     to_hf(export, tmp_path / "from_export", "deepseek_v3")
     assert read_tensors(tmp_path / "from_run") == read_tensors(tmp_path / "from_export")
+    # Saved with plain orbax, a chunk holds several layers: each is sliced out of its chunk
+    # (exporting every layer of a chunk as its first passed the tests above).
+    step_dir = tmp_path / "run" / "checkpoints" / "3"
+    shutil.rmtree(step_dir / "state")
+    ocp.PyTreeCheckpointer().save(step_dir / "state", state)
+    assert ParamsReader(tmp_path / "run").layers_per_chunk(name) == cfg.model.num_layers - 1
+    to_hf(tmp_path / "run", tmp_path / "from_plain", "deepseek_v3")
+    assert read_tensors(tmp_path / "from_plain") == read_tensors(tmp_path / "from_export")
 
 
 def test_sharded_bfloat16_export(deep, tmp_path):
