@@ -14,6 +14,7 @@ reader threads / worker processes (`parse_text`), so a bad record costs one skip
 
 from __future__ import annotations
 
+import array
 import bisect
 import codecs
 import collections
@@ -121,7 +122,8 @@ class JsonlFile:
 
     def __init__(self, path: str):
         self.path = path
-        starts, ends, numbers = [], [], []
+        # array('q'), not lists: 24 bytes per record instead of ~110 while indexing
+        starts, ends, numbers = array.array("q"), array.array("q"), array.array("q")
         offset = 0
         with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
@@ -132,9 +134,9 @@ class JsonlFile:
                     ends.append(offset + len(line))
                     numbers.append(number)
                 offset += len(line)
-        self._starts = np.asarray(starts, dtype=np.int64)  # [records] byte offsets
-        self._ends = np.asarray(ends, dtype=np.int64)
-        self._lines = np.asarray(numbers, dtype=np.int64)  # 1-based line of each record
+        self._starts = np.frombuffer(starts, dtype=np.int64)  # [records] byte offsets
+        self._ends = np.frombuffer(ends, dtype=np.int64)
+        self._lines = np.frombuffer(numbers, dtype=np.int64)  # 1-based line of each record
         self._fd: int | None = None
         self._lock = threading.Lock()
 
