@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +223,9 @@ def stored_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
 
 
 def restore(manager: ocp.CheckpointManager, step: int | None, abstract_state: Any, *,
-            data: bool = True) -> Restored:
+            data: bool = True,
+            before_state: Callable[[dict[str, Any], dict[str, Any] | None], None] | None = None
+            ) -> Restored:
     """Restores step `step` (None: the latest) onto the shardings of `abstract_state`.
 
     abstract_state: a pytree of `jax.ShapeDtypeStruct`s with `.sharding` set (e.g.
@@ -230,7 +233,10 @@ def restore(manager: ocp.CheckpointManager, step: int | None, abstract_state: An
     directly, so a checkpoint saved on one mesh restores onto any other (and no host ever
     holds a whole array that is sharded). Raises CheckpointError (one line) on a missing step,
     a missing item or damaged files, and its subclass CheckpointMismatch when the config's
-    arrays differ from the stored ones (names, shapes or dtypes)."""
+    arrays differ from the stored ones (names, shapes or dtypes).
+
+    before_state(config, data_state): called once those small items are read and before the
+    arrays are (minutes for a large model), so that a resume it refuses reads no array."""
     if step is None:
         step = manager.latest_step()
         if step is None:
@@ -246,6 +252,8 @@ def restore(manager: ocp.CheckpointManager, step: int | None, abstract_state: An
     data_state = None
     if data and (where / "data").is_dir():
         data_state = _restore_item(manager, step, "data", PerProcessJsonRestore())
+    if before_state is not None:
+        before_state(config, data_state)
     state = _restore_item(manager, step, "state", ocp.args.PyTreeRestore(
         item=abstract_state,
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))

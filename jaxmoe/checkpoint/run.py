@@ -167,8 +167,14 @@ class RunCheckpointer:
         step = self.manager.latest_step()
         if step is None:
             return self._fresh_state(trainer), 0
+        changed: list[str] = []  # the settings of the train stream that differ
+
+        def check(config: dict[str, Any], data_state: dict[str, Any] | None) -> None:
+            changed.extend(self._check_settings(step, config, data_state, train_iter))
+
         try:
-            restored = ckpt.restore(self.manager, step, abstract_state(trainer))
+            restored = ckpt.restore(self.manager, step, abstract_state(trainer),
+                                    before_state=check)
             stored_step = int(np.asarray(jax.device_get(restored.state.step)))
             if stored_step != step:
                 raise CheckpointError(f"checkpoint {self.path(step)}: array step holds "
@@ -184,34 +190,7 @@ class RunCheckpointer:
                 f"{e}; {older_steps_text(older)}; move "
                 f"{self.path(step)} aside (e.g. rename it to {step}.damaged) to resume from "
                 f"step {older[-1]}") from e
-        where = f"checkpoint {self.path(step)}"
-        # What the stream read (input_pipeline/fingerprint.py): tokenizer contents, train files.
-        # Checkpoints from before fingerprints compare the tokenizer by its path.
-        stored_inputs = self._stored_inputs(restored, step)
-        inputs = getattr(train_iter, "inputs", None)
-        fingerprinted = stored_inputs is not None and inputs is not None
-        differ = input_changes(stored_inputs, inputs) if fingerprinted else {}
-        tokenizer_keys = tuple(k for k in TOKENIZER_KEYS
-                               if not (fingerprinted and k == "data.tokenizer"))
-        changed = fixed_setting_changes(restored.config, self._config, tokenizer_keys)
-        if "tokenizer" in differ:
-            changed.append(f"data.tokenizer={self.cfg.data.tokenizer!r}: {differ['tokenizer']}")
-        if changed:
-            how = "by its contents" if fingerprinted else "by its path"
-            raise CheckpointMismatch(
-                f"{where}: {'; '.join(changed)}: expected the run's tokenizer settings (the "
-                f"model's token ids would change meaning; a tokenizer file is compared {how})"
-                "; a new tokenizer needs a new --run-dir")
-        changed = fixed_setting_changes(restored.config, self._config,
-                                        stream_keys(restored.config.get("data", {})))
-        if "files" in differ:
-            changed.append(differ["files"])
         restart = self.cfg.train.restart_data
-        if changed and not restart:
-            raise CheckpointMismatch(
-                f"{where}: {'; '.join(changed)}: expected the run's data settings (its saved "
-                "data position belongs to that stream); add train.restart_data=true to read "
-                "the new data from its beginning")
         if restart and not changed:  # a flag left in a job script restarts nothing
             _log("train.restart_data=true ignored: the data settings are the checkpoint's, so "
                  "the data continues from where it stood")
@@ -241,6 +220,39 @@ class RunCheckpointer:
                  "its own checkpoint")
         return restored.state, step
 
+    def _check_settings(self, step: int, config: dict[str, Any],
+                        data_state: dict[str, Any] | None, train_iter: Any) -> list[str]:
+        """Refuses (CheckpointMismatch) a resume that changes the tokenizer, or the train
+        stream without `train.restart_data`; returns the stream settings that changed."""
+        where = f"checkpoint {self.path(step)}"
+        # What the stream read (input_pipeline/fingerprint.py): tokenizer contents, train files.
+        # Checkpoints from before fingerprints compare the tokenizer by its path.
+        stored_inputs = self._stored_inputs(data_state, step)
+        inputs = getattr(train_iter, "inputs", None)
+        fingerprinted = stored_inputs is not None and inputs is not None
+        differ = input_changes(stored_inputs, inputs) if fingerprinted else {}
+        tokenizer_keys = tuple(k for k in TOKENIZER_KEYS
+                               if not (fingerprinted and k == "data.tokenizer"))
+        changed = fixed_setting_changes(config, self._config, tokenizer_keys)
+        if "tokenizer" in differ:
+            changed.append(f"data.tokenizer={self.cfg.data.tokenizer!r}: {differ['tokenizer']}")
+        if changed:
+            how = "by its contents" if fingerprinted else "by its path"
+            raise CheckpointMismatch(
+                f"{where}: {'; '.join(changed)}: expected the run's tokenizer settings (the "
+                f"model's token ids would change meaning; a tokenizer file is compared {how})"
+                "; a new tokenizer needs a new --run-dir")
+        changed = fixed_setting_changes(config, self._config,
+                                        stream_keys(config.get("data", {})))
+        if "files" in differ:
+            changed.append(differ["files"])
+        if changed and not self.cfg.train.restart_data:
+            raise CheckpointMismatch(
+                f"{where}: {'; '.join(changed)}: expected the run's data settings (its saved "
+                "data position belongs to that stream); add train.restart_data=true to read "
+                "the new data from its beginning")
+        return changed
+
     def _fresh_state(self, trainer: Any) -> Any:
         """`trainer.init()`, with the parameters of `train.init_from` when it is set."""
         with trainer.context():
@@ -256,12 +268,13 @@ class RunCheckpointer:
             _log(f"model settings differ from {source}'s: {'; '.join(diff)}")
         return state
 
-    def _stored_inputs(self, restored: Any, step: int) -> dict[str, Any] | None:
+    def _stored_inputs(self, data_state: dict[str, Any] | None,
+                       step: int) -> dict[str, Any] | None:
         """The fingerprint saved with the data position (input_pipeline/fingerprint.py):
         this process's, or, after a change of the process count, any process's (all
         processes read the same tokenizer and files). None for checkpoints before it."""
-        if restored.data_state is not None:
-            return restored.data_state.get("inputs")
+        if data_state is not None:
+            return data_state.get("inputs")
         for path in ckpt.saved_data_states(self.path(step)).values():
             try:
                 state = json.loads(path.read_text())

@@ -259,6 +259,34 @@ def test_config_mismatch_gets_no_fallback_advice(two_steps, tmp_path):
     assert "older complete" not in str(err.value), err.value
 
 
+def test_a_refused_resume_reads_no_array(two_steps, tmp_path, monkeypatch):
+    """A changed data stream is refused once the checkpoint's config and data position are
+    read, before its arrays are (which takes minutes for a large model); an accepted resume
+    reads them. Reference: the items orbax is asked to restore, in order."""
+    from jaxmoe.checkpoint import manager as ckpt
+
+    read: list[str] = []
+    original = ckpt._restore_item
+
+    def recording(manager, step, item, args):
+        read.append(item)
+        return original(manager, step, item, args)
+
+    monkeypatch.setattr(ckpt, "_restore_item", recording)
+    trainer = two_steps[1]
+    run_dir = copy_run(two_steps, tmp_path)
+    seeded = dataclasses.replace(trainer.cfg, data=dataclasses.replace(trainer.cfg.data,
+                                                                       seed=5))
+    checkpoints = RunCheckpointer(run_dir, seeded)
+    with pytest.raises(CheckpointMismatch, match="data.seed=0 -> 5: expected the run's data"):
+        checkpoints.restore_or_init(trainer, DataIterator())
+    checkpoints.close()
+    assert read == ["config", "data"]
+    read.clear()
+    resume(run_dir, trainer)[0].close()
+    assert read == ["config", "data", "state"]
+
+
 def test_resume_logs_config_differences(two_steps, tmp_path, capsys):
     trainer = two_steps[1]
     changed = dataclasses.replace(trainer.cfg, train=dataclasses.replace(trainer.cfg.train,
