@@ -9,6 +9,7 @@ from sharding.mesh import (
                            mesh_from_config,
                            mesh_shape,
 )
+from sharding.multihost import MultiHostError, batch_rows
 from sharding.rules import (
                            DEFAULT_RULES,
                            MESH_AXES,
@@ -19,6 +20,7 @@ from sharding.rules import (
                            state_shardings,
 )
 
-__all__ = ["DEFAULT_RULES", "MESH_AXES", "MeshError", "batch_sharding", "check_model_fits",
+__all__ = ["DEFAULT_RULES", "MESH_AXES", "MeshError", "MultiHostError", "batch_rows",
+           "batch_sharding", "check_model_fits",
            "config_degrees", "logical_to_spec", "make_expert_dispatch", "make_mesh",
            "make_rules", "mesh_axes_of", "mesh_from_config", "mesh_shape", "state_shardings"]

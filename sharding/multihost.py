@@ -65,3 +65,39 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address=address, num_processes=count,
                                process_id=pid)
     return jax.process_count() > 1
+
+
+def batch_rows(batch_sharding: jax.sharding.Sharding, batch_size: int,
+               process: int | None = None) -> tuple[int, int]:
+    """(data shard of `process`, number of data shards): which rows of a global
+    `[batch_size, ...]` batch a process feeds, from where the sharding puts them.
+
+    Usually every process holds its own block of rows (shard = process index). When a mesh
+    axis the batch is not split over spans processes (tensor parallelism across hosts, or
+    `mesh.rules` mapping `batch` to fewer axes), several processes hold the same rows: they
+    read the same shard, and the shards are fewer than the processes. Raises MultiHostError
+    when a process's rows are not one block, or the blocks overlap or differ in size.
+    """
+    process = jax.process_index() if process is None else process
+    held: dict[int, list[tuple[int, int]]] = {}  # process -> its devices' row ranges
+    for device, index in batch_sharding.devices_indices_map((batch_size, 1)).items():
+        start, stop, _ = index[0].indices(batch_size)
+        held.setdefault(device.process_index, []).append((start, stop))
+    blocks: dict[int, tuple[int, int]] = {}
+    for p, ranges in held.items():
+        ranges.sort()
+        end = ranges[0][0]
+        for start, stop in ranges:  # merged: the ranges must leave no gap
+            if start > end:
+                raise MultiHostError(f"process {p} holds rows {ranges} of the batch: expected "
+                                     "one contiguous block per process (check the mesh's "
+                                     "device order)")
+            end = max(end, stop)
+        blocks[p] = (ranges[0][0], end)
+    distinct = sorted(set(blocks.values()))
+    sizes = {stop - start for start, stop in distinct}
+    tiled = all(a[1] == b[0] for a, b in zip(distinct, distinct[1:]))
+    if len(sizes) != 1 or not tiled or distinct[0][0] != 0 or distinct[-1][1] != batch_size:
+        raise MultiHostError(f"the processes hold the batch rows {distinct} of "
+                             f"{batch_size}: expected equal blocks that tile the batch")
+    return distinct.index(blocks[process]), len(distinct)

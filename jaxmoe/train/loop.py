@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -47,9 +48,23 @@ class Trainer:
     eval_step: Any
     init: Any
 
+    @functools.cached_property
+    def data_shard(self) -> tuple[int, int]:
+        """(this process's data shard, number of shards): processes holding the same batch
+        rows read the same shard (`sharding.batch_rows`); a ConfigError when the mesh gives
+        processes rows that are not equal blocks."""
+        try:
+            return sharding.batch_rows(self.batch_sharding, self.cfg.train.batch_size)
+        except sharding.MultiHostError as e:
+            raise config_lib.ConfigError(f"mesh {dict(self.mesh.shape)}: {e}") from None
+
     def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Process-local numpy batch -> global arrays sharded over the batch axes."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+        """Process-local numpy batch (this process's data shard's rows) -> global arrays
+        sharded over the batch axes. The global shape is given: without it, processes that
+        hold the same rows made a batch of one shard's rows."""
+        shards = self.data_shard[1]
+        return {k: jax.make_array_from_process_local_data(
+                    self.batch_sharding, v, (v.shape[0] * shards, *v.shape[1:]))
                 for k, v in local_batch.items()}
 
     def context(self):
@@ -113,13 +128,16 @@ def evaluate(trainer: Trainer, state: TrainState, batches) -> float:
     return ce / max(tokens, 1.0)
 
 
-def _eval_batches(cfg: config_lib.Config, per_process_batch: int) -> list[dict[str, np.ndarray]]:
+def _eval_batches(cfg: config_lib.Config, per_process_batch: int,
+                  shard: tuple[int, int] | None = None) -> list[dict[str, np.ndarray]]:
     """`train.eval_batches` held-out batches. The eval split is finite: when this process's
     shard runs out, all-padding batches (no tokens, so no weight) keep every process running
-    the same number of eval steps."""
+    the same number of eval steps. `shard`: (this process's data shard, shards), default
+    (process index, process count) (see `sharding.batch_rows`)."""
+    index, count = shard or (jax.process_index(), jax.process_count())
     it = input_pipeline.make_dataset(cfg.data, split="eval", batch_size=per_process_batch,
-                                     seed=cfg.data.seed, process_index=jax.process_index(),
-                                     process_count=jax.process_count(), num_epochs=1)
+                                     seed=cfg.data.seed, process_index=index,
+                                     process_count=count, num_epochs=1)
     batches = []
     for _ in range(cfg.train.eval_batches):
         try:
@@ -204,12 +222,9 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
     resuming = config_path.is_file()  # its config is replaced only once the resume succeeds
     tokenizer = input_pipeline.make_tokenizer(cfg.data)
     input_pipeline.check_vocab_fits(tokenizer, cfg.model.vocab_size)
-    if cfg.train.batch_size % jax.process_count():
-        raise config_lib.ConfigError(
-            f"train.batch_size={cfg.train.batch_size}: expected a multiple of the "
-            f"{jax.process_count()} processes")
-    per_process = cfg.train.batch_size // jax.process_count()
     trainer = build_trainer(cfg)
+    shard, shards = trainer.data_shard
+    per_process = cfg.train.batch_size // shards
     seq_len = cfg.data.seq_len
     flops_per_token = training_flops_per_token(cfg.model, seq_len)["total"]
     if is_main:  # multi-host: one process speaks for all
@@ -224,8 +239,8 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
 
     train_iter = input_pipeline.make_dataset(
         cfg.data, split="train", batch_size=per_process, seed=cfg.train.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    eval_data = _eval_batches(cfg, per_process)
+        process_index=shard, process_count=shards)
+    eval_data = _eval_batches(cfg, per_process, (shard, shards))
 
     if cfg.train.init_from:
         check_source(cfg.train.init_from, run_dir, jax.eval_shape(trainer.init).params)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -140,3 +142,41 @@ def test_multihost_settings_refused_one_line(monkeypatch, kwargs, env, expected)
         multihost.initialize(**kwargs)
     msg = str(e.value)
     assert expected in msg and "\n" not in msg, msg
+
+
+class _Rows:
+    """A stand-in sharding: `devices_indices_map` from {(device id, process): rows}."""
+
+    def __init__(self, rows: dict[tuple[int, int], tuple[int, int]]):
+        import collections
+        Device = collections.namedtuple("Device", "id process_index")
+        self._map = {Device(*key): (slice(*r), slice(None)) for key, r in rows.items()}
+
+    def devices_indices_map(self, shape):
+        return self._map
+
+
+@pytest.mark.parametrize("rows, expected", [
+    # data-parallel: each process its own half
+    ({(0, 0): (0, 4), (1, 0): (4, 8), (2, 1): (8, 12), (3, 1): (12, 16)}, [(0, 2), (1, 2)]),
+    # tensor parallelism across processes: every device holds all rows
+    ({(0, 0): (0, 16), (1, 0): (0, 16), (2, 1): (0, 16), (3, 1): (0, 16)}, [(0, 1), (0, 1)]),
+    # 4 processes, data over 2 of them at a time: processes 0 and 2 feed rows 0..8
+    ({(0, 0): (0, 8), (1, 1): (8, 16), (2, 2): (0, 8), (3, 3): (8, 16)},
+     [(0, 2), (1, 2), (0, 2), (1, 2)]),
+])
+def test_batch_rows_per_process(rows, expected):
+    """Reference: the row blocks written out by hand."""
+    processes = sorted({p for _, p in rows})
+    assert [sharding.batch_rows(_Rows(rows), 16, p) for p in processes] == expected
+
+
+@pytest.mark.parametrize("rows, message", [
+    ({(0, 0): (0, 4), (1, 0): (8, 12), (2, 1): (4, 8), (3, 1): (12, 16)},
+     "process 0 holds rows [(0, 4), (8, 12)] of the batch: expected one contiguous block"),
+    ({(0, 0): (0, 8), (1, 0): (8, 12), (2, 1): (12, 16), (3, 1): (12, 16)},
+     "the processes hold the batch rows [(0, 12), (12, 16)] of 16: expected equal blocks"),
+])
+def test_batch_rows_refuses_uneven_blocks(rows, message):
+    with pytest.raises(sharding.MultiHostError, match=re.escape(message)):
+        sharding.batch_rows(_Rows(rows), 16, 0)

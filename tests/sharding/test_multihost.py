@@ -1,7 +1,8 @@
-"""Two CPU processes (gloo collectives) train the tiny model data-parallel through
-`jaxmoe train --coordinator-address ...` and log the same losses as one process fed the
-same global batches (process 0's rows, then process 1's). Tolerance 1e-5 relative (float32;
-the processes only change the order of the gradient sums)."""
+"""Two CPU processes (gloo collectives) train the tiny model through `jaxmoe train
+--coordinator-address ...` and log the same losses as one process fed the same global
+batches: data-parallel, process 0's rows then process 1's; with tensor parallelism across
+the processes, the rows both of them feed. Tolerance 1e-5 relative (float32; the processes
+only change the order of the sums)."""
 
 from __future__ import annotations
 
@@ -57,17 +58,25 @@ def _train_two_processes(run_dir: Path, extra: list[str] = (), timeout: int = 60
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path: Path):
-    cfg = tiny_config(*OVERRIDES)
-    outs = _train_two_processes(tmp_path / "run")
+@pytest.mark.parametrize("mesh, shards", [
+    (["mesh.data=-1"], 2),
+    # tensor parallelism across the two processes: the batch is not split between them, so
+    # both feed the same rows (each fed its own half, and the step saw one of them: half
+    # train.batch_size, with different data on each process, and no error)
+    (["mesh.data=1", "mesh.tensor=4"], 1),
+], ids=["data_parallel", "tensor_across_processes"])
+def test_two_processes_match_one(tmp_path: Path, mesh: list[str], shards: int):
+    cfg = tiny_config(*OVERRIDES, *mesh)
+    outs = _train_two_processes(tmp_path / "run", mesh)
     assert "model:" in outs[0] and "model:" not in outs[1]  # only process 0 logs
-    losses = [r["loss"] for r in read_metrics(tmp_path / "run", "train")]
-    assert len(losses) == 3
+    logged = read_metrics(tmp_path / "run", "train")
+    assert len(logged) == 3
 
-    trainer = build_trainer(cfg, jax.devices()[:1])
-    iters = [input_pipeline.make_dataset(cfg.data, split="train", batch_size=4,
-                                         seed=cfg.train.seed, process_index=i, process_count=2)
-             for i in range(2)]
+    trainer = build_trainer(tiny_config(*OVERRIDES), jax.devices()[:1])  # one device
+    iters = [input_pipeline.make_dataset(cfg.data, split="train",
+                                         batch_size=cfg.train.batch_size // shards,
+                                         seed=cfg.train.seed, process_index=i,
+                                         process_count=shards) for i in range(shards)]
     expected = []
     with trainer.context():
         state = trainer.init()
@@ -75,8 +84,10 @@ def test_two_processes_match_one(tmp_path: Path):
             parts = [next(it) for it in iters]
             batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             state, metrics = trainer.train_step(state, trainer.put_batch(batch))
-            expected.append(float(metrics["loss"]))
-    np.testing.assert_allclose(losses, expected, rtol=RTOL)
+            expected.append((float(metrics["loss"]), float(metrics["tokens"])))
+    assert [r["tokens"] for r in logged] == [t for _, t in expected]
+    np.testing.assert_allclose([r["loss"] for r in logged], [loss for loss, _ in expected],
+                               rtol=RTOL)
 
 
 @pytest.mark.slow
