@@ -14,6 +14,7 @@ from sharding.rules import (
                            DEFAULT_RULES,
                            MESH_AXES,
                            batch_sharding,
+                           check_overrides,
                            logical_to_spec,
                            make_rules,
                            mesh_axes_of,
@@ -21,6 +22,6 @@ from sharding.rules import (
 )
 
 __all__ = ["DEFAULT_RULES", "MESH_AXES", "MeshError", "MultiHostError", "batch_rows",
-           "batch_sharding", "check_model_fits",
+           "batch_sharding", "check_model_fits", "check_overrides",
            "config_degrees", "logical_to_spec", "make_expert_dispatch", "make_mesh",
            "make_rules", "mesh_axes_of", "mesh_from_config", "mesh_shape", "state_shardings"]

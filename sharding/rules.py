@@ -15,6 +15,7 @@ names (`mesh.rules={embed: [fsdp, data]}` replaces both embed rules).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +64,8 @@ def make_rules(overrides: dict[str, Any] | None = None) -> Rules:
             if a is not None and a not in MESH_AXES:
                 raise ValueError(f"mesh.rules.{name}={value!r}: expected mesh axes among "
                                  f"{', '.join(MESH_AXES)} or null")
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"mesh.rules.{name}={value!r}: expected each mesh axis once")
     # Each override takes the place of the first default rule of its name: precedence
     # between names stays as in the defaults (put first, an `embed` override would take
     # its mesh axes from `batch` in every [batch, length, embed] activation).
@@ -115,3 +118,46 @@ def state_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     """Sharding of a `[batch, length]` input array."""
     return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))
+
+
+def check_overrides(tree: Any, mesh: Mesh, rules: Rules, overrides: dict[str, Any] | None,
+                    error: type[Exception] = ValueError) -> None:
+    """Refuses a `mesh.rules` override that leaves a parameter dimension of its name unsplit.
+
+    A rule applies to a dimension only when all its mesh axes are still free in that array
+    (Flax's convention); an override replaces the defaults' fallbacks, so
+    `embed: [fsdp, tensor]` gave the embed dimension of every weight whose heads or mlp
+    dimension took `tensor` no axis at all: those weights were replicated over fsdp, with
+    no word. Raises `error` naming the largest such parameter and the axis in the way.
+    """
+    worst = None  # (bytes, message)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+            tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        axes = variable_axes(leaf) if isinstance(leaf, nnx.Variable) else None
+        if not axes:
+            continue
+        spec = tuple(logical_to_spec(tuple(axes), rules))
+        spec += (None,) * (len(axes) - len(spec))
+        used = {a for s in spec if s for a in (s if isinstance(s, tuple) else (s,))}
+        for name, got in zip(axes, spec):
+            value = (overrides or {}).get(name)
+            asked = tuple(a for a in (value if isinstance(value, (list, tuple)) else [value])
+                          if a is not None)
+            if got is not None or not asked or math.prod(mesh.shape[a] for a in asked) < 2:
+                continue
+            nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize
+            if worst is None or nbytes > worst[0]:
+                taken = [a for a in asked if a in used]
+                by = sorted({n for n, g in zip(axes, spec) if g and set(
+                    g if isinstance(g, tuple) else (g,)) & set(taken)})
+                free = [a for a in asked if a not in taken]
+                where = jax.tree_util.keystr(path, simple=True, separator=".")
+                worst = (nbytes, (
+                    f"mesh.rules.{name}={value!r}: leaves the {name} dimension of {where} "
+                    f"{list(axes)} ({nbytes / 1e6:,.1f} MB) unsplit: its {', '.join(by)} "
+                    f"dimension already uses {', '.join(taken)} (a rule applies only where "
+                    "all its mesh axes are free, earlier rules first); expected axes the "
+                    "other dimensions leave free" + (f", e.g. {name}: {free}" if free else
+                                                     f", or {', '.join(by)} on other axes")))
+    if worst is not None:
+        raise error(worst[1])

@@ -74,6 +74,12 @@ def test_bad_mesh_through_cli_exits_2(capsys):
                "mesh.data=3"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("jaxmoe: mesh error: mesh") and "\n" not in err, err
+    # a rule override that would leave weights unsplit (sharding.check_overrides)
+    rc = main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir", "/tmp/unused",
+               "mesh.data=1", "mesh.fsdp=8", "mesh.rules={embed: [fsdp, tensor]}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("jaxmoe: mesh error: mesh.rules.embed=['fsdp', "
+                                      "'tensor']: leaves the embed dimension of "), err
 
 
 def test_hybrid_mesh_keeps_dcn_steps_across_slices():

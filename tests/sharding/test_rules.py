@@ -48,3 +48,41 @@ def test_bad_mesh_axis_is_one_line():
     with pytest.raises(ValueError, match=r"mesh.rules.embed=\['fsdpx'\]: expected mesh axes "
                                          r"among data, fsdp, expert, tensor or null"):
         make_rules({"embed": ["fsdpx"]})
+    with pytest.raises(ValueError, match=r"^mesh.rules.embed=\['fsdp', 'fsdp'\]: expected each "
+                                         r"mesh axis once$"):  # was a DuplicateSpecError
+        make_rules({"embed": ["fsdp", "fsdp"]})
+
+
+@pytest.mark.parametrize("override, message", [
+    # tensor on embed: weights whose mlp/heads took tensor lost fsdp too (even at tensor=1)
+    ("mesh.rules={embed: [fsdp, tensor]}",
+     "mesh.rules.embed=['fsdp', 'tensor']: leaves the embed dimension of "
+     "moe.units.block0.ffn.w_down ['layers', 'expert', 'mlp', 'embed'] (1.0 MB) unsplit: its "
+     "mlp dimension already uses tensor (a rule applies only where all its mesh axes are "
+     "free, earlier rules first); expected axes the other dimensions leave free, e.g. "
+     "embed: ['fsdp']"),
+    # the embed rule comes first and takes fsdp: the override had no effect
+    ("mesh.rules={layers: fsdp}",
+     "mesh.rules.layers='fsdp': leaves the layers dimension of moe.units.block0.ffn.w_down "
+     "['layers', 'expert', 'mlp', 'embed'] (1.0 MB) unsplit: its embed dimension already "
+     "uses fsdp (a rule applies only where all its mesh axes are free, earlier rules first); "
+     "expected axes the other dimensions leave free, or embed on other axes"),
+])
+def test_an_override_that_leaves_weights_unsplit_is_refused(override, message):
+    """Reference: the message in full (the largest such weight, named by hand)."""
+    import jax
+
+    from jaxmoe.train.optimizer import make_optimizer
+    from jaxmoe.train.state import init_state
+    from sharding import MeshError, check_overrides, make_mesh, make_rules
+    from tests.sharding._helpers import tiny_config
+
+    cfg = tiny_config("mesh.data=1", "mesh.fsdp=8", override)
+    abstract = jax.eval_shape(lambda: init_state(cfg.model, make_optimizer(
+        cfg.train.optimizer, cfg.train.steps), 0))
+    mesh = make_mesh({"data": 1, "fsdp": 8, "expert": 1, "tensor": 1})
+    with pytest.raises(MeshError) as e:
+        check_overrides(abstract.params, mesh, make_rules(cfg.mesh.rules), cfg.mesh.rules,
+                        MeshError)
+    assert str(e.value) == message
+    check_overrides(abstract.params, mesh, make_rules({"embed": ["fsdp"]}), {"embed": ["fsdp"]})
