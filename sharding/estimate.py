@@ -225,7 +225,7 @@ def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: 
     act = 2  # bf16 activations
     state = _shard_bytes(abstract_state, state_specs, mesh_shape)
     params_local = state / 3  # params + two Adam moments of the same size (float32)
-    saved = m.num_layers * tokens * d * act  # remat: each layer's input is kept
+    saved = sum(saved_per_token(m, i, seq) for i in range(m.num_layers)) * tokens * act
     working = (2 * b_local * (m.num_heads / tp) * seq * seq * 4  # scores + probabilities
                + 3 * tokens * max(m.num_experts_per_tok * m.expert_mlp_dim,
                                   m.mlp_dim) / tp * act
@@ -233,7 +233,9 @@ def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: 
     memory = {"arguments": state, "outputs": 0.0, "aliased": 0.0,
               "temporaries": params_local + saved + working, "code": 0.0}
     memory["total"] = memory["arguments"] + memory["temporaries"]
-    remat = 4 / 3 if m.remat != "none" else 1.0
+    # Recomputed forward matmuls: all of them with full remat; none when every dot output is
+    # kept; dots_no_batch recomputes only attention's batched dots (counted as full: a bound).
+    remat = 4 / 3 if m.remat in ("full", "dots_no_batch") else 1.0
     executed = model_flops * remat / n
     colls: dict[str, CollectiveStats] = {}
     axes = list(mesh_shape)
@@ -276,7 +278,37 @@ def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: 
                   None, executed, model_flops, colls, executed / peak, over, exp, peak,
                   ["analytic estimate: no compiler for this target in the installed JAX"
                    + (" (pip install 'jaxmoe[tpu]' for libtpu, then the plan is compiled)"
-                      if chip.platform == "tpu" else "")])
+                      if chip.platform == "tpu" else "")]
+                  + ([f"model.remat={m.remat}: the activations kept are counted per layer "
+                      "and token from what that policy saves (approximate)"
+                      + (", and the executed FLOPs as full remat's (an upper bound)"
+                         if m.remat == "dots_no_batch" else "")]
+                     if m.remat != "full" else []))
+
+
+def saved_per_token(m: Any, layer: int, seq: int) -> float:
+    """Activation elements one token keeps for the backward pass in `layer`, by remat policy:
+    `full` only the layer's input; `dots_no_batch` also every projection's output (q/k/v,
+    o, router, expert or dense MLP matmuls); `dots` also attention's scores and their
+    product with V; `none` also the norms, the SwiGLU product and the softmax
+    probabilities (float32 scores count twice)."""
+    d = m.embed_dim
+    heads, head_dim = m.num_heads, getattr(m, "head_dim", 0) or d // m.num_heads
+    kv = getattr(m, "num_kv_heads", heads)
+    if m.is_moe_layer(layer):
+        width, copies, router = m.expert_mlp_dim, m.num_experts_per_tok, m.num_experts
+    else:
+        width, copies, router = m.mlp_dim, 1, 0
+    kept = d
+    if m.remat == "full":
+        return kept
+    kept += (heads + 2 * kv) * head_dim + d + router + copies * (2 * width + d)
+    if m.remat == "dots_no_batch":
+        return kept
+    kept += 2 * heads * seq + heads * head_dim  # float32 scores, PV
+    if m.remat == "dots":
+        return kept
+    return kept + 2 * d + copies * width + 2 * heads * seq  # norms, SwiGLU, probabilities
 
 
 # ----------------------------------------------------------------------------- printing
