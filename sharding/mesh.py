@@ -83,6 +83,11 @@ def make_mesh(degrees: dict[str, int], devices: Sequence[jax.Device] | None = No
               dcn: dict[str, int] | None = None) -> Mesh:
     """A Mesh with axes `MESH_AXES`. `degrees` are per-slice (one may be -1); `dcn` degrees
     (default 1) multiply axes across slices/processes. Final axis size = ici * dcn."""
+    for what, given in (("degrees", degrees), ("dcn", dcn or {})):
+        unknown = sorted(set(given) - set(MESH_AXES))
+        if unknown:  # a misspelt axis would silently get size 1
+            raise MeshError(f"mesh {what} {dict(given)}: unknown axis {unknown[0]!r}; "
+                            f"expected axes among {', '.join(MESH_AXES)}")
     devices = list(devices if devices is not None else jax.devices())
     dcn = {a: (dcn or {}).get(a, 1) for a in MESH_AXES}
     n_dcn = math.prod(dcn.values())

@@ -345,6 +345,8 @@ def test_comm_times_and_link_model():
     assert link([0, 1, 2, 3]) == (pytest.approx(600e9 * 2 / 3), False)  # two of them
     assert link([0, 4]) == (pytest.approx(6.25e9), True)  # across slices
     assert estimate.link_model(chip7, devices)([0, 4])[0] == pytest.approx(6.25e9 / 2)
+    # TPU7x: two devices per chip share its ICI links too (1200 GB/s, 3 torus dimensions)
+    assert estimate.link_model(chip7, devices)([0, 1]) == (pytest.approx(600e9 / 3 / 2), False)
 
 
 def test_plan_that_does_not_fit_exits_3(capsys):

@@ -33,6 +33,9 @@ def build(*overrides: str):
      "model.mlp_dim=510 is not divisible by mesh.tensor=4"),
     (["mesh.data=2", "mesh.tensor=4", "model.expert_mlp_dim=254"],
      "model.expert_mlp_dim=254 is not divisible by mesh.tensor=4"),
+    (["mesh.data=2", "mesh.tensor=4", "model.num_shared_experts=1",
+      "model.shared_expert_mlp_dim=250"],
+     "shared expert width=250 is not divisible by mesh.tensor=4"),
     (["mesh.data=2", "mesh.tensor=4", "model.vocab_size=514"],
      "model.vocab_size=514 is not divisible by mesh.tensor=4"),
     (["mesh.data=1", "mesh.fsdp=8", "model.embed_dim=132"],
@@ -55,6 +58,14 @@ def test_bad_mesh_one_line(overrides, expected):
         build(*overrides)
     msg = str(e.value)
     assert expected in msg and "\n" not in msg, msg
+
+
+def test_make_mesh_refuses_unknown_axes():
+    """A misspelt axis got size 1 without a word."""
+    with pytest.raises(sharding.MeshError, match=r"^mesh degrees \{'data': -1, 'tensr': 4\}: "
+                                                 r"unknown axis 'tensr'; expected axes among "
+                                                 r"data, fsdp, expert, tensor$"):
+        sharding.make_mesh({"data": -1, "tensr": 4})
 
 
 @pytest.mark.parametrize("overrides, shape", [
