@@ -349,7 +349,9 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
         if cfg.data.source == "synthetic" else None,
     }
     if sample and cfg.train.sample_tokens > 0:
-        prompt = [tokenizer.bos_id] + tokenizer.encode(cfg.train.sample_prompt)
+        prompt = tokenizer.encode(cfg.train.sample_prompt)  # as the training data was:
+        if cfg.data.add_bos or not prompt:  # with BOS when its documents had one
+            prompt = [tokenizer.bos_id] + prompt
         with trainer.context():
             ids = greedy_generate(trainer.graphdef, state, prompt, cfg.train.sample_tokens,
                                   eos_id=tokenizer.eos_id, rows=batch_shards(trainer))

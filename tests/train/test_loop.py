@@ -17,7 +17,9 @@ OVERRIDES = ["model.vocab_size=320", "model.embed_dim=32", "model.num_layers=1",
              "model.num_heads=2", "model.num_kv_heads=1", "model.head_dim=16",
              "model.expert_mlp_dim=32", "train.batch_size=8", "data.seq_len=16",
              "data.num_documents=400", "train.steps=6", "train.log_every=1",
-             "train.eval_every=3", "train.eval_batches=1", "train.sample_tokens=0"]
+             "train.eval_every=3", "train.eval_batches=1", "train.sample_tokens=3",
+             "data.add_bos=false"]
+GENERATED = [ord(c) + 3 for c in "abc"]  # byte tokenizer ids
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +47,31 @@ def timed_run(tmp_path_factory):
         eval_seconds.append(time.perf_counter() - t)
         return out
 
+    def generate(graphdef, state, prompt, max_new_tokens, eos_id=None, rows=1):
+        calls.append(("generate", prompt, max_new_tokens, eos_id))
+        return GENERATED
+
     evaluate = loop.evaluate
     mp = pytest.MonkeyPatch()
     mp.setattr(loop, "StepTimer", Recorder)
     mp.setattr(loop, "evaluate", timed_evaluate)
+    mp.setattr(loop, "greedy_generate", generate)
     try:
         summary = loop.train(load_config(None, OVERRIDES), tmp_path_factory.mktemp("run"),
-                             progress=False, sample=False)
+                             progress=False, sample=True)
     finally:
         mp.undo()
     return calls, eval_seconds, summary
+
+
+def test_the_sample_is_the_prompt_and_what_was_generated(timed_run):
+    """The prompt the model is sampled after is tokenized as its training data was: no BOS
+    with data.add_bos=false (it always had one); the sample is the prompt text and the
+    decoded generation. Reference: the byte tokenizer's ids (byte + 3; EOS 2), by hand."""
+    calls, _, summary = timed_run
+    assert [c for c in calls if c[0] == "generate"] == [
+        ("generate", [ord(c) + 3 for c in "12+7="], 3, 2)]
+    assert summary["sample"] == "12+7=abc"
 
 
 def test_compilation_is_not_step_time(timed_run):
