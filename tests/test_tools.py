@@ -178,6 +178,35 @@ def test_profile_train_bad_arguments(monkeypatch, capsys, argv, expected) -> Non
     _rejects(tool.main, argv, capsys, expected, "profile_train")
 
 
+def test_profile_train_feeds_a_batch_of_the_overridden_sizes(monkeypatch) -> None:
+    """train.batch_size, data.seq_len and model.vocab_size overrides were ignored by the
+    batch (always 4 x 256, ids up to 1023). Reference: the override values."""
+    import jaxmoe.train.loop
+
+    tool = _tool("profile_train")
+    fed = []
+
+    class Trainer:
+        def context(self):
+            import contextlib
+            return contextlib.nullcontext()
+
+        def init(self):
+            return None
+
+        def put_batch(self, batch):
+            fed.append(batch)
+            raise _Reached
+
+    monkeypatch.setattr(tool, "reexec_with_hugepages", lambda: None)
+    monkeypatch.setattr(jaxmoe.train.loop, "build_trainer", lambda cfg, devices: Trainer())
+    with pytest.raises(_Reached):
+        tool.main(["train.batch_size=2", "data.seq_len=64", "model.vocab_size=300"])
+    (batch,) = fed
+    assert {k: v.shape for k, v in batch.items()} == {k: (2, 64) for k in batch}
+    assert batch["inputs"].max() < 300 and batch["targets"].max() < 300
+
+
 def test_profile_train_thread_activity_by_hand() -> None:
     """Thread A runs x [0, 10) then y [10, 20); B runs z [5, 15); C a loop [0, 10) with a
     dot [2, 4) inside it (innermost wins). Counts worked out by hand."""
@@ -269,3 +298,23 @@ def test_bench_checkpoint_external_writers_run_and_clean_up(tmp_path, mode) -> N
     else:
         assert out == [0.01] * len(steps) and steps
     assert os.listdir(tmp_path / "external") == []
+
+
+def test_a_tool_stopped_by_ctrl_c_says_one_line(capsys) -> None:
+    """Every tool ends through tools/_run.py: Ctrl-C is one line and exit 130 (tracebacks
+    before); the status main() returns is the exit status."""
+    import glob
+
+    run = _tool("_run").run
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    for main, code in ((interrupted, 130), (lambda: 2, 2), (lambda: None, None)):
+        with pytest.raises(SystemExit) as e:
+            run(main)
+        assert e.value.code == code
+    assert capsys.readouterr().err.endswith(": interrupted\n")
+    tools = glob.glob(os.path.join(TOOLS, "*.py"))
+    assert [t for t in tools if "__main__" in open(t).read()
+            and "    run(main)\n" not in open(t).read()] == []

@@ -221,7 +221,7 @@ remove_workdir = remove_scratch_dir
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=os.path.basename(__file__),
-                                     description=__doc__.splitlines()[0])
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--dir", default=tempfile.gettempdir(),
                         help="parent of the run's fresh bench_checkpoint-XXXXXX directory")
     parser.add_argument("--layers", type=int, default=8)
@@ -406,4 +406,6 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _run import run
+
+    run(main)

@@ -143,7 +143,7 @@ remove_workdir = remove_scratch_dir
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=os.path.basename(__file__),
-                                     description=__doc__.splitlines()[0])
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--dir", default=tempfile.gettempdir(),
                         help="parent of the run's fresh bench_convert-XXXXXX directory")
@@ -190,4 +190,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _run import run
+
+    run(main)

@@ -96,7 +96,7 @@ def run_child(which: str, steps: int, tunables: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--setting", action="append", dest="settings", metavar="TUNABLES",
@@ -162,4 +162,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _run import run
+
+    run(main)

@@ -66,7 +66,7 @@ def parse_overrides(p: argparse.ArgumentParser, overrides: list[str]) -> DataCon
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=os.path.basename(__file__),
-                                description=__doc__.splitlines()[0])
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--batches", type=int, default=200, help="timed batches (>= 1)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size",
                    type=int, default=32)
@@ -107,4 +107,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _run import run
+
+    run(main)

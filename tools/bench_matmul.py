@@ -172,7 +172,7 @@ def expert_swiglu_rows(rng: np.random.Generator, steps: int):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=os.path.basename(__file__),
-                                     description=__doc__.splitlines()[0])
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--steps", type=int, default=30, help="timed calls per row (>= 1)")
     args = parser.parse_args(argv)
     if args.steps < 1:
@@ -241,4 +241,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _run import run
+
+    run(main)

@@ -50,12 +50,14 @@ BENCH = ["model.vocab_size=1024", "model.embed_dim=256", "model.num_layers=2",
 BATCH, SEQ, VOCAB = 4, 256, 1024
 
 
-def random_batch(seed: int) -> dict[str, np.ndarray]:
+def random_batch(seed: int, batch: int = BATCH, seq: int = SEQ,
+                 vocab: int = VOCAB) -> dict[str, np.ndarray]:
+    """Random token ids in [3, vocab), one document per row: `[batch, seq]` each."""
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)
+    tokens = rng.integers(3, vocab, (batch, seq + 1)).astype(np.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "segment_ids": np.ones((BATCH, SEQ), np.int32),
-            "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy()}
+            "segment_ids": np.ones((batch, seq), np.int32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
 
 
 def time_it(fn, steps: int) -> float:
@@ -168,7 +170,7 @@ def torch_mixtral_step(dtype: str):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=os.path.basename(__file__),
-                                     description=__doc__.splitlines()[0])
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--steps", type=int, default=20, help="timed steps per row (>= 1)")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args(argv)
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
             torch_best = max(torch_best or 0.0, tps)
 
     print(f"\n{datetime.date.today()}  `JAX_PLATFORMS=cpu python tools/bench_train.py "
-          f"--steps {args.steps}`  (jax {jax.__version__}, {os.cpu_count()} cores, "
+          f"--steps {args.steps}{' --no-torch' if args.no_torch else ''}`  "
+          f"(jax {jax.__version__}, {os.cpu_count()} cores, "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r})\n")
     print("| run | tokens/s | step (s) | compiled/analytic FLOPs | model FLOP/s / best matmul |"
           + (" vs transformers best |" if torch_best else ""))
@@ -227,4 +230,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _run import run
+
+    run(main)

@@ -19,12 +19,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from input_pipeline.convert import convert_to_arrayrecord, shard_paths, stale_shards
-from input_pipeline.sources import one_line
+from input_pipeline.sources import DataError, expand_paths, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=os.path.basename(__file__),
-                                description=__doc__.splitlines()[0])
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("inputs", nargs="+", help="input files or glob patterns")
     p.add_argument("--format", choices=("jsonl", "parquet"), required=True)
     p.add_argument("--field", default="text", help="JSON field / Parquet column of the text")
@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         if not glob.glob(os.path.expanduser(pattern)):
             p.error(f"inputs: {pattern!r} matches no file; expected existing files or glob "
                     "patterns that match some")
+    try:
+        expand_paths(tuple(args.inputs), "inputs")  # a file two patterns match: read twice
+    except DataError as e:
+        p.error(str(e))
     stale = stale_shards(args.out, args.num_shards)
     if stale:
         p.error(f"--out {args.out!r}: {len(stale)} other shard(s) of this prefix exist "
@@ -64,4 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _run import run
+
+    run(main)

@@ -107,7 +107,7 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=os.path.basename(__file__),
-                                     description=__doc__.splitlines()[0])
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", choices=("moe", "dense"), default="moe",
                         help="the benchmark MoE model or its dense-MLP reference")
     parser.add_argument("--steps", type=int, default=10, help="profiled steps (>= 1)")
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     trainer = build_trainer(cfg, devices=jax.devices()[:1])
     with trainer.context(), tempfile.TemporaryDirectory(prefix="profile_train-") as trace_dir:
         state = trainer.init()
-        batch = trainer.put_batch(random_batch(0))
+        batch = trainer.put_batch(random_batch(  # of the overridden sizes too
+            0, cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size))
         hlo = trainer.train_step.lower(state, batch).compile().as_text()
 
         def steps(n: int) -> float:
@@ -167,4 +168,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _run import run
+
+    run(main)

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from input_pipeline.sources import iter_texts, one_line
+from input_pipeline.sources import DataError, expand_paths, iter_texts, one_line
 from input_pipeline.tokenizer import MIN_VOCAB, train_tokenizer
 
 OUT_SUFFIX = {"bpe": ".json", "sentencepiece": ".model"}  # what `data.tokenizer` recognises
@@ -27,7 +27,7 @@ OUT_SUFFIX = {"bpe": ".json", "sentencepiece": ".model"}  # what `data.tokenizer
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=os.path.basename(__file__),
-                                description=__doc__.splitlines()[0])
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("inputs", nargs="*", help="input files or glob patterns")
     p.add_argument("--format", choices=("jsonl", "parquet", "arrayrecord", "synthetic"),
                    required=True)
@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         if not glob.glob(os.path.expanduser(pattern)):
             p.error(f"inputs: {pattern!r} matches no file; expected existing files or glob "
                     "patterns that match some")
+    try:
+        expand_paths(tuple(args.inputs), "inputs")  # a file two patterns match: read twice
+    except DataError as e:
+        p.error(str(e))
     if args.vocab_size < MIN_VOCAB[args.kind]:
         p.error(f"--vocab-size {args.vocab_size}: expected an integer >= "
                 f"{MIN_VOCAB[args.kind]} for --kind {args.kind} (its byte alphabet and special "
@@ -76,11 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         texts = itertools.islice(texts, args.max_documents)
         train_tokenizer(texts, args.out, args.vocab_size, kind=args.kind)
     except (ValueError, RuntimeError, OSError, ImportError) as e:
-        print(f"{p.prog}: error: {one_line(e)}", file=sys.stderr)
+        skipped = (f" (skipped bad records of --format {args.format} --field {args.field!r}: "
+                   f"{bad})") if bad else ""  # a misspelt --field skips every record
+        print(f"{p.prog}: error: {one_line(e)}{skipped}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}; skipped bad records: {bad or 'none'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _run import run
+
+    run(main)

@@ -148,9 +148,13 @@ def test_build_arrayrecord_refuses_to_mix_shard_sets(tmp_path, capsys) -> None:
     (["--num-shards", "0"], "--num-shards 0: expected"),
     (["--num_shards", "0"], "--num-shards 0: expected"),  # the old spelling still works
     (["no_such_*.jsonl"], "inputs: "),
+    # a file two patterns match (it named data.paths, a setting the tool does not have)
+    (["{tmp}/*.jsonl", "{tmp}/in.jsonl"], "inputs: '{tmp}/in.jsonl' is matched by both"),
 ])
 def test_build_arrayrecord_bad_arguments(tmp_path, capsys, extra, expected) -> None:
     src = write_jsonl(tmpfile(tmp_path, "in.jsonl"), unique_texts(3))
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    expected = expected.replace("{tmp}", str(tmp_path))
     inputs = [] if any(a.endswith(".jsonl") for a in extra) else [src]
     argv = ["--format", "jsonl", "--out", tmpfile(tmp_path, "ar/y"), *extra, *inputs]
     line = _fails("build_arrayrecord", argv, capsys)
@@ -184,6 +188,16 @@ def test_train_tokenizer_bad_arguments(tmp_path, capsys, argv, expected) -> None
     line = _fails("train_tokenizer", [*argv, "--out", out], capsys)
     assert expected.format(out=out) in line
     assert not os.path.exists(tmp_path / "tok")
+
+
+def test_train_tokenizer_names_the_records_it_skipped(tmp_path, capsys) -> None:
+    """A misspelt --field skips every record: the error says so (it said only 'expected at
+    least one text'). Reference: the 3 records written, none with the field."""
+    src = write_jsonl(tmpfile(tmp_path, "in.jsonl"), unique_texts(3))
+    line = _fails("train_tokenizer", ["--format", "jsonl", "--field", "nope", "--vocab-size",
+                                      "300", "--out", tmpfile(tmp_path, "t.json"), src], capsys)
+    assert line.endswith("(skipped bad records of --format jsonl --field 'nope': "
+                         "{'missing_field': 3})"), line
 
 
 def test_train_tokenizer_library_errors_are_one_line(tmp_path, capsys, monkeypatch) -> None:
