@@ -178,12 +178,16 @@ class DataIterator:
 
     `inputs`: the fingerprint of what the stream reads (`input_pipeline/fingerprint.py`),
     saved in its state for a resumed run to compare; None for collated in-memory examples.
+    `shard`: (data shard, shards) of this stream (records `shard::shards`), saved too: a
+    position belongs to that shard of the records only.
     """
 
-    def __init__(self, iterator: grain.DatasetIterator, inputs: dict[str, Any] | None = None):
+    def __init__(self, iterator: grain.DatasetIterator, inputs: dict[str, Any] | None = None,
+                 shard: tuple[int, int] | None = None):
         self._it = iterator
         self._batches = self._real = self._slots = 0
         self.inputs = inputs
+        self.shard = shard
 
     def __iter__(self) -> DataIterator:
         return self
@@ -203,6 +207,8 @@ class DataIterator:
                  "real_tokens": self._real, "slots": self._slots}
         if self.inputs is not None:
             state["inputs"] = self.inputs
+        if self.shard is not None:
+            state["shard"] = list(self.shard)
         return state
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -242,7 +248,7 @@ def make_dataset(cfg: DataConfig, *, split: str, batch_size: int, seed: int,
     ds = make_grain_dataset(cfg, split=split, batch_size=batch_size, seed=seed,
                             process_index=process_index, process_count=process_count,
                             num_epochs=num_epochs)
-    return DataIterator(ds.__iter__(), fingerprint(cfg, split))
+    return DataIterator(ds.__iter__(), fingerprint(cfg, split), (process_index, process_count))
 
 
 def packing_efficiency(batches: Any) -> float:

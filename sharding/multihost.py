@@ -67,10 +67,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return jax.process_count() > 1
 
 
-def batch_rows(batch_sharding: jax.sharding.Sharding, batch_size: int,
+def batch_rows(batch_sharding: jax.sharding.Sharding, batch_shape: tuple[int, ...],
                process: int | None = None) -> tuple[int, int]:
-    """(data shard of `process`, number of data shards): which rows of a global
-    `[batch_size, ...]` batch a process feeds, from where the sharding puts them.
+    """(data shard of `process`, number of data shards): which rows of a global batch of
+    `batch_shape` (`[batch, length]`) a process feeds, from where the sharding puts them.
 
     Usually every process holds its own block of rows (shard = process index). When a mesh
     axis the batch is not split over spans processes (tensor parallelism across hosts, or
@@ -79,10 +79,19 @@ def batch_rows(batch_sharding: jax.sharding.Sharding, batch_size: int,
     when a process's rows are not one block, or the blocks overlap or differ in size.
     """
     process = jax.process_index() if process is None else process
+    batch_size = batch_shape[0]
+    try:
+        where = batch_sharding.devices_indices_map(tuple(batch_shape))
+    except ValueError as e:  # e.g. a length the mesh axes it is split over do not divide
+        raise MultiHostError(f"a batch of shape {tuple(batch_shape)} cannot be laid out: "
+                             f"{' '.join(str(e).split())}") from None
     held: dict[int, list[tuple[int, int]]] = {}  # process -> its devices' row ranges
-    for device, index in batch_sharding.devices_indices_map((batch_size, 1)).items():
+    for device, index in where.items():
         start, stop, _ = index[0].indices(batch_size)
         held.setdefault(device.process_index, []).append((start, stop))
+    if process not in held:
+        raise MultiHostError(f"process {process} has no device in the mesh; expected every "
+                             "process's devices in it")
     blocks: dict[int, tuple[int, int]] = {}
     for p, ranges in held.items():
         ranges.sort()

@@ -114,6 +114,13 @@ def _all_finite(state: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
 
 
+def _other_shard(data_state: dict[str, Any], train_iter: Any) -> bool:
+    """Whether a saved data position belongs to another data shard than the iterator's
+    (states saved before shards were recorded: assumed the same)."""
+    saved, current = data_state.get("shard"), getattr(train_iter, "shard", None)
+    return saved is not None and current is not None and list(saved) != list(current)
+
+
 class RunCheckpointer:
     """Saves and restores the checkpoints of one run directory (`run_dir/checkpoints`)."""
 
@@ -197,6 +204,13 @@ class RunCheckpointer:
         if restart and changed:
             _log(f"train.restart_data=true: the data starts from its beginning, not from where "
                  f"{self.path(step)} stood")
+        elif restored.data_state is not None and _other_shard(restored.data_state, train_iter):
+            # The mesh changed which rows this process feeds (e.g. tensor parallelism across
+            # hosts added or removed): that position belongs to another shard of the data.
+            _log(f"{self.path(step)} holds the data position of data shard "
+                 f"{restored.data_state['shard']} (shard, shards), this run reads "
+                 f"{list(train_iter.shard)}; the data restarts from its beginning, so "
+                 "batches differ from the interrupted run")
         elif restored.data_state is not None:
             try:
                 train_iter.set_state(restored.data_state)

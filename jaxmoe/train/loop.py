@@ -54,7 +54,8 @@ class Trainer:
         rows read the same shard (`sharding.batch_rows`); a ConfigError when the mesh gives
         processes rows that are not equal blocks."""
         try:
-            return sharding.batch_rows(self.batch_sharding, self.cfg.train.batch_size)
+            return sharding.batch_rows(self.batch_sharding,
+                                       (self.cfg.train.batch_size, self.cfg.data.seq_len))
         except sharding.MultiHostError as e:
             raise config_lib.ConfigError(f"mesh {dict(self.mesh.shape)}: {e}") from None
 

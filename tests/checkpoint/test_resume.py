@@ -356,6 +356,37 @@ class FingerprintedData(DataIterator):
         self.state["inputs"] = self.inputs
 
 
+class ShardedData(DataIterator):
+    """A data iterator that reads data shard `shard` = (index, count), as the real one."""
+
+    def __init__(self, shard: tuple[int, int], batches: int = 0):
+        super().__init__(batches)
+        self.shard = shard
+        self.state["shard"] = list(shard)
+
+
+def test_a_position_of_another_data_shard_restarts_the_data(two_steps, tmp_path, capsys):
+    """The mesh decides which data shard a process reads (tensor parallelism across hosts:
+    both processes read shard 0 of 1). Resumed on a mesh where they read shards 0 and 1 of
+    2, the saved position of the other partition of the records was restored, with no
+    word; the data now restarts, said in one line. The same shard resumes its position."""
+    run_dir = copy_run(two_steps, tmp_path)
+    trainer = two_steps[1]
+    checkpoints, state, _, _, _ = resume(run_dir, trainer)
+    checkpoints.save(3, at_step(state, 3), ShardedData((0, 1), batches=7), wait=True)
+    checkpoints.close()
+    capsys.readouterr()
+    checkpoints, _, step, data, log = resume(run_dir, trainer, capsys, ShardedData((0, 2)))
+    checkpoints.close()
+    assert step == 3 and data.state["batches"] == 0  # not restored
+    assert (f"{run_dir.absolute() / 'checkpoints' / '3'} holds the data position of data "
+            "shard [0, 1] (shard, shards), this run reads [0, 2]; the data restarts from its "
+            "beginning") in log, log
+    checkpoints, _, _, data, _ = resume(run_dir, trainer, capsys, ShardedData((0, 1)))
+    checkpoints.close()
+    assert data.state["batches"] == 7
+
+
 def test_a_changed_tokenizer_is_refused_after_a_process_count_change(two_steps, tmp_path):
     """Without its own data state (saved by 2 processes, resumed by 1) a process still
     compares the tokenizer's contents, with any process's fingerprint (they were skipped)."""

@@ -44,6 +44,7 @@ def test_a_resumed_run_can_be_resumed_again(packing: bool) -> None:
     it = make_dataset(cfg, split="train", batch_size=3, seed=5)
     take(it, 2)
     first = json.loads(json.dumps(it.get_state()))
+    assert first["shard"] == [0, 1]  # the records it reads: 0::1 (checked on resume)
     expected = take(it, 5)
     for skip in (0, 1):
         resumed = make_dataset(cfg, split="train", batch_size=3, seed=5)

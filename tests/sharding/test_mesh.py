@@ -185,7 +185,7 @@ class _Rows:
 def test_batch_rows_per_process(rows, expected):
     """Reference: the row blocks written out by hand."""
     processes = sorted({p for _, p in rows})
-    assert [sharding.batch_rows(_Rows(rows), 16, p) for p in processes] == expected
+    assert [sharding.batch_rows(_Rows(rows), (16, 8), p) for p in processes] == expected
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -196,4 +196,16 @@ def test_batch_rows_per_process(rows, expected):
 ])
 def test_batch_rows_refuses_uneven_blocks(rows, message):
     with pytest.raises(sharding.MultiHostError, match=re.escape(message)):
-        sharding.batch_rows(_Rows(rows), 16, 0)
+        sharding.batch_rows(_Rows(rows), (16, 8), 0)
+    with pytest.raises(sharding.MultiHostError, match=r"^process 1 has no device in the mesh"):
+        sharding.batch_rows(_Rows({(0, 0): (0, 16)}), (16, 8), 1)
+
+
+def test_a_mesh_splitting_the_sequence_still_gives_one_data_shard():
+    """mesh.rules={length: [tensor]} splits the batch's second dimension: the data shard was
+    worked out from a [batch, 1] layout, which that cannot split (IndivisibleError)."""
+    from jaxmoe.train.loop import build_trainer
+
+    trainer = build_trainer(tiny_config("mesh.data=2", "mesh.tensor=4",
+                                        "mesh.rules={length: [tensor]}"))
+    assert trainer.data_shard == (0, 1)
