@@ -104,6 +104,8 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
         mesh = AbstractMesh(tuple(shape.values()), tuple(shape))
         tx = make_optimizer(cfg.train.optimizer, cfg.train.steps)
         abstract = jax.eval_shape(lambda: init_state(cfg.model, tx, cfg.train.seed))
+        sharding.check_overrides(abstract.params, mesh, rules, cfg.mesh.rules,
+                                 sharding.MeshError)  # as build_trainer does
         specs = sharding.state_shardings(abstract, mesh, rules)
         params = [(v.get_value(), variable_axes(v) or ())
                   for v in jax.tree.leaves(abstract.params,

@@ -122,15 +122,21 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 def check_overrides(tree: Any, mesh: Mesh, rules: Rules, overrides: dict[str, Any] | None,
                     error: type[Exception] = ValueError) -> None:
-    """Refuses a `mesh.rules` override that leaves a parameter dimension of its name unsplit.
+    """Refuses a `mesh.rules` override that cannot take effect on the parameters.
 
-    A rule applies to a dimension only when all its mesh axes are still free in that array
-    (Flax's convention); an override replaces the defaults' fallbacks, so
-    `embed: [fsdp, tensor]` gave the embed dimension of every weight whose heads or mlp
-    dimension took `tensor` no axis at all: those weights were replicated over fsdp, with
-    no word. Raises `error` naming the largest such parameter and the axis in the way.
+    A rule applies to a dimension only when all its mesh axes are still free in that array,
+    earlier rules first (Flax's convention), and an override replaces the defaults'
+    fallbacks. So `embed: [fsdp, tensor]` gave the embed dimension of every weight whose
+    heads or mlp dimension took `tensor` no axis at all: those weights were replicated over
+    fsdp, with no word. Raises `error` (one line, naming the largest weight and the
+    dimension in the way) when an override leaves a weight replicated over a mesh axis of
+    size > 1 that it asked for, or applies to no parameter dimension of its name at all
+    (`layers: fsdp`: every weight's embed dimension takes fsdp first).
     """
-    worst = None  # (bytes, message)
+    overrides = overrides or {}
+    worst = None  # (bytes, message): a weight left replicated over an axis it asked for
+    seen: dict[str, tuple[int, str]] = {}  # name -> (bytes, message) of a dim it missed
+    applied: set[str] = set()  # overridden names that some dimension took
     for path, leaf in jax.tree_util.tree_leaves_with_path(
             tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         axes = variable_axes(leaf) if isinstance(leaf, nnx.Variable) else None
@@ -140,24 +146,35 @@ def check_overrides(tree: Any, mesh: Mesh, rules: Rules, overrides: dict[str, An
         spec += (None,) * (len(axes) - len(spec))
         used = {a for s in spec if s for a in (s if isinstance(s, tuple) else (s,))}
         for name, got in zip(axes, spec):
-            value = (overrides or {}).get(name)
+            if name not in overrides:
+                continue
+            value = overrides[name]
             asked = tuple(a for a in (value if isinstance(value, (list, tuple)) else [value])
                           if a is not None)
-            if got is not None or not asked or math.prod(mesh.shape[a] for a in asked) < 2:
+            if got is not None or not asked:
+                applied.add(name)
                 continue
+            if math.prod(mesh.shape[a] for a in asked) < 2:
+                continue  # asks for nothing that splits
+            taken = [a for a in asked if a in used]
+            free = [a for a in asked if a not in taken]
+            by = sorted({n for n, g in zip(axes, spec) if g and set(
+                g if isinstance(g, tuple) else (g,)) & set(taken)})
             nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize
-            if worst is None or nbytes > worst[0]:
-                taken = [a for a in asked if a in used]
-                by = sorted({n for n, g in zip(axes, spec) if g and set(
-                    g if isinstance(g, tuple) else (g,)) & set(taken)})
-                free = [a for a in asked if a not in taken]
-                where = jax.tree_util.keystr(path, simple=True, separator=".")
-                worst = (nbytes, (
-                    f"mesh.rules.{name}={value!r}: leaves the {name} dimension of {where} "
-                    f"{list(axes)} ({nbytes / 1e6:,.1f} MB) unsplit: its {', '.join(by)} "
-                    f"dimension already uses {', '.join(taken)} (a rule applies only where "
-                    "all its mesh axes are free, earlier rules first); expected axes the "
-                    "other dimensions leave free" + (f", e.g. {name}: {free}" if free else
-                                                     f", or {', '.join(by)} on other axes")))
+            where = jax.tree_util.keystr(path, simple=True, separator=".")
+            message = (f"mesh.rules.{name}={value!r}: leaves the {name} dimension of {where} "
+                       f"{list(axes)} ({nbytes / 1e6:,.1f} MB) unsplit: its {', '.join(by)} "
+                       f"dimension already uses {', '.join(taken)} (a rule applies only where "
+                       "all its mesh axes are free, earlier rules first); expected axes the "
+                       "other dimensions leave free" + (f", e.g. {name}: {free}" if free else
+                                                        f", or {', '.join(by)} on other axes"))
+            if math.prod(mesh.shape[a] for a in free) >= 2:  # replicated over a free axis
+                if worst is None or nbytes > worst[0]:
+                    worst = (nbytes, message)
+            elif nbytes > seen.get(name, (-1, ""))[0]:
+                seen[name] = (nbytes, message)
     if worst is not None:
         raise error(worst[1])
+    for name, (_, message) in sorted(seen.items()):
+        if name not in applied:  # the override changed nothing anywhere
+            raise error(message)

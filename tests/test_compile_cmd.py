@@ -88,3 +88,15 @@ def test_unwritable_report_paths_are_refused_before_compiling(tmp_path, capsys, 
     assert main([*base, "--hlo-out", same, "--json-out", same]) == 2
     assert capsys.readouterr().err == (f"jaxmoe compile: --hlo-out and --json-out are both "
                                        f"{same}; expected two files\n")
+
+
+def test_an_override_that_leaves_weights_unsplit_is_refused_by_the_estimate(capsys):
+    """The analytic path (GPU targets, TPU without libtpu) estimated such a plan as if it were
+    meant (Mixtral: 521.93 GiB of arguments per device); it is refused as build_trainer does."""
+    from jaxmoe.cli import main
+
+    assert main(["compile", "--config", "configs/tiny_moe.yaml", "--topology", "h100-8",
+                 "mesh.data=1", "mesh.fsdp=8", "mesh.rules={embed: [fsdp, tensor]}"]) == 2
+    err = capsys.readouterr().err
+    assert "mesh.rules.embed=['fsdp', 'tensor']: leaves the embed dimension of " in err, err
+    assert len(err.strip().splitlines()) == 1

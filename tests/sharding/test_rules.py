@@ -61,12 +61,13 @@ def test_bad_mesh_axis_is_one_line():
      "mlp dimension already uses tensor (a rule applies only where all its mesh axes are "
      "free, earlier rules first); expected axes the other dimensions leave free, e.g. "
      "embed: ['fsdp']"),
-    # the embed rule comes first and takes fsdp: the override had no effect
-    ("mesh.rules={layers: fsdp}",
-     "mesh.rules.layers='fsdp': leaves the layers dimension of moe.units.block0.ffn.w_down "
-     "['layers', 'expert', 'mlp', 'embed'] (1.0 MB) unsplit: its embed dimension already "
-     "uses fsdp (a rule applies only where all its mesh axes are free, earlier rules first); "
-     "expected axes the other dimensions leave free, or embed on other axes"),
+    # every weight with a head_dim dimension has an embed one, which takes fsdp first: the
+    # override applies nowhere
+    ("mesh.rules={head_dim: fsdp}",
+     "mesh.rules.head_dim='fsdp': leaves the head_dim dimension of moe.units.block0.attn.k "
+     "['layers', 'embed', 'kv_heads', 'head_dim'] (0.1 MB) unsplit: its embed dimension "
+     "already uses fsdp (a rule applies only where all its mesh axes are free, earlier rules "
+     "first); expected axes the other dimensions leave free, or embed on other axes"),
 ])
 def test_an_override_that_leaves_weights_unsplit_is_refused(override, message):
     """Reference: the message in full (the largest such weight, named by hand)."""
@@ -86,3 +87,10 @@ def test_an_override_that_leaves_weights_unsplit_is_refused(override, message):
                         MeshError)
     assert str(e.value) == message
     check_overrides(abstract.params, mesh, make_rules({"embed": ["fsdp"]}), {"embed": ["fsdp"]})
+    # Not refused: an override that loses nothing (fsdp of size 1, tensor taken elsewhere),
+    # and one that some weights take (their layers dimension gets fsdp).
+    tp8 = make_mesh({"data": 1, "fsdp": 1, "expert": 1, "tensor": 8})
+    ok = {"embed": ["fsdp", "tensor"]}
+    check_overrides(abstract.params, tp8, make_rules(ok), ok, MeshError)
+    check_overrides(abstract.params, mesh, make_rules({"layers": "fsdp"}), {"layers": "fsdp"},
+                    MeshError)
