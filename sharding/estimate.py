@@ -225,7 +225,7 @@ def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: 
     act = 2  # bf16 activations
     state = _shard_bytes(abstract_state, state_specs, mesh_shape)
     params_local = state / 3  # params + two Adam moments of the same size (float32)
-    saved = sum(saved_per_token(m, i, seq) for i in range(m.num_layers)) * tokens * act
+    saved = sum(saved_per_token(m, i, seq, tp) for i in range(m.num_layers)) * tokens * act
     working = (2 * b_local * (m.num_heads / tp) * seq * seq * 4  # scores + probabilities
                + 3 * tokens * max(m.num_experts_per_tok * m.expert_mlp_dim,
                                   m.mlp_dim) / tp * act
@@ -286,15 +286,22 @@ def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: 
                      if m.remat != "full" else []))
 
 
-def saved_per_token(m: Any, layer: int, seq: int) -> float:
-    """Activation elements one token keeps for the backward pass in `layer`, by remat policy:
-    `full` only the layer's input; `dots_no_batch` also every projection's output (q/k/v,
-    o, router, expert or dense MLP matmuls); `dots` also attention's scores and their
-    product with V; `none` also the norms, the SwiGLU product and the softmax
-    probabilities (float32 scores count twice)."""
+def saved_per_token(m: Any, layer: int, seq: int, tp: int = 1) -> float:
+    """Activation elements one token keeps on one device for the backward pass in `layer`,
+    by remat policy: `full` only the layer's input; `dots_no_batch` also every projection's
+    output (q/k/v, o, router, expert or dense MLP matmuls); `dots` also attention's scores
+    and their product with V; `none` also the norms, the SwiGLU product and the softmax
+    probabilities (float32 scores count twice). Heads and MLP widths are split `tp` ways
+    (tensor parallelism); MLA counts its expanded per-head q/k/v widths."""
     d = m.embed_dim
-    heads, head_dim = m.num_heads, getattr(m, "head_dim", 0) or d // m.num_heads
-    kv = getattr(m, "num_kv_heads", heads)
+    heads = m.num_heads
+    if getattr(m, "attention", "gqa") == "mla":
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        qkv, pv = heads * (2 * qk + m.v_head_dim), heads * m.v_head_dim
+    else:
+        head_dim = getattr(m, "head_dim", 0) or d // heads
+        qkv = (heads + 2 * getattr(m, "num_kv_heads", heads)) * head_dim
+        pv = heads * head_dim
     if m.is_moe_layer(layer):
         width, copies, router = m.expert_mlp_dim, m.num_experts_per_tok, m.num_experts
     else:
@@ -302,13 +309,13 @@ def saved_per_token(m: Any, layer: int, seq: int) -> float:
     kept = d
     if m.remat == "full":
         return kept
-    kept += (heads + 2 * kv) * head_dim + d + router + copies * (2 * width + d)
+    kept += qkv / tp + d + router + copies * (2 * width / tp + d)
     if m.remat == "dots_no_batch":
         return kept
-    kept += 2 * heads * seq + heads * head_dim  # float32 scores, PV
+    kept += (2 * heads * seq + pv) / tp  # float32 scores, PV
     if m.remat == "dots":
         return kept
-    return kept + 2 * d + copies * width + 2 * heads * seq  # norms, SwiGLU, probabilities
+    return kept + 2 * d + (copies * width + 2 * heads * seq) / tp  # norms, SwiGLU, probs
 
 
 # ----------------------------------------------------------------------------- printing

@@ -192,14 +192,14 @@ def test_multi_slice_plan_counts_dcn_collectives():
 # ----------------------------------------------------------------- the analytic model by hand
 
 def _tiny_analytic(topology: str, mesh_shape: dict, dcn: dict | None = None, accum: int = 2,
-                   num_slices: int = 1, remat: str = "full"):
+                   num_slices: int = 1, remat: str = "full", **model_fields):
     """A one-leaf state for memory (f32[1024, 96] split over fsdp), two parameters for the
     weight collectives (a dense [embed 64, mlp 256] and an expert [expert 4, embed 64,
     mlp 128] weight, default rules) and a 2-layer MoE, small enough to work every number
     out by hand."""
     model = SimpleNamespace(num_layers=2, embed_dim=64, num_heads=4, num_experts_per_tok=2,
                             expert_mlp_dim=128, mlp_dim=256, vocab_size=512, remat=remat,
-                            num_experts=4, is_moe_layer=lambda i: True)
+                            num_experts=4, is_moe_layer=lambda i: True, **model_fields)
     cfg = SimpleNamespace(model=model, data=SimpleNamespace(seq_len=32),
                           train=SimpleNamespace(batch_size=16, grad_accum_steps=accum))
     state = [jax.ShapeDtypeStruct((1024, 96), jnp.float32)]
@@ -212,21 +212,23 @@ def _tiny_analytic(topology: str, mesh_shape: dict, dcn: dict | None = None, acc
 
 @pytest.mark.parametrize("remat, kept, flops", [
     ("full", 64, 4 / 3),
-    # + q/k/v 12 heads x 16, o 64, router 4, 2 experts x (gate + up 2 x 128, down 64)
-    ("dots_no_batch", 64 + 192 + 64 + 4 + 640, 4 / 3),
-    # + float32 scores (2 x 4 heads x 32 keys) and PV (4 x 16)
-    ("dots", 964 + 256 + 64, 1.0),
-    # + two norms (128), SwiGLU products (2 x 128), float32 probabilities (256)
-    ("none", 1284 + 128 + 256 + 256, 1.0),
+    # + q/k/v (4 heads + 2 x 2 kv heads) x 16 / tensor 2, o 64, router 4, 2 experts x
+    # (gate + up 2 x 128 / 2, down 64)
+    ("dots_no_batch", 64 + 64 + 64 + 4 + 384, 4 / 3),
+    # + float32 scores (2 x 4 heads x 32 keys) and PV (4 x 16), over tensor 2
+    ("dots", 580 + 128 + 32, 1.0),
+    # + two norms (128), SwiGLU products (2 x 128 / 2), float32 probabilities (256 / 2)
+    ("none", 740 + 128 + 128 + 128, 1.0),
 ])
 def test_analytic_activations_follow_the_remat_policy(remat, kept, flops):
     """Every policy was estimated as full remat: remat=none reported as fitting what it
-    would not. Reference: the elements each policy keeps per layer and token, by hand (the
-    tiny model: width 64, 4 heads of 16, 2 of 4 experts of width 128, 32 tokens)."""
-    full = _tiny_analytic("h100-8", {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1})
-    r = _tiny_analytic("h100-8", {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1},
-                       remat=remat)
-    saved = lambda elements: 2 * 32 * elements * 2  # noqa: E731 (2 layers, bf16)
+    would not. Reference: the elements each policy keeps per layer and token on one device,
+    by hand (width 64, 4 heads of 16 and 2 kv heads, 2 of 4 experts of width 128, tensor
+    parallelism 2, 2 sequences of 32 tokens per device)."""
+    mesh = {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    full = _tiny_analytic("h100-8", mesh, num_kv_heads=2, head_dim=16)
+    r = _tiny_analytic("h100-8", mesh, remat=remat, num_kv_heads=2, head_dim=16)
+    saved = lambda elements: 2 * 64 * elements * 2  # noqa: E731 (2 layers, bf16)
     assert r.memory["temporaries"] - full.memory["temporaries"] == saved(kept) - saved(64)
     assert r.executed_flops == pytest.approx(8e9 * flops / 8)
     assert any(f"model.remat={remat}" in n for n in r.notes) == (remat != "full")
