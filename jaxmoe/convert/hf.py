@@ -191,7 +191,16 @@ def _special_tokens(reader: ParamsReader) -> tuple[dict[str, Any], dict[str, Any
     `data.tokenizer` (none, with a warning, when its file is not on this machine)."""
     hf = reader.header.get("hf")
     if isinstance(hf, dict):
-        return dict(hf.get("token_ids") or {}), hf.get("generation_config")
+        ids, generation = hf.get("token_ids") or {}, hf.get("generation_config")
+        if not isinstance(ids, dict) or not isinstance(generation, (dict, type(None))):
+            raise lo.ConversionError(f"{reader.step_dir}/export.json: 'hf' holds token_ids "
+                                     "or generation_config that are not mappings (damaged?)")
+        return dict(ids), generation
+    if reader.header.get("converted_by") == "jaxmoe convert from-hf":  # before "hf" was kept
+        log.warning("config.json gets no bos/eos/pad token ids: %s was imported before "
+                    "jaxmoe kept the source model's (convert it from Hugging Face again to "
+                    "keep them)", reader.step_dir)
+        return {}, None
     from input_pipeline.tokenizer import make_tokenizer
 
     try:

@@ -324,8 +324,8 @@ class ParamsWriter:
             json.dumps(config_lib.to_dict(self.cfg), indent=1))
         (self.tmp_dir / EXPORT_MARKER).write_text(json.dumps(
             {"source": self.source, "step": None, "dtype": self.cfg.model.param_dtype,
-             "converted_by": "jaxmoe convert from-hf", **({"hf": self.hf} if self.hf else {})},
-            indent=1))
+             **({"converted_by": "jaxmoe convert from-hf", "hf": self.hf}
+                if self.hf is not None else {})}, indent=1))
         os.replace(self.tmp_dir, self.out_dir)  # takes the place of an empty folder atomically
         return self.out_dir
 

@@ -372,3 +372,18 @@ def test_special_token_ids_of_a_tokenizer_not_on_this_machine(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "config.json gets no bos/eos/pad token ids: data.tokenizer="
         f"{str(tmp_path / 'gone.json')!r}: expected 'byte' or an existing tokenizer file"]
+
+
+def test_an_import_from_before_token_ids_were_kept_gets_none(hf_mixtral, tmp_path, caplog):
+    """An export.json of `from-hf` without its 'hf' entry: its data section is the default
+    (byte tokenizer), whose ids would be wrong for the imported model; none are written."""
+    from_hf(hf_mixtral, tmp_path / "ckpt")
+    marker = tmp_path / "ckpt" / "export.json"
+    header = json.loads(marker.read_text())
+    assert "hf" in header
+    del header["hf"]
+    marker.write_text(json.dumps(header))
+    to_hf(tmp_path / "ckpt", tmp_path / "hf", "mixtral")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert not {"bos_token_id", "eos_token_id", "pad_token_id"} & set(written)
+    assert "was imported before jaxmoe kept the source model's" in caplog.text
