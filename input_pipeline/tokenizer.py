@@ -82,8 +82,9 @@ class HFTokenizer:
 
     def __init__(self, path: str, pad_token: str, bos_token: str, eos_token: str):
         self.path = path
+        tokenizers = _hf_tokenizers(path)  # not installed: its own one-line error
         try:
-            self._tok = _hf_tokenizers(path).Tokenizer.from_file(path)
+            self._tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # the library raises a bare Exception on a bad file
             raise _unreadable(path, "a Hugging Face tokenizer.json", e) from e
         self._tok.encode_special_tokens = True  # "<eos>" in a document is text, not EOS

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--out {args.out!r}: expected a file name prefix such as /data/corpus/train, "
                 "not a directory")
     for pattern in args.inputs:
-        if not glob.glob(os.path.expanduser(pattern)):
+        if not glob.glob(os.path.expanduser(pattern), recursive=True):
             p.error(f"inputs: {pattern!r} matches no file; expected existing files or glob "
                     "patterns that match some")
     try:

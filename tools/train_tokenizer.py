@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "synthetic" and args.inputs:
         p.error(f"inputs {args.inputs!r}: expected none with --format synthetic")
     for pattern in args.inputs:
-        if not glob.glob(os.path.expanduser(pattern)):
+        if not glob.glob(os.path.expanduser(pattern), recursive=True):
             p.error(f"inputs: {pattern!r} matches no file; expected existing files or glob "
                     "patterns that match some")
     try:
