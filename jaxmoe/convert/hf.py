@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from input_pipeline.sources import one_line
 from jaxmoe import config as config_lib
 from jaxmoe.convert import layout as lo
 from jaxmoe.convert.cli import DEFAULT_SHARD_BYTES
@@ -177,8 +178,7 @@ def _hf_extras(hf_dir: Path) -> dict[str, Any]:
         try:
             generation = json.loads(path.read_text())
         except ValueError as e:
-            raise lo.ConversionError(f"{path}: not valid JSON ({' '.join(str(e).split())})"
-                                     ) from None
+            raise lo.ConversionError(f"{path}: not valid JSON ({one_line(e)})") from None
         if not isinstance(generation, dict):
             raise lo.ConversionError(f"{path}: expected a JSON object")
         extras["generation_config"] = generation

@@ -33,6 +33,7 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
+from input_pipeline.sources import one_line
 from jaxmoe import config as config_lib
 from jaxmoe.checkpoint.damage import explain, write_problem
 from jaxmoe.model import MoETransformer
@@ -106,10 +107,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
                                 "step directory with a 'state' item, or a params-only export)")
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
-
-
 def _config_from_dict(values: dict[str, Any]) -> config_lib.Config:
     return config_lib.config_from_dict(values)
 
@@ -122,7 +119,7 @@ def _read_tree_names(item_dir: Path) -> tuple[list[str], bool, bool]:
         names = [".".join(ast.literal_eval(k)) for k in meta["tree_metadata"]]
     except (ValueError, SyntaxError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointFormatError(f"{path}: not orbax tree metadata ({type(e).__name__}: "
-                                    f"{_one_line(e)}; damaged checkpoint?)") from None
+                                    f"{one_line(e)}; damaged checkpoint?)") from None
     return names, bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", False))
 
 
@@ -148,7 +145,7 @@ class ParamsReader:
         try:
             stored = json.loads(config_file.read_text())
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise CheckpointFormatError(f"{config_file}: not a JSON config ({_one_line(e)}; "
+            raise CheckpointFormatError(f"{config_file}: not a JSON config ({one_line(e)}; "
                                         "damaged checkpoint?)") from None
         self.config = _config_from_dict(stored)
         self.header: dict[str, Any] = {}  # an export's export.json
@@ -157,7 +154,7 @@ class ParamsReader:
                 self.header = json.loads((self.step_dir / EXPORT_MARKER).read_text())
             except ValueError as e:
                 raise CheckpointFormatError(f"{self.step_dir / EXPORT_MARKER}: not JSON "
-                                            f"({_one_line(e)}; damaged checkpoint?)") from None
+                                            f"({one_line(e)}; damaged checkpoint?)") from None
             if not isinstance(self.header, dict):
                 raise CheckpointFormatError(f"{self.step_dir / EXPORT_MARKER}: expected a "
                                             "JSON object (damaged checkpoint?)")
