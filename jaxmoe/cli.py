@@ -211,8 +211,18 @@ def _drop_abandoned_reads() -> None:
     gc.collect()
 
 
+def whole_lines_on_stderr() -> None:
+    """Makes each line printed to this process's stderr reach it in one write. Redirected,
+    Python writes stderr through unbuffered, so `print` sends a line's text and its newline
+    in two writes; a C++ thread (Gloo, XLA) logging in between spliced its message into the
+    middle of a one-line error (seen in a two-process run)."""
+    if sys.stderr is sys.__stderr__ and hasattr(sys.stderr, "reconfigure"):
+        sys.stderr.reconfigure(line_buffering=True, write_through=False)
+
+
 def entry() -> int:
     """The `jaxmoe` command; `train` runs in a process started with huge pages for malloc."""
+    whole_lines_on_stderr()
     return main(hugepages=True)
 
 

@@ -3,6 +3,8 @@
 import argparse
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -61,6 +63,21 @@ def test_config_error_is_one_line_and_exit_2(capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("jaxmoe: config error: model.num_experts_per_tok=9: expected between 1 and "
                    "model.num_experts=4")
+
+
+def test_the_command_sends_each_stderr_line_in_one_write():
+    """Reference: the order of bytes on the stderr pipe. A line's text is held until its
+    newline, so a raw write to the same file (as a C++ thread's log does) lands before or
+    after the line, never inside it; with Python's default for redirected stderr (unbuffered)
+    the pipe read `one|\n`."""
+    code = ("import os, sys\n"
+            "from jaxmoe.cli import whole_lines_on_stderr\n"
+            "whole_lines_on_stderr()\n"
+            "print('one', file=sys.stderr, end='')\n"
+            "os.write(2, b'|')\n"
+            "print(file=sys.stderr)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert run.returncode == 0 and run.stderr == b"|one\n", run.stderr
 
 
 @pytest.mark.parametrize("override, message", [
