@@ -203,7 +203,26 @@ def compile_train_step(trainer: Any) -> Any:
     state, batch = abstract_inputs(trainer)
     with trainer.context():
         lowered = trainer.train_step.lower(state, batch)
-    return lowered.compile()
+    with _no_cache_writes(trainer.mesh.devices.flat[0] not in jax.devices()):
+        return lowered.compile()
+
+
+@contextlib.contextmanager
+def _no_cache_writes(compile_only: bool) -> Iterator[None]:
+    """Nothing compiled for compile-only devices goes into JAX's persistent compilation
+    cache (JAX_COMPILATION_CACHE_DIR): such a program cannot be loaded back (JAX warns
+    "Error reading persistent compilation cache entry" on every later compile), and a
+    full-size one fills the cache with hundreds of MB (JAX writes what took longer than
+    `jax_persistent_cache_min_compile_time_secs` to compile; read once per compile)."""
+    key = "jax_persistent_cache_min_compile_time_secs"
+    before = getattr(jax.config, key)
+    if compile_only:
+        jax.config.update(key, float("inf"))
+    try:
+        yield
+    finally:
+        if compile_only:
+            jax.config.update(key, before)
 
 
 def memory_stats(compiled: Any) -> dict[str, float]:

@@ -125,11 +125,15 @@ def test_v4_compiles_for_one_device_per_chip(capsys):
     assert "target: v4-8 (v4:2x2x1; 4 chips, 4 devices); mesh data=4; source: compiled" in out
 
 
-def test_compile_prints_no_libtpu_noise_off_tpu(capsys):
+def test_compile_prints_no_libtpu_noise_off_tpu(capsys, tmp_path):
     """On a host without TPU chips, libtpu printed an `E... INVALID_ARGUMENT` trace and
     warnings on every successful compile; stderr is now clean (its own process: libtpu
-    speaks once, when it loads)."""
+    speaks once, when it loads). With a persistent compilation cache set, the TPU program
+    is not written to it: it could not be loaded back (JAX warned on every later compile),
+    and it was written before (`jit_traced-...-cache`, min compile time 0 here)."""
+    cache = tmp_path / "jit_cache"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     run = subprocess.run([sys.executable, "-m", "jaxmoe.cli", "compile", "--config",
                           "configs/tiny_moe.yaml", "--topology", "v5p-8"],
                          capture_output=True, text=True, env=env, timeout=300)
@@ -137,6 +141,7 @@ def test_compile_prints_no_libtpu_noise_off_tpu(capsys):
     assert "source: compiled" in run.stdout
     for noise in ("INVALID_ARGUMENT", "Failed to find host bounds", "could not determine"):
         assert noise not in run.stderr, run.stderr
+    assert not cache.exists() or not any(cache.iterdir()), sorted(cache.iterdir())
     # in this process, the settings given to libtpu are unset again after use
     keys = {"TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES"}
     before = {k: os.environ.get(k) for k in keys}
