@@ -14,8 +14,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import contextlib  # noqa: E402
 import resource  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One persistent compilation cache for the session: many modules and the `jaxmoe`
+    processes tests start compile the same tiny programs, and a compiled program found in
+    the cache is loaded instead of compiled again (XLA keys it by the program and the
+    compile options, so a changed program compiles). It is made by the first process
+    (pytest-xdist's controller, before its workers start: they inherit it, as do the
+    processes tests start) and removed when that process ends, so every session starts
+    empty. A JAX_COMPILATION_CACHE_DIR set by the caller is used as it is."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        path = tempfile.mkdtemp(prefix="jaxmoe-test-jit-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+        config.stash[_CACHE_DIR] = path
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    path = config.stash.get(_CACHE_DIR, None)
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_CACHE_DIR = pytest.StashKey[str]()
 
 
 @pytest.fixture
