@@ -54,6 +54,9 @@ class Report:
     # load only `buffer_fill` of it holds tokens (1 without EP; 1/buffer factor with it).
     kernel_flops: float = 0.0
     buffer_fill: float = 1.0
+    # Ragged expert exchanges are costed at balanced load (sharding/hlo.py); the exposed
+    # communication when a device's receive buffers fill instead (None: no ragged exchange).
+    exposed_full_s: float | None = None
 
     @property
     def step_s(self) -> float:
@@ -119,6 +122,9 @@ def from_compiled(target: Any, mesh_shape: dict[str, int], memory: dict[str, flo
     chip = target.chip
     peak = chip.peak_flops / chip.devices_per_chip
     over, exp = comm_times(hlo_stats["collectives"], chip)
+    ragged_full = hlo_stats.get("ragged_full")
+    exp_full = None if ragged_full is None else comm_times(
+        {**hlo_stats["collectives"], "ragged-all-to-all": ragged_full}, chip)[1]
     kernel = hlo_stats.get("kernel_flops", 0.0)
     balanced = hlo_stats["flops"] - kernel * (1 - buffer_fill)
     notes = []
@@ -135,7 +141,7 @@ def from_compiled(target: Any, mesh_shape: dict[str, int], memory: dict[str, flo
     return Report(target.name, target.topology_name, target.total_chips, target.devices,
                   mesh_shape, "compiled", memory, chip.hbm_bytes / chip.devices_per_chip,
                   xla_flops, balanced, model_flops, hlo_stats["collectives"],
-                  balanced / peak, over, exp, peak, notes, kernel, buffer_fill)
+                  balanced / peak, over, exp, peak, notes, kernel, buffer_fill, exp_full)
 
 
 # ----------------------------------------------------------------------------- analytic
@@ -342,13 +348,16 @@ def format_report(r: Report) -> str:
     lines.append(f"executed matmul FLOPs per device per step ({how}): "
                  f"{r.executed_flops:.4g}; model FLOPs per step: "
                  f"{r.model_flops:.4g} ({r.model_flops / r.devices:.4g} per device)")
-    if r.buffer_fill < 1:
+    exp_full = r.exposed_comm_s if r.exposed_full_s is None else r.exposed_full_s
+    if r.buffer_fill < 1 or exp_full > r.exposed_comm_s:
         full = r.executed_flops + r.kernel_flops * (1 - r.buffer_fill)
-        full_step = (max(full / r.peak_flops_per_device, r.overlapped_comm_s)
-                     + r.exposed_comm_s)
-        lines.append(f"  (expert kernels at balanced load, {100 * r.buffer_fill:.0f}% of their "
-                     f"receive buffers; with every buffer full: {full:.4g} FLOPs, MFU "
-                     f"{100 * r.mfu(full_step):.1f}%)")
+        full_step = max(full / r.peak_flops_per_device, r.overlapped_comm_s) + exp_full
+        what = "expert kernels" + (" and ragged exchanges" if r.exposed_full_s else "")
+        lines.append(f"  ({what} at balanced load, {100 * r.buffer_fill:.0f}% of their "
+                     f"receive buffers; with every buffer full: {full:.4g} FLOPs"
+                     + (f", exposed all-to-all {exp_full * 1e3:.4g} ms"
+                        if r.exposed_full_s else "")
+                     + f", MFU {100 * r.mfu(full_step):.1f}%)")
     lines.append("collectives per device per step:")
     if not r.collectives:
         lines.append("  none")

@@ -12,7 +12,8 @@ counts multiply, fusions/calls inherit), and
   * collectives are collected by kind with their result bytes, group size, the bytes each
     device sends over the wire (ring algorithms, `sharding/collective_cost.py`) and whether a
     group spans slices (DCN); on multi-slice TPU programs the cross-slice steps are
-    megascale `send`s (DCN).
+    megascale `send`s (DCN). A ragged all-to-all counts the smaller of its input and result
+    (the rows it moves at balanced load); its receive buffers are totalled apart.
 
 Trip counts come from the loop condition (`counter < N`, counter from 0, as lax.scan and
 fori_loop lower); a loop whose count cannot be read counts once and is reported.
@@ -316,8 +317,9 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
     """{"flops": matmul FLOPs per device per step, "kernel_flops": the part in custom-call
     kernels (grouped matmuls), "collectives": {kind: CollectiveStats}, "unknown_loops": [...],
     "unknown_groups": [collectives whose groups were unreadable: bytes counted, no wire
-    bytes], "conditionals": [conditionals whose branches were all counted]} for one
-    device's program. `link(group of device ids)` gives the
+    bytes], "conditionals": [conditionals whose branches were all counted], and
+    "ragged_full": CollectiveStats of the ragged all-to-alls counted by their results (the
+    receive buffers; only when there are any)} for one device's program. `link(group of device ids)` gives the
     bandwidth a group communicates at and whether it crosses slices (DCN); `scan_once`
     counts loop bodies once (to compare with XLA's cost analysis). Cross-slice (megascale)
     transfers are collectives over `num_slices` slices, all DCN, at `dcn_bw` bytes/s per
@@ -330,6 +332,7 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
         re.search(r"num_partitions=(\d+)", header), re.search(r"replica_count=(\d+)", header)))
     flops = kernel_flops = 0.0
     colls: dict[str, CollectiveStats] = defaultdict(CollectiveStats)
+    ragged_full = CollectiveStats()  # ragged all-to-alls counted by their receive buffers
     unknown_groups: list[str] = []
     links: dict[bytes, tuple[float, bool]] = {}
 
@@ -359,10 +362,15 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
             if c is None:
                 continue
             kind, size = c
+            full = size
+            if kind == "ragged-all-to-all":
+                size = _ragged_balanced_bytes(ins, comp, size)
             groups = replica_groups(ins.attrs, devices)
             if groups is None:  # bytes counted; what each device sends is unknown
                 unknown_groups.append(ins.name)
                 colls[kind].add(m, size)
+                if kind == "ragged-all-to-all":
+                    ragged_full.add(m, full)
                 continue
             n = groups.shape[1]
             if kind == "reduce-scatter":
@@ -370,6 +378,21 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
             wire = wire_bytes(kind, size, n)
             bw, dcn = timing(groups) if link is not None and wire else (0.0, False)
             colls[kind].add(m, size, wire, dcn, bw)
-    return {"flops": flops, "kernel_flops": kernel_flops, "collectives": dict(colls),
-            "unknown_loops": unknown, "unknown_groups": unknown_groups,
-            "conditionals": [name for comp, name in conditionals if mult.get(comp)]}
+            if kind == "ragged-all-to-all":
+                ragged_full.add(m, full, wire_bytes(kind, full, n), dcn, bw)
+    out = {"flops": flops, "kernel_flops": kernel_flops, "collectives": dict(colls),
+           "unknown_loops": unknown, "unknown_groups": unknown_groups,
+           "conditionals": [name for comp, name in conditionals if mult.get(comp)]}
+    if ragged_full.count:
+        out["ragged_full"] = ragged_full
+    return out
+
+
+def _ragged_balanced_bytes(ins: Instr, comp: Computation, result_bytes: float) -> float:
+    """The bytes a ragged all-to-all moves per device at balanced load: the smaller of its
+    input and its result. An expert dispatch sends every row of its input (the token copies)
+    into a receive buffer of `expert_buffer_factor` x that; the way back (and each transpose)
+    fills exactly its result. The result alone, the receive buffer, is what one device whose
+    buffer fills (a hot expert) receives: analyse() keeps that total as "ragged_full"."""
+    operand = comp.shapes.get(ins.operands[0]) if ins.operands else None
+    return min(result_bytes, nbytes(operand)) if operand else result_bytes

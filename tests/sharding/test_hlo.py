@@ -158,6 +158,62 @@ ENTRY %main (a: f32[8,16]) -> f32[8,16] {
     assert ar.wire_bytes == pytest.approx(ar.bytes * 2 * 3 / 4)
 
 
+# An expert exchange over 4 devices as sharding/expert_parallel.py writes it: 8 token
+# copies of width 4 (bf16) go out into a receive buffer of 16 rows (buffer factor 2), and
+# come back from it into their 8 rows. Reference: sizes written out by hand.
+RAGGED = """HloModule m, num_partitions=4
+
+ENTRY %main (x: bf16[8,4], buf: bf16[16,4], back: bf16[8,4], o: s32[4]) -> bf16[8,4] {
+  %x = bf16[8,4]{1,0} parameter(0)
+  %buf = bf16[16,4]{1,0} parameter(1)
+  %back = bf16[8,4]{1,0} parameter(2)
+  %o = s32[4]{0} parameter(3)
+  %go = bf16[16,4]{1,0} ragged-all-to-all(%x, %buf, %o, %o, %o, /*index=5*/%o), channel_id=1, replica_groups={{0,1,2,3}}
+  ROOT %ret = bf16[8,4]{1,0} ragged-all-to-all(%go, %back, %o, %o, %o, /*index=5*/%o), channel_id=2, replica_groups={{0,1,2,3}}
+}
+"""
+
+
+def test_ragged_exchanges_count_the_rows_routed_at_balanced_load():
+    """Each way moves the 8 rows routed (2 x 8 x 4 x 2 bytes); counted by their results the
+    dispatch would be its 16-row buffer (the old reading: 1.5x). The buffers' total is kept
+    apart as the bound for a device whose buffer fills."""
+    stats = hlo.analyse(RAGGED, link=lambda group: (1e9, False))
+    ragged = stats["collectives"]["ragged-all-to-all"]
+    assert (ragged.count, ragged.bytes) == (2, 2 * 8 * 4 * 2)
+    assert ragged.wire_bytes == pytest.approx(ragged.bytes * 3 / 4)
+    assert ragged.seconds == pytest.approx(ragged.wire_bytes / 1e9)
+    full = stats["ragged_full"]
+    assert (full.count, full.bytes) == (2, (16 + 8) * 4 * 2)
+    assert full.seconds == pytest.approx(full.bytes * 3 / 4 / 1e9)
+
+
+def test_the_report_prices_full_receive_buffers_apart():
+    """The estimate's exposed time is the balanced exchange; the printed full-buffer line
+    adds the receive buffers' time. Reference: the arithmetic by hand from the chip's
+    numbers (v5p: 459 TFLOP/s; links from comm_times' one-ring fallback, no link model)."""
+    from sharding import estimate
+
+    stats = hlo.analyse(RAGGED)  # no link model: comm_times prices the wire bytes
+    # FLOPs as small as the exchange, so that both parts of the step show in the MFU
+    stats["flops"], stats["kernel_flops"] = 4e4, 2e4
+    target = aot.target_from_name("v5p-8")
+    chip = target.chip
+    r = estimate.from_compiled(target, {"expert": 4}, dict.fromkeys(
+        ("arguments", "outputs", "aliased", "temporaries", "code", "total"), 0.0),
+        stats, 4e4, 1.2e5, buffer_fill=0.5)
+    ring = chip.ring_bw() / chip.devices_per_chip  # what one device sends per second
+    assert r.exposed_comm_s == pytest.approx(2 * 8 * 4 * 2 * 3 / 4 / ring)
+    assert r.exposed_full_s == pytest.approx((16 + 8) * 4 * 2 * 3 / 4 / ring)
+    peak = chip.peak_flops / chip.devices_per_chip
+    assert r.compute_s == pytest.approx((4e4 - 0.5 * 2e4) / peak)
+    line = next(ln for ln in estimate.format_report(r).splitlines() if "every buffer full" in ln)
+    full_step = max(4e4 / peak, r.overlapped_comm_s) + r.exposed_full_s
+    assert f"exposed all-to-all {r.exposed_full_s * 1e3:.4g} ms" in line, line
+    assert f"MFU {100 * r.mfu(full_step):.1f}%" in line, line
+    assert 100 * r.mfu(full_step) < 100 * r.mfu(4e4 / peak + r.exposed_comm_s) - 1
+
+
 MEGASCALE = """HloModule m
 
 ENTRY %main (a: f32[4,128]) -> f32[4,128] {
