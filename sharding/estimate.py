@@ -55,7 +55,7 @@ class Report:
     kernel_flops: float = 0.0
     buffer_fill: float = 1.0
     # Ragged expert exchanges are costed at balanced load (sharding/hlo.py); the exposed
-    # communication when a device's receive buffers fill instead (None: no ragged exchange).
+    # communication of a device whose receive buffers fill (None: no ragged exchange).
     exposed_full_s: float | None = None
 
     @property
@@ -348,8 +348,10 @@ def format_report(r: Report) -> str:
     lines.append(f"executed matmul FLOPs per device per step ({how}): "
                  f"{r.executed_flops:.4g}; model FLOPs per step: "
                  f"{r.model_flops:.4g} ({r.model_flops / r.devices:.4g} per device)")
+    # A fill of 1 (buffers no larger than the balanced load: copies beyond them are dropped)
+    # has no fuller case to price.
     exp_full = r.exposed_comm_s if r.exposed_full_s is None else r.exposed_full_s
-    if r.buffer_fill < 1 or exp_full > r.exposed_comm_s:
+    if r.buffer_fill < 1:
         full = r.executed_flops + r.kernel_flops * (1 - r.buffer_fill)
         full_step = max(full / r.peak_flops_per_device, r.overlapped_comm_s) + exp_full
         what = "expert kernels" + (" and ragged exchanges" if r.exposed_full_s else "")

@@ -13,7 +13,8 @@ counts multiply, fusions/calls inherit), and
     device sends over the wire (ring algorithms, `sharding/collective_cost.py`) and whether a
     group spans slices (DCN); on multi-slice TPU programs the cross-slice steps are
     megascale `send`s (DCN). A ragged all-to-all counts the smaller of its input and result
-    (the rows it moves at balanced load); its receive buffers are totalled apart.
+    (the rows it moves at balanced load); the larger (a full receive buffer) is totalled
+    apart.
 
 Trip counts come from the loop condition (`counter < N`, counter from 0, as lax.scan and
 fori_loop lower); a loop whose count cannot be read counts once and is reported.
@@ -287,8 +288,8 @@ def _collective(ins: Instr) -> tuple[str, float] | None:
     arrays = ins.result
     if op in ("all-gather-start", "reduce-scatter-start", "all-to-all-start"):
         arrays = arrays[len(arrays) // 2:]  # a tuple (operands..., results...)
-    elif op == "collective-permute-start":
-        arrays = arrays[1:2]  # (operand, result, context...)
+    elif op in ("collective-permute-start", "ragged-all-to-all-start"):
+        arrays = arrays[1:2]  # (operand, result, ...; ragged: its offsets too), context...
     return kind, nbytes(arrays)
 
 
@@ -318,8 +319,8 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
     kernels (grouped matmuls), "collectives": {kind: CollectiveStats}, "unknown_loops": [...],
     "unknown_groups": [collectives whose groups were unreadable: bytes counted, no wire
     bytes], "conditionals": [conditionals whose branches were all counted], and
-    "ragged_full": CollectiveStats of the ragged all-to-alls counted by their results (the
-    receive buffers; only when there are any)} for one device's program. `link(group of device ids)` gives the
+    "ragged_full": CollectiveStats of the ragged all-to-alls with full receive buffers (only
+    when there are any)} for one device's program. `link(group of device ids)` gives the
     bandwidth a group communicates at and whether it crosses slices (DCN); `scan_once`
     counts loop bodies once (to compare with XLA's cost analysis). Cross-slice (megascale)
     transfers are collectives over `num_slices` slices, all DCN, at `dcn_bw` bytes/s per
@@ -332,7 +333,7 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
         re.search(r"num_partitions=(\d+)", header), re.search(r"replica_count=(\d+)", header)))
     flops = kernel_flops = 0.0
     colls: dict[str, CollectiveStats] = defaultdict(CollectiveStats)
-    ragged_full = CollectiveStats()  # ragged all-to-alls counted by their receive buffers
+    ragged_full = CollectiveStats()  # ragged all-to-alls with full receive buffers
     unknown_groups: list[str] = []
     links: dict[bytes, tuple[float, bool]] = {}
 
@@ -364,7 +365,7 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
             kind, size = c
             full = size
             if kind == "ragged-all-to-all":
-                size = _ragged_balanced_bytes(ins, comp, size)
+                size, full = _ragged_bytes(ins, comp, size)
             groups = replica_groups(ins.attrs, devices)
             if groups is None:  # bytes counted; what each device sends is unknown
                 unknown_groups.append(ins.name)
@@ -388,11 +389,13 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
     return out
 
 
-def _ragged_balanced_bytes(ins: Instr, comp: Computation, result_bytes: float) -> float:
-    """The bytes a ragged all-to-all moves per device at balanced load: the smaller of its
-    input and its result. An expert dispatch sends every row of its input (the token copies)
-    into a receive buffer of `expert_buffer_factor` x that; the way back (and each transpose)
-    fills exactly its result. The result alone, the receive buffer, is what one device whose
-    buffer fills (a hot expert) receives: analyse() keeps that total as "ragged_full"."""
+def _ragged_bytes(ins: Instr, comp: Computation, result_bytes: float) -> tuple[float, float]:
+    """(at balanced load, with full buffers): the bytes a ragged all-to-all moves per device.
+    An expert dispatch sends every row of its input (the token copies) into a receive buffer
+    of `expert_buffer_factor` x that; the way back (and each transpose) sends from such a
+    buffer into exactly the rows routed. At balanced load each moves the smaller of input
+    and result; a device whose buffer fills (a hot expert) moves the larger."""
     operand = comp.shapes.get(ins.operands[0]) if ins.operands else None
-    return min(result_bytes, nbytes(operand)) if operand else result_bytes
+    if not operand:
+        return result_bytes, result_bytes
+    return min(result_bytes, nbytes(operand)), max(result_bytes, nbytes(operand))

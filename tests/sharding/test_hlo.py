@@ -8,6 +8,8 @@ the elementwise FLOPs XLA adds (< 2% here).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,31 +162,43 @@ ENTRY %main (a: f32[8,16]) -> f32[8,16] {
 
 # An expert exchange over 4 devices as sharding/expert_parallel.py writes it: 8 token
 # copies of width 4 (bf16) go out into a receive buffer of 16 rows (buffer factor 2), and
-# come back from it into their 8 rows. Reference: sizes written out by hand.
-RAGGED = """HloModule m, num_partitions=4
+# come back from it into their 8 rows. Reference: sizes written out by hand. RAGGED_ASYNC
+# is the same exchange in the async form (a start's tuple holds its operands, the result
+# and a context; the GPU writes it so).
+_RAGGED_PARAMETERS = """HloModule m, num_partitions=4
 
 ENTRY %main (x: bf16[8,4], buf: bf16[16,4], back: bf16[8,4], o: s32[4]) -> bf16[8,4] {
   %x = bf16[8,4]{1,0} parameter(0)
   %buf = bf16[16,4]{1,0} parameter(1)
   %back = bf16[8,4]{1,0} parameter(2)
   %o = s32[4]{0} parameter(3)
-  %go = bf16[16,4]{1,0} ragged-all-to-all(%x, %buf, %o, %o, %o, /*index=5*/%o), channel_id=1, replica_groups={{0,1,2,3}}
+"""
+RAGGED = _RAGGED_PARAMETERS + """  %go = bf16[16,4]{1,0} ragged-all-to-all(%x, %buf, %o, %o, %o, /*index=5*/%o), channel_id=1, replica_groups={{0,1,2,3}}
   ROOT %ret = bf16[8,4]{1,0} ragged-all-to-all(%go, %back, %o, %o, %o, /*index=5*/%o), channel_id=2, replica_groups={{0,1,2,3}}
 }
 """
 
 
-def test_ragged_exchanges_count_the_rows_routed_at_balanced_load():
+RAGGED_ASYNC = _RAGGED_PARAMETERS + """  %gs = ((bf16[8,4]{1,0}, bf16[16,4]{1,0}, s32[4]{0}, s32[4]{0}, s32[4]{0}, /*index=5*/s32[4]{0}), bf16[16,4]{1,0}, u32[]) ragged-all-to-all-start(%x, %buf, %o, %o, %o, /*index=5*/%o), channel_id=1, replica_groups={{0,1,2,3}}
+  %go = bf16[16,4]{1,0} ragged-all-to-all-done(%gs)
+  %rs = ((bf16[16,4]{1,0}, bf16[8,4]{1,0}, s32[4]{0}, s32[4]{0}, s32[4]{0}, /*index=5*/s32[4]{0}), bf16[8,4]{1,0}, u32[]) ragged-all-to-all-start(%go, %back, %o, %o, %o, /*index=5*/%o), channel_id=2, replica_groups={{0,1,2,3}}
+  ROOT %ret = bf16[8,4]{1,0} ragged-all-to-all-done(%rs)
+}
+"""
+
+
+@pytest.mark.parametrize("text", [RAGGED, RAGGED_ASYNC], ids=["sync", "async"])
+def test_ragged_exchanges_count_the_rows_routed_at_balanced_load(text):
     """Each way moves the 8 rows routed (2 x 8 x 4 x 2 bytes); counted by their results the
-    dispatch would be its 16-row buffer (the old reading: 1.5x). The buffers' total is kept
-    apart as the bound for a device whose buffer fills."""
-    stats = hlo.analyse(RAGGED, link=lambda group: (1e9, False))
+    dispatch would be its 16-row buffer (the old reading: 1.5x). Kept apart: a device whose
+    buffer fills receives 16 rows and sends 16 back (the larger of input and result)."""
+    stats = hlo.analyse(text, link=lambda group: (1e9, False))
     ragged = stats["collectives"]["ragged-all-to-all"]
     assert (ragged.count, ragged.bytes) == (2, 2 * 8 * 4 * 2)
     assert ragged.wire_bytes == pytest.approx(ragged.bytes * 3 / 4)
     assert ragged.seconds == pytest.approx(ragged.wire_bytes / 1e9)
     full = stats["ragged_full"]
-    assert (full.count, full.bytes) == (2, (16 + 8) * 4 * 2)
+    assert (full.count, full.bytes) == (2, 2 * 16 * 4 * 2)
     assert full.seconds == pytest.approx(full.bytes * 3 / 4 / 1e9)
 
 
@@ -204,7 +218,7 @@ def test_the_report_prices_full_receive_buffers_apart():
         stats, 4e4, 1.2e5, buffer_fill=0.5)
     ring = chip.ring_bw() / chip.devices_per_chip  # what one device sends per second
     assert r.exposed_comm_s == pytest.approx(2 * 8 * 4 * 2 * 3 / 4 / ring)
-    assert r.exposed_full_s == pytest.approx((16 + 8) * 4 * 2 * 3 / 4 / ring)
+    assert r.exposed_full_s == pytest.approx(2 * 16 * 4 * 2 * 3 / 4 / ring)
     peak = chip.peak_flops / chip.devices_per_chip
     assert r.compute_s == pytest.approx((4e4 - 0.5 * 2e4) / peak)
     line = next(ln for ln in estimate.format_report(r).splitlines() if "every buffer full" in ln)
@@ -212,6 +226,9 @@ def test_the_report_prices_full_receive_buffers_apart():
     assert f"exposed all-to-all {r.exposed_full_s * 1e3:.4g} ms" in line, line
     assert f"MFU {100 * r.mfu(full_step):.1f}%" in line, line
     assert 100 * r.mfu(full_step) < 100 * r.mfu(4e4 / peak + r.exposed_comm_s) - 1
+    # Buffers no larger than the balanced load (copies beyond them dropped): no such line
+    full_at_balance = dataclasses.replace(r, buffer_fill=1.0)
+    assert "every buffer full" not in estimate.format_report(full_at_balance)
 
 
 MEGASCALE = """HloModule m
