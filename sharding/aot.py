@@ -199,30 +199,32 @@ def abstract_inputs(trainer: Any) -> tuple[Any, dict[str, jax.ShapeDtypeStruct]]
 
 
 def compile_train_step(trainer: Any) -> Any:
-    """Lowers and compiles `trainer.train_step` for its mesh's devices (abstract inputs)."""
+    """Lowers and compiles `trainer.train_step` for its mesh's devices (abstract inputs);
+    nothing of it goes into JAX's persistent compilation cache (`_no_cache_writes`)."""
     state, batch = abstract_inputs(trainer)
     with trainer.context():
         lowered = trainer.train_step.lower(state, batch)
-    with _no_cache_writes(trainer.mesh.devices.flat[0] not in jax.devices()):
+    with _no_cache_writes():
         return lowered.compile()
 
 
 @contextlib.contextmanager
-def _no_cache_writes(compile_only: bool) -> Iterator[None]:
-    """Nothing compiled for compile-only devices goes into JAX's persistent compilation
-    cache (JAX_COMPILATION_CACHE_DIR): such a program cannot be loaded back (JAX warns
-    "Error reading persistent compilation cache entry" on every later compile), and a
-    full-size one fills the cache with hundreds of MB (JAX writes what took longer than
-    `jax_persistent_cache_min_compile_time_secs` to compile; read once per compile)."""
+def _no_cache_writes() -> Iterator[None]:
+    """Keeps the plans compiled here out of JAX's persistent compilation cache
+    (JAX_COMPILATION_CACHE_DIR). A program compiled for compile-only devices (a TPU topology
+    this host does not have) cannot be loaded back: JAX warned "Error reading persistent
+    compilation cache entry" on every later compile, and a full-size plan took hundreds of
+    MB. JAX writes only what took longer than `jax_persistent_cache_min_compile_time_secs`
+    to compile, reading that setting at each write. (Asking `jax.devices()` whether the
+    devices are compile-only would start this host's backend, which `jaxmoe compile` never
+    needs.)"""
     key = "jax_persistent_cache_min_compile_time_secs"
     before = getattr(jax.config, key)
-    if compile_only:
-        jax.config.update(key, float("inf"))
+    jax.config.update(key, float("inf"))
     try:
         yield
     finally:
-        if compile_only:
-            jax.config.update(key, before)
+        jax.config.update(key, before)
 
 
 def memory_stats(compiled: Any) -> dict[str, float]:
