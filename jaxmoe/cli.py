@@ -212,10 +212,11 @@ def _drop_abandoned_reads() -> None:
 
 
 def whole_lines_on_stderr() -> None:
-    """Makes each line printed to this process's stderr reach it in one write. Redirected,
-    Python writes stderr through unbuffered, so `print` sends a line's text and its newline
-    in two writes; a C++ thread (Gloo, XLA) logging in between spliced its message into the
-    middle of a one-line error (seen in a two-process run)."""
+    """Makes each line printed to this process's stderr reach it in one write. Under
+    PYTHONUNBUFFERED=1 or `python -u` (common in containers, CI and job launchers) Python
+    writes stderr through unbuffered, so `print` sends a line's text and its newline in two
+    writes; a C++ thread (Gloo, XLA) logging in between spliced its message into the middle
+    of a one-line error (seen in a two-process run)."""
     if sys.stderr is sys.__stderr__ and hasattr(sys.stderr, "reconfigure"):
         sys.stderr.reconfigure(line_buffering=True, write_through=False)
 

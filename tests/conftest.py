@@ -23,14 +23,18 @@ import pytest  # noqa: E402
 def pytest_configure(config: pytest.Config) -> None:
     """One persistent compilation cache for the session: many modules and the `jaxmoe`
     processes tests start compile the same tiny programs, and a compiled program found in
-    the cache is loaded instead of compiled again (XLA keys it by the program and the
-    compile options, so a changed program compiles). It is made by the first process
-    (pytest-xdist's controller, before its workers start: they inherit it, as do the
-    processes tests start) and removed when that process ends, so every session starts
-    empty. A JAX_COMPILATION_CACHE_DIR set by the caller is used as it is."""
+    the cache is loaded instead of compiled again (JAX keys it by the program, the compile
+    options and the versions, so a changed program compiles). It is made by the first
+    process (pytest-xdist's controller, before its workers start: they inherit it, as do
+    the processes tests start) and removed when that process ends, so every session starts
+    empty. A size limit makes JAX lock the folder (filelock) for each read and write: two
+    processes may compile the same program at once, and JAX writes an entry in place, so
+    without the lock one could read another's half-written entry (a warning, and a compile).
+    A JAX_COMPILATION_CACHE_DIR set by the caller is used as it is."""
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         path = tempfile.mkdtemp(prefix="jaxmoe-test-jit-cache-")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+        os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
         config.stash[_CACHE_DIR] = path
 
 

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -66,17 +67,23 @@ def test_config_error_is_one_line_and_exit_2(capsys):
 
 
 def test_the_command_sends_each_stderr_line_in_one_write():
-    """Reference: the order of bytes on the stderr pipe. A line's text is held until its
-    newline, so a raw write to the same file (as a C++ thread's log does) lands before or
-    after the line, never inside it; with Python's default for redirected stderr (unbuffered)
-    the pipe read `one|\n`."""
+    """Reference: the order of bytes on the stderr pipe, through the `jaxmoe` entry point
+    (its `main` replaced by one that prints a line in two parts around a raw write to the
+    same file, as a C++ thread's log would land). The line is held until its newline, so
+    the raw write lands before it. Under PYTHONUNBUFFERED=1 (set here; Python's default
+    for a pipe is line-buffered already) the pipe read `one|\n` before."""
     code = ("import os, sys\n"
-            "from jaxmoe.cli import whole_lines_on_stderr\n"
-            "whole_lines_on_stderr()\n"
-            "print('one', file=sys.stderr, end='')\n"
-            "os.write(2, b'|')\n"
-            "print(file=sys.stderr)\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+            "from jaxmoe import cli\n"
+            "def main(**kwargs):\n"
+            "    print('one', file=sys.stderr, end='')\n"
+            "    os.write(2, b'|')\n"
+            "    print(file=sys.stderr)\n"
+            "    return 0\n"
+            "cli.main = main\n"
+            "sys.exit(cli.entry())\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env,
+                         timeout=120)
     assert run.returncode == 0 and run.stderr == b"|one\n", run.stderr
 
 
