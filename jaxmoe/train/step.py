@@ -38,8 +38,17 @@ def forward(graphdef, params, rest, batch: Batch) -> DecoderOutput:
     return model(batch["inputs"], batch["segment_ids"], batch["positions"])
 
 
-def _split_micro(batch: Batch, n: int) -> Batch:
-    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+def split_micro(batch: Batch, n: int) -> Batch:
+    """[batch, ...] -> [n, batch // n, ...]: micro-batch i holds rows i, i + n, i + 2n, ...
+
+    Strided, not consecutive rows: a batch sharded over devices in contiguous row blocks
+    then gives every device its own share of every micro-batch, so no input moves between
+    devices (consecutive blocks would put micro-batch 0 on the first devices only, and XLA
+    would reshuffle the inputs every step). Which rows share a micro-batch does not change
+    the dropless sum.
+    """
+    return jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
 
 
 def make_grad_fn(graphdef, cfg: Config) -> Callable:
@@ -65,7 +74,7 @@ def make_grad_fn(graphdef, cfg: Config) -> Callable:
 
     def accumulate_grads(params, rest, batch: Batch):
         total_tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32), 1.0)
-        micro = _split_micro(batch, accum)
+        micro = split_micro(batch, accum)
 
         def body(carry, mb):
             g, stats = grad_fn(params, rest, mb, total_tokens)
@@ -140,7 +149,7 @@ def make_eval_step(graphdef, micro_batches: int = 1) -> Callable:
             return (carry[0] + ce_sum, carry[1] + ntok), None
 
         zero = jnp.zeros((), jnp.float32)
-        (ce_sum, ntok), _ = jax.lax.scan(body, (zero, zero), _split_micro(batch, micro_batches))
+        (ce_sum, ntok), _ = jax.lax.scan(body, (zero, zero), split_micro(batch, micro_batches))
         return {"ce_sum": ce_sum, "tokens": ntok}
 
     return eval_step
