@@ -83,6 +83,10 @@ class ModelConfig:
     gmm_block_size: int = 0
     capacity_factor: float = 1.25
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
+    # Where the load-balancing loss takes its statistics: over the whole micro-batch
+    # ("batch", Switch/GShard) or per sequence (batch row) and then averaged ("sequence", the
+    # complementary sequence-wise balance loss of DeepSeek-V3).
+    aux_loss_scope: str = "batch"
     z_loss_coef: float = 0.001  # router z-loss
     bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free balancing (0 disables)
     # Numerics and compilation.

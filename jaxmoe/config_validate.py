@@ -18,6 +18,7 @@ from jaxmoe.config_schema import Config, ConfigError, MeshConfig, ModelConfig, f
 
 _CHOICES = {
     "model.router_scoring": ("softmax", "sigmoid"),
+    "model.aux_loss_scope": ("batch", "sequence"),
     "model.dispatch": ("dropless", "capacity"),
     "model.grouped_matmul": ("auto", "ragged_dot", "blocks"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),

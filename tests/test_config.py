@@ -45,6 +45,8 @@ BAD = [
     (["model.router_scoring=relu"],
      "model.router_scoring='relu': expected one of softmax, sigmoid"),
     (["model.dispatch=dense"], "model.dispatch='dense': expected one of dropless, capacity"),
+    (["model.aux_loss_scope=token"],
+     "model.aux_loss_scope='token': expected one of batch, sequence"),
     (["model.num_layers=0"], "model.num_layers=0: expected a positive integer"),
     (["model.num_layers=two"], "model.num_layers='two': expected an integer"),
     (["model.embed_dim=1.5"], "model.embed_dim=1.5: expected an integer"),

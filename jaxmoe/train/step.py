@@ -4,9 +4,10 @@
 weighted MoE auxiliary losses, gradients accumulated over micro-batches with `lax.scan`, an
 optax update, then the aux-loss-free router-bias update from the measured expert loads.
 
-Gradient accumulation gives the same update as one large batch: each micro-batch contributes
-sum(token losses) / (non-pad tokens of the *whole* batch). The MoE aux losses are per
-micro-batch statistics (as per-group losses in GShard), averaged over micro-batches.
+Gradient accumulation gives the same update as one large batch on the dropless path: each
+micro-batch contributes sum(token losses) / (non-pad tokens of the *whole* batch). The MoE
+aux losses are per micro-batch statistics (as per-group losses in GShard), averaged over
+micro-batches; capacity dispatch sizes and fills its expert slots per micro-batch too.
 """
 
 from __future__ import annotations

@@ -206,6 +206,47 @@ def test_aux_loss_is_transformers_mixtral_loss_over_k():
     np.testing.assert_allclose(float(stats.aux_loss) * 2, float(hf), rtol=1e-5)
 
 
+def test_sequence_scope_averages_the_aux_loss_of_each_sequence():
+    """aux_loss_scope=sequence (DeepSeek-V3's sequence-wise balance loss): the loop reference
+    per batch row over its non-pad tokens, averaged over the rows that hold a token (a
+    padding-only row counts for nothing); rtol 1e-5. Loads and z-loss stay over all tokens.
+    Two rows that prefer different experts balance as one batch but not per sequence."""
+    cfg = dataclasses.replace(BASE, aux_loss_scope="sequence")
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(3, 10, cfg.embed_dim))
+    x[1] += 3 * rng.normal(size=cfg.embed_dim)  # row 1 leans towards a few experts
+    mask = np.ones((3, 10), bool)
+    mask[0, 6:] = False
+    mask[2] = False
+    block = MoEBlock(cfg, F32, nnx.Rngs(1))
+    _, stats = block(jnp.asarray(x, jnp.float32), jnp.asarray(mask))
+    p = block_params(block)
+    per_row = [ref.aux_losses(x[i][mask[i]], p, top_k=2, scoring="softmax")[0] for i in (0, 1)]
+    np.testing.assert_allclose(float(stats.aux_loss), np.mean(per_row), rtol=1e-5)
+    pooled, z, load = ref.aux_losses(x[mask], p, top_k=2, scoring="softmax")
+    assert abs(np.mean(per_row) - pooled) > 1e-2 * pooled  # the scope makes a difference
+    np.testing.assert_array_equal(np.asarray(stats.load), load)
+    np.testing.assert_allclose(float(stats.z_loss), z, rtol=1e-5)
+    batch = MoEBlock(BASE, F32, nnx.Rngs(1))(jnp.asarray(x, jnp.float32), jnp.asarray(mask))[1]
+    np.testing.assert_allclose(float(batch.aux_loss), pooled, rtol=1e-5)
+
+
+def test_router_matmuls_ask_for_full_float32_precision():
+    """The router logits and the shared-expert gate are float32 matmuls at HIGHEST precision:
+    at DEFAULT, TPUs (and TF32 GPUs) would round their float32 operands. CPU computes float32
+    either way, so the check reads the lowered program: exactly those two dot_generals (and
+    no expert or attention matmul) carry precision HIGHEST."""
+    cfg = dataclasses.replace(BASE, compute_dtype="bfloat16", num_shared_experts=1,
+                              shared_expert_mlp_dim=20, shared_expert_gate=True)
+    graphdef, state = nnx.split(MoEBlock(cfg, BF16, nnx.Rngs(1)))
+    text = jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(x, m)[0]).lower(
+        state, jnp.ones((2, 8, cfg.embed_dim), jnp.bfloat16), jnp.ones((2, 8), bool)).as_text()
+    highest = [line.rsplit("->", 1)[-1].strip() for line in text.splitlines()
+               if "dot_general" in line and "precision = [HIGHEST, HIGHEST]" in line]
+    e = cfg.num_experts
+    assert sorted(highest) == sorted([f"tensor<16x{e}xf32>", "tensor<16x1xf32>"]), highest
+
+
 def test_padding_tokens_are_excluded_from_statistics():
     cfg = BASE
     x = np.random.default_rng(4).normal(size=(12, cfg.embed_dim))

@@ -62,6 +62,7 @@ class MoEBlock(nnx.Module):
         self.gmm_impl = None if cfg.grouped_matmul == "auto" else cfg.grouped_matmul
         self.gmm_block = cfg.gmm_block_size
         self.capacity_factor = cfg.capacity_factor
+        self.aux_loss_scope = cfg.aux_loss_scope
         self.precision = precision
 
     def __call__(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, MoEStats]:
@@ -87,8 +88,10 @@ class MoEBlock(nnx.Module):
             s = self.shared(xt)
             if self.shared_gate is not None:
                 f = self.precision.output_dtype
-                g = jax.nn.sigmoid(jnp.dot(xt.astype(f), self.shared_gate[...].astype(f)))
+                g = jax.nn.sigmoid(jnp.dot(xt.astype(f), self.shared_gate[...].astype(f),
+                                            precision=jax.lax.Precision.HIGHEST))
                 s = (s.astype(f) * g).astype(s.dtype)
             y = y + s
         y = L.constrain(y.reshape(b, l, d), (L.BATCH, L.LENGTH, L.EMBED))
-        return y, routing_stats(r, mask, self.num_experts, dropped)
+        sequences = b if self.aux_loss_scope == "sequence" else 1
+        return y, routing_stats(r, mask, self.num_experts, dropped, sequences)

@@ -65,7 +65,10 @@ class Router(nnx.Module):
     def __call__(self, x: jax.Array) -> Routing:
         """x [tokens, embed] -> Routing. Logits and scores in float32."""
         f = self.output_dtype
-        logits = jnp.einsum("td,de->te", x.astype(f), self.kernel[...].astype(f))
+        # HIGHEST: at default precision TPUs (and TF32 on GPUs) round float32 operands to
+        # bfloat16-like precision, and near-ties in the top-k would then flip.
+        logits = jnp.einsum("td,de->te", x.astype(f), self.kernel[...].astype(f),
+                            precision=jax.lax.Precision.HIGHEST)
         if self.scoring == "softmax":
             probs = jax.nn.softmax(logits, axis=-1)
         else:
@@ -95,23 +98,33 @@ def limit_to_top_groups(selection: jax.Array, n_group: int, topk_group: int) -> 
 
 
 def routing_stats(r: Routing, token_mask: jax.Array, num_experts: int,
-                  dropped: jax.Array | None = None) -> MoEStats:
+                  dropped: jax.Array | None = None, sequences: int = 1) -> MoEStats:
     """Switch aux loss E * sum_e f_e * P_e, z-loss mean(logsumexp(logits)^2), and loads.
 
     token_mask [tokens] excludes padding. f_e is the fraction of the top-k assignments that go
     to expert e; P_e is the mean (normalised) router score of expert e. Uniform routing gives 1.
+    With `sequences` > 1 the tokens are that many equal sequences (batch rows): the aux loss
+    is taken per sequence and averaged over the sequences holding a token (DeepSeek-V3's
+    sequence-wise balance loss); loads and z-loss stay over all tokens.
     (transformers' Mixtral `load_balancing_loss_func` counts f_e over tokens, not assignments:
-    k times this value; DeepSeek-V3's balance loss uses this normalisation.)
+    k times this value for one layer; it pools the statistics of all layers before
+    multiplying, where jaxmoe averages the per-layer losses. DeepSeek-V3's balance loss uses
+    this normalisation.)
     """
     m = token_mask.astype(r.probs.dtype)
     n = jnp.maximum(jnp.sum(m), 1.0)
     k = r.indices.shape[-1]
     assign = jax.nn.one_hot(r.indices, num_experts, dtype=r.probs.dtype).sum(axis=1)  # [t, e]
     load = jnp.sum(assign * m[:, None], axis=0)  # [e]
-    f = load / (n * k)
     p = r.probs / jnp.sum(r.probs, axis=-1, keepdims=True)  # sigmoid scores are normalised
-    big_p = jnp.sum(p * m[:, None], axis=0) / n
-    aux = num_experts * jnp.sum(f * big_p)
+    ms = m.reshape(sequences, -1, 1)  # [sequences, tokens per sequence, 1]
+    n_seq = jnp.sum(ms, axis=1)  # [sequences, 1]
+    f = jnp.sum(assign.reshape(sequences, -1, num_experts) * ms, axis=1) / (
+        jnp.maximum(n_seq, 1.0) * k)  # [sequences, experts]
+    big_p = jnp.sum(p.reshape(sequences, -1, num_experts) * ms, axis=1) / jnp.maximum(n_seq, 1.0)
+    per_seq = num_experts * jnp.sum(f * big_p, axis=-1)  # [sequences]
+    has_tokens = (n_seq[:, 0] > 0).astype(per_seq.dtype)
+    aux = jnp.sum(per_seq * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
     z = jnp.sum(jax.nn.logsumexp(r.logits, axis=-1) ** 2 * m) / n
     if dropped is None:
         dropped = jnp.zeros((), r.probs.dtype)
