@@ -6,7 +6,7 @@ iterator's state (`get_state`/`set_state`) is a small JSON-serialisable dict. Or
     per source:  MapDataset.source(records)[process_index::process_count]
                  .shuffle(seed_i).repeat(num_epochs)            (train; eval reads in order)
                  .map(ParseAndTokenize)
-    MapDataset.mix(sources, weights)  (train)  |  MapDataset.concatenate(sources)  (eval)
+    MapDataset.mix(sources, weights)  (train)  |  interleaved by weight, each once  (eval)
     .to_iter_dataset(ReadOptions(num_threads))       reader threads
     DocumentIterDataset                              skip/count bad records; split long docs
     ConcatThenSplitIterDataset | pad one per row     `[seq_len]` rows
@@ -78,6 +78,39 @@ def mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def weighted_order(lengths: list[int], weights: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Every element of sources of `lengths` once, interleaved in proportion to `weights`.
+
+    Element k of source i comes at virtual time (k + 1/2) / weights[i]; the elements are
+    read in order of time (ties: lower source first). Any prefix then holds, of each source
+    not yet run out, its weighted share to within (1 + len(lengths)) / 2 elements; a source
+    that runs out drops out and the others go on in their proportions. Returns
+    (source, index in source), two `[sum(lengths)]` arrays.
+    """
+    times = np.concatenate([(np.arange(n) + 0.5) / w for n, w in zip(lengths, weights)])
+    sources = np.repeat(np.arange(len(lengths)), lengths)
+    keys = np.concatenate([np.arange(n) for n in lengths])
+    order = np.lexsort((sources, times))  # by time, then source
+    return sources[order], keys[order]
+
+
+class WeightedInterleave(grain.transforms.DatasetSelectionMap):
+    """Selection map of a mixture's eval split: `weighted_order` of finite sources, so any
+    prefix of the split represents the mixture and the whole reads each element once."""
+
+    def __init__(self, lengths: list[int], weights: list[float]):
+        self._lengths = list(lengths)
+        self._sources, self._keys = weighted_order(self._lengths, list(weights))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        epoch, i = divmod(index, len(self))  # past the end: each source's next epoch
+        source = int(self._sources[i])
+        return source, int(self._keys[i]) + epoch * self._lengths[source]
+
+
 def document_dataset(cfg: DataConfig, *, split: str, seed: int, process_index: int = 0,
                      process_count: int = 1, num_epochs: int | None = None,
                      chunk_len: int | None = None) -> grain.IterDataset:
@@ -112,7 +145,8 @@ def document_dataset(cfg: DataConfig, *, split: str, seed: int, process_index: i
     elif train:
         ds = grain.MapDataset.mix(per_source, [s.weight for s in cfg.source_configs()])
     else:
-        ds = grain.MapDataset.concatenate(per_source)
+        ds = grain.MapDataset.select_from_datasets(per_source, WeightedInterleave(
+            [len(d) for d in per_source], [s.weight for s in cfg.source_configs()]))
     read = grain.ReadOptions(num_threads=cfg.num_threads,
                              prefetch_buffer_size=cfg.prefetch_buffer_size)
     return DocumentIterDataset(ds.to_iter_dataset(read), chunk_len=chunk_len, strict=cfg.strict,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 import pytest
 
-from input_pipeline import DataConfig, make_tokenizer
+from input_pipeline import DataConfig, make_dataset, make_tokenizer
 from input_pipeline.corpus import split_bounds
 from input_pipeline.pipeline import document_dataset
 from tests.input_pipeline._ip_helpers import all_batches, tmpfile, unique_texts, write_jsonl
@@ -71,17 +72,49 @@ def test_mixture_follows_weights(tmp_path) -> None:
     assert kinds["synthetic"] == pytest.approx(100, abs=3)
 
 
-def test_mixture_eval_reads_every_held_out_document_once_in_source_order(tmp_path) -> None:
-    """A mixture's eval split is every source's held-out documents, each once, source after
-    source in file order, whatever the weights (a weighted mix would stop when the smaller
-    source runs out and drop documents). Reference: the texts written here."""
+def _held_out_mixture(tmp_path, evals: dict[str, list[str]], weights: list[float],
+                      **kw) -> DataConfig:
+    """A mixture of jsonl sources named by `evals`' keys, each with its own eval file."""
+    sources = tuple({"source": "jsonl", "weight": w,
+                     "paths": [write_jsonl(tmpfile(tmp_path, f"{n}.jsonl"), [n] * 4)],
+                     "eval_paths": [write_jsonl(tmpfile(tmp_path, f"e{n}.jsonl"), texts)]}
+                    for (n, texts), w in zip(evals.items(), weights))
+    return DataConfig(source="mixture", sources=sources, **kw)
+
+
+def test_mixture_eval_reads_every_held_out_document_once_interleaved_by_weight(tmp_path) -> None:
+    """A mixture's eval split is every source's held-out documents, each once, in file order
+    within a source, interleaved by weight: document k of a source of weight w comes at
+    time (k + 1/2) / w, ties to the earlier source; once the smaller source runs out the
+    other goes on alone (a weighted `mix` would stop there and drop documents). Reference:
+    the texts written here, ordered by hand: B's times 1/6, 1/2, 5/6 and A's 1/2, 3/2, ..."""
     eval_a, eval_b = unique_texts(10, "A"), unique_texts(3, "B")
-    cfg = DataConfig(source="mixture", seq_len=256, packing=False, sources=(
-        {"source": "jsonl", "paths": [write_jsonl(tmpfile(tmp_path, "a.jsonl"), ["a"] * 4)],
-         "eval_paths": [write_jsonl(tmpfile(tmp_path, "ea.jsonl"), eval_a)], "weight": 1.0},
-        {"source": "jsonl", "paths": [write_jsonl(tmpfile(tmp_path, "b.jsonl"), ["b"] * 4)],
-         "eval_paths": [write_jsonl(tmpfile(tmp_path, "eb.jsonl"), eval_b)], "weight": 3.0}))
-    assert _row_texts(all_batches(cfg, split="eval", batch_size=4, seed=0)) == eval_a + eval_b
+    cfg = _held_out_mixture(tmp_path, {"a": eval_a, "b": eval_b}, [1.0, 3.0], seq_len=256,
+                            packing=False)
+    texts = _row_texts(all_batches(cfg, split="eval", batch_size=4, seed=0))
+    assert texts == [eval_b[0], eval_a[0], eval_b[1], eval_b[2]] + eval_a[1:]
+    assert sorted(texts) == sorted(eval_a + eval_b)  # each once
+
+
+def test_mixture_eval_prefix_holds_every_source_by_weight(tmp_path) -> None:
+    """The first eval batches (what `train.eval_batches` keeps) hold tokens of every source
+    in proportion to the weights 1:2:3. Documents are 30 letters (a few more than 15 of them
+    in 2 packed batches of [4, 64]); reference: each source's weighted share of the letters
+    the batches hold, within one document (30 letters). The old split (sources end to end)
+    gave source a every letter."""
+    evals = {n: [n * 30] * 60 for n in "abc"}
+    cfg = _held_out_mixture(tmp_path, evals, [1.0, 2.0, 3.0], seq_len=64, packing=True)
+    it = make_dataset(cfg, split="eval", batch_size=4, seed=0, num_epochs=1)
+    try:
+        inputs = np.concatenate([next(it)["inputs"].ravel() for _ in range(2)])
+    finally:
+        it.close()
+    tok = make_tokenizer(cfg)
+    letters = {n: int(np.sum(inputs == tok.encode(n)[0])) for n in "abc"}
+    total = sum(letters.values())
+    assert total > 400  # the batches are full of documents
+    for n, w in zip("abc", [1, 2, 3]):
+        assert letters[n] == pytest.approx(total * w / 6, abs=30), letters
 
 
 def test_too_few_records_for_hosts(tmp_path) -> None:
