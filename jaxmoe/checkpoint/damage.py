@@ -11,6 +11,7 @@ names the array and both shapes instead of failing inside a TensorStore read.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import sys
@@ -149,11 +150,29 @@ def explain(exc: BaseException, step_dir: Path, item: str = "state") -> Checkpoi
         if match:
             array = match.group(1)
             break
-    # The innermost message is TensorStore's own (status code, key, byte range).
-    detail = next((_problem(str(e)) for e in reversed(chain) if str(e).strip()),
-                  type(exc).__name__)
     where = f"array {array}" if array else f"item {item}"
-    return CheckpointError(f"checkpoint {step_dir}: {where}: {detail}")
+    return CheckpointError(f"checkpoint {step_dir}: {where}: {_detail(chain, exc)}")
+
+
+def _informative(e: BaseException) -> bool:
+    """Whether `e`'s message says something: json's decoder ends a chain with its internal
+    `StopIteration('10')` (a character offset), which does not."""
+    text = str(e).strip()
+    return bool(text) and not text.isdigit() and not isinstance(
+        e, (StopIteration, StopAsyncIteration))
+
+
+def _detail(chain: list[BaseException], exc: BaseException) -> str:
+    """The problem of an exception chain (outermost first) in words: the innermost
+    informative message (TensorStore's own: status code, key, byte range), else the
+    innermost message at all, else the exception's type."""
+    for e in reversed(chain):
+        if _informative(e):
+            if isinstance(e, json.JSONDecodeError):
+                return f"not valid JSON ({e})"
+            return _problem(str(e))
+    return next((_problem(str(e)) for e in reversed(chain) if str(e).strip()),
+                type(exc).__name__)
 
 
 # TensorStore ends an OS error with the cause: `...: File too large [os_error_code='27']`.

@@ -188,12 +188,18 @@ def test_missing_config_item(saved, tmp_path):
     assert_one_line(err.value, f"checkpoint {directory / '3'}: item config is missing")
 
 
-def test_damaged_config_item(saved, tmp_path):
+@pytest.mark.parametrize("item, file", [("config", "metadata"),
+                                        ("data", "process_0-of-1.json")])
+def test_damaged_json_item(saved, tmp_path, item, file):
+    """A JSON item cut short names the item and json's error, not the decoder's internal
+    StopIteration('10') the chain ends with (which was reported as "item data: 10").
+    Reference: json.loads('{"model": ') says "Expecting value: line 1 column 11 (char 10)"."""
     directory = copy(saved, tmp_path)
-    (directory / "3" / "config" / "metadata").write_text('{"model": ')
+    (directory / "3" / item / file).write_text('{"model": ')
     with pytest.raises(CheckpointError) as err:
         restore(directory, abstract_state(saved[2]))
-    assert_one_line(err.value, f"checkpoint {directory / '3'}: item config: ")
+    assert_one_line(err.value, f"checkpoint {directory / '3'}: item {item}: not valid JSON "
+                               "(Expecting value: line 1 column 11 (char 10))")
 
 
 def test_cli_reports_one_line(saved, tmp_path, capsys):
