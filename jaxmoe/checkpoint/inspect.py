@@ -80,10 +80,20 @@ def read_metadata(step_dir: Path, item: Path | None = None) -> dict[str, Any]:
         raise explain(e, step_dir, item.name) from e
 
 
+def read_json(step_dir: Path, path: Path) -> Any:
+    """The JSON file `path` of the checkpoint `step_dir` (its config, a data iterator's
+    position, an export's header); a CheckpointError naming the file if it is damaged."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"checkpoint {step_dir}: file {path.relative_to(step_dir)}: not "
+                              f"valid JSON ({e}); the checkpoint is damaged") from None
+
+
 def read_config(step_dir: Path) -> dict[str, Any] | None:
     for path in (step_dir / "config" / "metadata", step_dir / "config.json"):
         if path.is_file():
-            return json.loads(path.read_text())
+            return read_json(step_dir, path)
     return None
 
 
@@ -123,7 +133,7 @@ def describe(path: str | Path, *, config: bool = True) -> str:
     total = sum(_bytes(v) for v in leaves.values())
     mesh = next((dict(zip(v.sharding.axis_names, np.asarray(v.sharding.shape).tolist()))
                  for v in leaves.values() if hasattr(v.sharding, "axis_names")), None)
-    header = json.loads((step_dir / EXPORT_MARKER).read_text()) if exported else {}
+    header = read_json(step_dir, step_dir / EXPORT_MARKER) if exported else {}
     step = header.get("step") if exported else step_dir.name
     source = f" of {header['source']}" if header.get("source") else ""
     lines = [f"checkpoint {step_dir}" + (f" (params-only export{source})" if exported else ""),
@@ -143,7 +153,7 @@ def describe(path: str | Path, *, config: bool = True) -> str:
     lines.append("totals: " + ", ".join(f"{g} {_human(b)}" for g, b in sorted(groups.items())))
     data = sorted(p.name for p in (step_dir / "data").glob("process_*.json"))
     if data:
-        states = [json.loads((step_dir / "data" / n).read_text()) for n in data]
+        states = [read_json(step_dir, step_dir / "data" / n) for n in data]
         batches = [s.get("batches") for s in states if isinstance(s, dict)]
         lines.append(f"data iterator: {len(data)} process file(s) ({', '.join(data)}); "
                      f"batches consumed per process: {batches}")

@@ -210,6 +210,19 @@ def test_cli_reports_one_line(saved, tmp_path, capsys):
     assert err.startswith("jaxmoe: checkpoint ") and "\n" not in err, err
 
 
+@pytest.mark.parametrize("file", ["config/metadata", "data/process_0-of-1.json"])
+def test_cli_inspect_of_damaged_json_names_the_file(saved, tmp_path, capsys, file):
+    """`checkpoint inspect` of a checkpoint whose config or data position is cut short: one
+    line naming the file and json's error, exit 1 like other damage (it was a traceback).
+    Reference: json.loads('{"model": ') says "Expecting value: line 1 column 11 (char 10)"."""
+    directory = copy(saved, tmp_path)
+    (directory / "3" / file).write_text('{"model": ')
+    assert cli.main(["checkpoint", "inspect", str(directory)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"jaxmoe: checkpoint {directory / '3'}: file {file}: not valid JSON "
+                   "(Expecting value: line 1 column 11 (char 10)); the checkpoint is damaged")
+
+
 def test_cli_export_of_a_truncated_checkpoint_prints_one_line(saved, tmp_path):
     """In a fresh process (as a user runs it): stderr is the one error line. (A review saw
     orbax's abandoned reads add "Exception ignored in: <coroutine ...>" pages in about one
