@@ -57,6 +57,9 @@ class Report:
     # Ragged expert exchanges are costed at balanced load (sharding/hlo.py); the exposed
     # communication of a device whose receive buffers fill (None: no ragged exchange).
     exposed_full_s: float | None = None
+    # Extra passes of float32 matmuls at HIGH/HIGHEST precision (the router), priced at the
+    # bf16 rate as the matrix units run them; in `compute_s`, not in `executed_flops`.
+    multipass_flops: float = 0.0
 
     @property
     def step_s(self) -> float:
@@ -127,7 +130,12 @@ def from_compiled(target: Any, mesh_shape: dict[str, int], memory: dict[str, flo
         {**hlo_stats["collectives"], "ragged-all-to-all": ragged_full}, chip)[1]
     kernel = hlo_stats.get("kernel_flops", 0.0)
     balanced = hlo_stats["flops"] - kernel * (1 - buffer_fill)
+    multipass = hlo_stats.get("multipass_flops", 0.0)
     notes = []
+    if multipass:
+        notes.append(f"float32 matmuls at HIGH/HIGHEST precision (the router) take 3/6 bf16 "
+                     f"passes: {multipass:.4g} FLOPs of extra passes per device, "
+                     f"{multipass / peak * 1e3:.4g} ms of the compute time")
     if hlo_stats["unknown_loops"]:
         notes.append(f"{len(hlo_stats['unknown_loops'])} loop(s) with unreadable trip "
                      "counts were counted once")
@@ -141,7 +149,8 @@ def from_compiled(target: Any, mesh_shape: dict[str, int], memory: dict[str, flo
     return Report(target.name, target.topology_name, target.total_chips, target.devices,
                   mesh_shape, "compiled", memory, chip.hbm_bytes / chip.devices_per_chip,
                   xla_flops, balanced, model_flops, hlo_stats["collectives"],
-                  balanced / peak, over, exp, peak, notes, kernel, buffer_fill, exp_full)
+                  (balanced + multipass) / peak, over, exp, peak, notes, kernel, buffer_fill,
+                  exp_full, multipass)
 
 
 # ----------------------------------------------------------------------------- analytic
@@ -353,7 +362,8 @@ def format_report(r: Report) -> str:
     exp_full = r.exposed_comm_s if r.exposed_full_s is None else r.exposed_full_s
     if r.buffer_fill < 1:
         full = r.executed_flops + r.kernel_flops * (1 - r.buffer_fill)
-        full_step = max(full / r.peak_flops_per_device, r.overlapped_comm_s) + exp_full
+        full_compute = (full + r.multipass_flops) / r.peak_flops_per_device
+        full_step = max(full_compute, r.overlapped_comm_s) + exp_full
         what = "expert kernels" + (" and ragged exchanges" if r.exposed_full_s else "")
         lines.append(f"  ({what} at balanced load, {100 * r.buffer_fill:.0f}% of their "
                      f"receive buffers; with every buffer full: {full:.4g} FLOPs"

@@ -8,7 +8,9 @@ counts multiply, fusions/calls inherit), and
   * matmul FLOPs are summed over `dot`, `convolution` (TPU writes matmuls as convolutions,
     batch dimensions as strided/dilated windows; only window taps that land on real input
     elements are counted, as XLA's own cost analysis does) and the grouped-matmul
-    custom calls (`ragged-dot`) of Mosaic kernels;
+    custom calls (`ragged-dot`) of Mosaic kernels; a float32 matmul at HIGH or HIGHEST
+    precision (the router's) takes 3 or 6 bfloat16 passes on a TPU's matrix units, and
+    those extra passes are totalled apart;
   * collectives are collected by kind with their result bytes, group size, the bytes each
     device sends over the wire (ring algorithms, `sharding/collective_cost.py`) and whether a
     group spans slices (DCN); on multi-slice TPU programs the cross-slice steps are
@@ -246,6 +248,18 @@ def _dot_flops(ins: Instr, comp: Computation) -> float:
     return 2.0 * math.prod(ins.result[0][1]) * k
 
 
+_PASSES = {"high": 3, "highest": 6}  # bf16 passes of a float32 matmul on TPU (bf16_3x/6x)
+
+
+def _passes(ins: Instr, comp: Computation) -> int:
+    """Matrix-unit passes of a dot/convolution: 1, or 3/6 for float32 at HIGH/HIGHEST."""
+    lhs = comp.shapes.get(ins.operands[0]) if ins.operands else None
+    m = re.search(r"operand_precision=\{(\w+)", ins.attrs)
+    if not m or not lhs or lhs[0][0] != "f32":
+        return 1
+    return _PASSES.get(m.group(1), 1)
+
+
 def _ragged_dot_flops(ins: Instr) -> float:
     """Mosaic grouped matmul: operands (..., x [m, k], w [g, k, n]) -> [m, n], or the weight
     gradient (..., [m, k], [m, n]) -> [g, k, n]."""
@@ -316,7 +330,8 @@ Link = Callable[[np.ndarray], tuple[float, bool]]  # device ids -> (bytes/s, cro
 def analyse(text: str, link: Link | None = None, scan_once: bool = False,
             num_slices: int = 2, dcn_bw: float = 0.0) -> dict:
     """{"flops": matmul FLOPs per device per step, "kernel_flops": the part in custom-call
-    kernels (grouped matmuls), "collectives": {kind: CollectiveStats}, "unknown_loops": [...],
+    kernels (grouped matmuls), "multipass_flops": the extra passes of float32 matmuls at
+    HIGH/HIGHEST precision, in FLOPs at the bf16 rate, "collectives": {kind: CollectiveStats}, "unknown_loops": [...],
     "unknown_groups": [collectives whose groups were unreadable: bytes counted, no wire
     bytes], "conditionals": [conditionals whose branches were all counted], and
     "ragged_full": CollectiveStats of the ragged all-to-alls with full receive buffers (only
@@ -331,7 +346,7 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
     header = header.group(0) if header else ""
     devices = math.prod(int(m.group(1)) if m else 1 for m in (
         re.search(r"num_partitions=(\d+)", header), re.search(r"replica_count=(\d+)", header)))
-    flops = kernel_flops = 0.0
+    flops = kernel_flops = multipass = 0.0
     colls: dict[str, CollectiveStats] = defaultdict(CollectiveStats)
     ragged_full = CollectiveStats()  # ragged all-to-alls with full receive buffers
     unknown_groups: list[str] = []
@@ -352,6 +367,8 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
         for ins in comp.instrs:
             f = m * instr_flops(ins, comp)
             flops += f
+            if f and ins.opcode in ("dot", "convolution"):
+                multipass += f * (_passes(ins, comp) - 1)
             if ins.opcode == "custom-call":
                 kernel_flops += f
             ms = _megascale(ins)
@@ -381,7 +398,8 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
             colls[kind].add(m, size, wire, dcn, bw)
             if kind == "ragged-all-to-all":
                 ragged_full.add(m, full, wire_bytes(kind, full, n), dcn, bw)
-    out = {"flops": flops, "kernel_flops": kernel_flops, "collectives": dict(colls),
+    out = {"flops": flops, "kernel_flops": kernel_flops, "multipass_flops": multipass,
+           "collectives": dict(colls),
            "unknown_loops": unknown, "unknown_groups": unknown_groups,
            "conditionals": [name for comp, name in conditionals if mult.get(comp)]}
     if ragged_full.count:

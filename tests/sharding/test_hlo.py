@@ -43,10 +43,40 @@ def test_flops_apply_trip_counts(scanned_mlp):
     stats = hlo.analyse(scanned_mlp.as_text())
     expected = LAYERS * 3 * 2 * (M // 4) * K * K  # per device: batch split 4 ways
     assert stats["flops"] == pytest.approx(expected, rel=1e-6)
+    assert stats["multipass_flops"] == 0  # DEFAULT precision: one bf16 pass
     assert stats["unknown_loops"] == []
     once = hlo.analyse(scanned_mlp.as_text(), scan_once=True)["flops"]
     assert once == pytest.approx(aot.cost_flops(scanned_mlp), rel=0.02)
     assert once < stats["flops"] / 3  # the undercount the reader exists to fix
+
+
+def test_float32_matmuls_at_highest_precision_count_six_passes():
+    """The scanned MLP with its matmuls at Precision.HIGHEST, compiled for v5p: the same
+    FLOPs, and 5 extra bf16 passes of each (TPU's bf16_6x) totalled apart; the estimate's
+    compute time includes them. At DEFAULT precision there are none (the fixture's test
+    above). Reference: the exact count by hand."""
+    from sharding import estimate
+
+    target = aot.target_from_name("v5p:2x2x1")
+    mesh = Mesh(np.asarray(aot.topology_devices(target)).reshape(4), ("x",))
+
+    def loss(ws, x):
+        def body(h, w):
+            return jnp.tanh(jnp.matmul(h, w, precision=jax.lax.Precision.HIGHEST)), None
+        return jnp.sum(jax.lax.scan(body, x, ws)[0])
+
+    x = jax.ShapeDtypeStruct((M, K), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+    ws = jax.ShapeDtypeStruct((LAYERS, K, K), jnp.float32,
+                              sharding=NamedSharding(mesh, P(None, None, "x")))
+    stats = hlo.analyse(jax.jit(jax.grad(loss)).lower(ws, x).compile().as_text())
+    expected = LAYERS * 3 * 2 * (M // 4) * K * K
+    assert stats["flops"] == pytest.approx(expected, rel=1e-6)
+    assert stats["multipass_flops"] == pytest.approx(5 * expected, rel=1e-6)
+    memory = dict.fromkeys(("arguments", "outputs", "aliased", "temporaries", "code",
+                            "total"), 0.0)
+    r = estimate.from_compiled(target, {"x": 4}, memory, stats, 0.0, 4 * expected)
+    assert r.compute_s == pytest.approx(6 * expected / r.peak_flops_per_device)
+    assert r.executed_flops == pytest.approx(expected)
 
 
 def test_collectives_found_with_group_sizes(scanned_mlp):
