@@ -331,11 +331,12 @@ def analyse(text: str, link: Link | None = None, scan_once: bool = False,
             num_slices: int = 2, dcn_bw: float = 0.0) -> dict:
     """{"flops": matmul FLOPs per device per step, "kernel_flops": the part in custom-call
     kernels (grouped matmuls), "multipass_flops": the extra passes of float32 matmuls at
-    HIGH/HIGHEST precision, in FLOPs at the bf16 rate, "collectives": {kind: CollectiveStats}, "unknown_loops": [...],
-    "unknown_groups": [collectives whose groups were unreadable: bytes counted, no wire
-    bytes], "conditionals": [conditionals whose branches were all counted], and
-    "ragged_full": CollectiveStats of the ragged all-to-alls with full receive buffers (only
-    when there are any)} for one device's program. `link(group of device ids)` gives the
+    HIGH/HIGHEST precision, in FLOPs at the bf16 rate, "collectives": {kind:
+    CollectiveStats}, "unknown_loops": [...], "unknown_groups": [collectives whose groups
+    were unreadable: bytes counted, no wire bytes], "conditionals": [conditionals whose
+    branches were all counted], and "ragged_full": CollectiveStats of the ragged
+    all-to-alls with full receive buffers (only when there are any)} for one device's
+    program. `link(group of device ids)` gives the
     bandwidth a group communicates at and whether it crosses slices (DCN); `scan_once`
     counts loop bodies once (to compare with XLA's cost analysis). Cross-slice (megascale)
     transfers are collectives over `num_slices` slices, all DCN, at `dcn_bw` bytes/s per
