@@ -271,6 +271,7 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
                 "checkpoint": str(checkpoints.path(start))}
     if is_main and resuming:  # the config the run goes on with (not when nothing is trained)
         write_text_atomic(config_path, config_lib.dump_config(cfg))
+    writer.open_tensorboard()  # before the timed steps: opening it is not step time
     history: list[dict[str, float]] = []
     eval_history: list[dict[str, float]] = []
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main),
@@ -298,9 +299,11 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"step {step}: loss is {loss}; stopping (lower "
                                                  "train.optimizer.learning_rate or check the data)")
+                    logged = time.perf_counter()
                     writer.write(step, "train", metrics)
                     history.append({"step": step, "loss": loss})
                     bar.set_postfix(loss=f"{loss:.3f}", **timing)
+                    timer.pause(time.perf_counter() - logged)  # writing it is not step time
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                     jax.block_until_ready(state)  # the train steps before it are not eval time
                     eval_start = time.perf_counter()

@@ -30,7 +30,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = open(self.path, "a", buffering=1) if enabled else None
-        self._tb = None  # opened at the first write, after a possible resume_at
+        self._tb = None  # opened by open_tensorboard or the first write, after resume_at
         self._tb_dir = Path(run_dir) / "tensorboard" if enabled and tensorboard else None
         self._purge_step: int | None = None
         self._written = False
@@ -45,6 +45,12 @@ class MetricsWriter:
                                      filename_suffix=suffix)
         return self._tb
 
+    def open_tensorboard(self) -> None:
+        """Opens the TensorBoard writer now rather than at the first `write`: importing
+        tensorboardX and creating the event file take a second or two, which a training
+        loop spends before its timed steps. Call it after `resume_at` (the step to purge)."""
+        self._tensorboard()
+
     def resume_at(self, step: int) -> int:
         """Drops rows of steps after `step` (logged by a run that died before checkpointing
         them; the resumed run logs them again) and a torn last line. The file is rewritten
@@ -52,8 +58,9 @@ class MetricsWriter:
         how many rows were dropped."""
         if not self.enabled:
             return 0
-        if self._written:
-            raise RuntimeError("resume_at must come before the first write")
+        if self._written or self._tb is not None:
+            raise RuntimeError("resume_at must come before the first write and "
+                               "open_tensorboard")
         self._purge_step = step + 1
         if not self.path.exists():
             return 0

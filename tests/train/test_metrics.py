@@ -112,6 +112,17 @@ def test_resume_after_a_write_is_refused(tmp_path):
     assert len(read_metrics(tmp_path)) == 1
 
 
+def test_resume_after_opening_tensorboard_is_refused(tmp_path):
+    """The purge step is given when the TensorBoard writer opens: a resume_at after
+    open_tensorboard would drop rows from metrics.jsonl but leave their events shown."""
+    w = MetricsWriter(tmp_path)
+    w.open_tensorboard()
+    with pytest.raises(RuntimeError, match="before the first write and open_tensorboard"):
+        w.resume_at(0)
+    w.close()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def test_step_timer_leaves_out_compilation_and_eval():
     """A fake clock: every step takes 1 s, the first (compiling) step 30 s, an eval 100 s.
     Reference: 1 s per step for every logged interval."""
