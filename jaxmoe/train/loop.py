@@ -169,6 +169,16 @@ def _eval_batches(cfg: config_lib.Config, per_process_batch: int,
     return batches
 
 
+def _throughput(step_time: float, step_tokens: list[float],
+                flops_per_token: float) -> dict[str, float]:
+    """Metrics of a logged interval from its mean seconds a step and each of its steps'
+    tokens (they vary when sequences are not packed): the rates are the interval's tokens
+    over its time, not the last step's tokens over the mean step time."""
+    tokens_per_s = float(np.mean(step_tokens)) / step_time
+    return {"step_time_s": step_time, "tokens_per_s": tokens_per_s,
+            "model_tflops_per_s": tokens_per_s * flops_per_token / 1e12}
+
+
 def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
           sample: bool = True) -> dict[str, Any]:
     """Trains `cfg` for `cfg.train.steps` steps; returns a summary (losses, paths, sample)."""
@@ -277,6 +287,7 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main),
                dynamic_ncols=True, desc="train")
     timer = StepTimer(start)
+    timed_tokens: list[jax.Array] = []  # `tokens` of each step timed since the last lap
     try:
         with PreemptionGuard() as guard:  # SIGTERM/SIGINT: save this step, then return
             for step in range(start + 1, cfg.train.steps + 1):
@@ -286,15 +297,18 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
                 if step == start + 1:  # it compiled the step: its time is not step time
                     jax.block_until_ready(metrics)
                     timer.restart(step)
+                else:
+                    timed_tokens.append(metrics["tokens"])  # on device: no wait here
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     metrics = jax.device_get(metrics)
                     step_time = timer.lap(step)
                     timing = {}
                     if step_time is not None:
-                        tokens_per_s = float(metrics["tokens"]) / step_time
-                        metrics.update(step_time_s=step_time, tokens_per_s=tokens_per_s,
-                                       model_tflops_per_s=tokens_per_s * flops_per_token / 1e12)
-                        timing = {"tok_s": f"{tokens_per_s:,.0f}", "step_s": f"{step_time:.3f}"}
+                        metrics.update(_throughput(step_time, jax.device_get(timed_tokens),
+                                                   flops_per_token))
+                        timing = {"tok_s": f"{metrics['tokens_per_s']:,.0f}",
+                                  "step_s": f"{step_time:.3f}"}
+                    timed_tokens = []
                     loss = float(metrics["loss"])
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"step {step}: loss is {loss}; stopping (lower "
