@@ -47,6 +47,7 @@ class Trainer:
     train_step: Any
     eval_step: Any
     init: Any
+    schedule: Any = None  # the learning-rate schedule train_step applies: schedule(step - 1)
 
     @functools.cached_property
     def data_shard(self) -> tuple[int, int]:
@@ -110,7 +111,8 @@ def build_trainer(cfg: config_lib.Config, devices=None) -> Trainer:
                          donate_argnums=(0,))
     eval_step = jax.jit(_traced_with(make_eval_step(graphdef, cfg.train.grad_accum_steps),
                                      dispatch), in_shardings=(state_sh, batch_sh))
-    return Trainer(cfg, mesh, rules, graphdef, state_sh, batch_sh, train_step, eval_step, init)
+    return Trainer(cfg, mesh, rules, graphdef, state_sh, batch_sh, train_step, eval_step, init,
+                   schedule)
 
 
 def batch_shards(trainer: Trainer) -> int:
@@ -167,6 +169,32 @@ def _eval_batches(cfg: config_lib.Config, per_process_batch: int,
             f"data.eval_fraction={cfg.data.eval_fraction}: the held-out split gave no "
             f"tokens{why}; expected a larger fraction or corpus")
     return batches
+
+
+def _percent(share: float) -> str:
+    """`share` (below 1) as a percentage that does not round up to 100%."""
+    text = f"{100 * share:.3g}"
+    return (text if float(text) < 100 else ">99.9") + "%"
+
+
+def _warmup_note(cfg: config_lib.Config, schedule) -> str | None:
+    """A note when the run ends before its warm-up does, from `schedule` (the one the train
+    step applies). Step k applies schedule(k - 1): optax counts from 0, as Hugging Face's
+    schedules do, so step 1 runs at rate 0 and train.steps <= warmup_steps never reaches
+    the peak. None when the run reaches it."""
+    steps, opt = cfg.train.steps, cfg.train.optimizer
+    if opt.warmup_steps < steps:
+        return None
+    rates = np.asarray(schedule(np.arange(steps)), np.float64)  # steps <= warmup_steps
+    largest, at = float(rates.max()), int(rates.argmax()) + 1
+    head = (f"note: train.optimizer.warmup_steps={opt.warmup_steps} >= train.steps={steps}: "
+            "the run ends in warm-up")
+    if largest == 0:
+        return (f"{head}; its only step runs at learning rate 0 (the warm-up starts from 0), "
+                "so the optimizer changes no parameter")
+    return (f"{head}; the largest learning rate it applies is {largest:.3g} at step {at} "
+            f"({_percent(largest / opt.learning_rate)} of train.optimizer.learning_rate="
+            f"{opt.learning_rate:g})")
 
 
 def _throughput(step_time: float, step_tokens: list[float],
@@ -243,11 +271,9 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
         print(f"model: {total_params(cfg.model) / 1e6:.2f}M parameters, "
               f"{active_params(cfg.model) / 1e6:.2f}M active; mesh {dict(trainer.mesh.shape)}; "
               f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
-        warmup = cfg.train.optimizer.warmup_steps
-        if warmup > cfg.train.steps:  # allowed (a short trial of a long run's schedule)
-            print(f"note: train.optimizer.warmup_steps={warmup} > train.steps="
-                  f"{cfg.train.steps}: the learning rate stays in warm-up and reaches "
-                  f"{cfg.train.steps / warmup:.0%} of train.optimizer.learning_rate")
+        note = _warmup_note(cfg, trainer.schedule)  # allowed: a short trial of a long run
+        if note:
+            print(note)
 
     train_iter = input_pipeline.make_dataset(
         cfg.data, split="train", batch_size=per_process, seed=cfg.train.seed,

@@ -5,7 +5,9 @@ test_metrics.py), and an error mid-run lets the checkpoint save in flight finish
 Reference: the calls the loop makes, recorded by StepTimer and MetricsWriter subclasses and
 a wrapped `evaluate` that measure their own wall time; one in-process run of a tiny model."""
 
+import contextlib
 import dataclasses
+import io
 import time
 
 import pytest
@@ -19,7 +21,8 @@ OVERRIDES = ["model.vocab_size=320", "model.embed_dim=32", "model.num_layers=1",
              "model.expert_mlp_dim=32", "train.batch_size=8", "data.seq_len=16",
              "data.num_documents=400", "train.steps=6", "train.log_every=2",
              "train.eval_every=3", "train.eval_batches=1", "train.sample_tokens=3",
-             "data.add_bos=false", "data.packing=false"]  # unpacked: tokens vary by step
+             "data.add_bos=false", "data.packing=false",  # unpacked: tokens vary by step
+             "train.optimizer.warmup_steps=6"]  # the run ends in warm-up
 GENERATED = [ord(c) + 3 for c in "abc"]  # byte tokenizer ids
 
 
@@ -82,11 +85,14 @@ def timed_run(tmp_path_factory):
     mp.setattr(loop, "evaluate", timed_evaluate)
     mp.setattr(loop, "greedy_generate", generate)
     mp.setattr(loop, "build_trainer", build_trainer)
+    out = io.StringIO()
     try:
-        summary = loop.train(load_config(None, OVERRIDES), tmp_path_factory.mktemp("run"),
-                             progress=False, sample=True)
+        with contextlib.redirect_stdout(out):
+            summary = loop.train(load_config(None, OVERRIDES), tmp_path_factory.mktemp("run"),
+                                 progress=False, sample=True)
     finally:
         mp.undo()
+    summary["stdout"] = out.getvalue()
     return calls, eval_seconds, summary
 
 
@@ -188,3 +194,40 @@ def test_an_error_lets_the_save_in_flight_finish(tmp_path, monkeypatch):
     assert len(closed) == 1
     assert ckpt.make_manager(ckpt.checkpoint_dir(tmp_path), keep_last=2).all_steps() == [2]
     assert ckpt.incomplete_checkpoints(ckpt.checkpoint_dir(tmp_path)) == []
+
+
+def test_the_warmup_note_states_the_largest_rate_applied(timed_run):
+    """warmup_steps == steps: step k applies schedule(k - 1) (optax counts from 0), so the
+    peak 3e-3 is never applied; the largest rate is step 6's, 5/6 of it (by hand: 0.0025,
+    83.3%), as the run logged it. Before, no note came when warmup_steps == steps, and with
+    more warm-up steps it named steps / warmup_steps of the peak (a step too far)."""
+    from jaxmoe.train.metrics import read_metrics
+
+    _, _, summary = timed_run
+    rates = {r["step"]: r["learning_rate"] for r in read_metrics(summary["run_dir"], "train")}
+    assert max(rates.values()) == rates[6] == pytest.approx(0.0025)
+    notes = [line for line in summary["stdout"].splitlines() if line.startswith("note:")]
+    assert notes == ["note: train.optimizer.warmup_steps=6 >= train.steps=6: the run ends in "
+                     "warm-up; the largest learning rate it applies is 0.0025 at step 6 "
+                     "(83.3% of train.optimizer.learning_rate=0.003)"]
+
+
+@pytest.mark.parametrize("steps, warmup, note", [
+    (1, 10, "note: train.optimizer.warmup_steps=10 >= train.steps=1: the run ends in warm-up; "
+            "its only step runs at learning rate 0 (the warm-up starts from 0), so the "
+            "optimizer changes no parameter"),
+    (3, 10, "note: train.optimizer.warmup_steps=10 >= train.steps=3: the run ends in warm-up; "
+            "the largest learning rate it applies is 0.0006 at step 3 (20% of "
+            "train.optimizer.learning_rate=0.003)"),
+    (11, 10, None),  # step 11 applies schedule(10), the peak
+])
+def test_warmup_note_without_a_run(steps, warmup, note):
+    """The note from the schedule alone. Reference: the learning rates a CLI run with
+    train.steps=3 warmup_steps=10 logged (0, 0.0003, 0.0006); step 1 applies schedule(0) = 0
+    (before, the note said 10% for one step and 30% for three)."""
+    from jaxmoe.train.optimizer import learning_rate_schedule
+
+    cfg = load_config(None, [f"train.steps={steps}", f"train.optimizer.warmup_steps={warmup}",
+                             "train.optimizer.learning_rate=0.003"])
+    schedule = learning_rate_schedule(cfg.train.optimizer, steps)
+    assert loop._warmup_note(cfg, schedule) == note
