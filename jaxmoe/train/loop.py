@@ -325,6 +325,7 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
                     timer.restart(step)
                 else:
                     timed_tokens.append(metrics["tokens"])  # on device: no wait here
+                bar.update(1)  # before its loss is shown: the bar names the step the loss is of
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     metrics = jax.device_get(metrics)
                     step_time = timer.lap(step)
@@ -353,7 +354,6 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
                     if is_main:
                         bar.write(f"step {step}: eval loss {eval_loss:.4f}")
                     timer.pause(time.perf_counter() - eval_start)  # eval time is not step time
-                bar.update(1)
                 checkpoints.maybe_save(step, state, train_iter)  # async: training continues
                 if guard.should_stop(step):
                     break

@@ -78,6 +78,22 @@ def timed_run(tmp_path_factory):
 
         return dataclasses.replace(trainer, train_step=train_step)
 
+    class Bar:  # the progress bar's count and what it shows (tqdm, drawn or not)
+        def __init__(self, *, total, initial, **kwargs):
+            self.n = initial
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix(self, **values):
+            calls.append(("postfix", self.n, values["loss"]))
+
+        def write(self, text):
+            pass
+
+        def close(self):
+            pass
+
     evaluate, loop_build_trainer = loop.evaluate, loop.build_trainer
     mp = pytest.MonkeyPatch()
     mp.setattr(loop, "StepTimer", Recorder)
@@ -85,6 +101,7 @@ def timed_run(tmp_path_factory):
     mp.setattr(loop, "evaluate", timed_evaluate)
     mp.setattr(loop, "greedy_generate", generate)
     mp.setattr(loop, "build_trainer", build_trainer)
+    mp.setattr(loop, "tqdm", Bar)
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
@@ -141,7 +158,8 @@ def test_rates_are_the_interval_tokens_over_its_time(timed_run):
 
 
 def _pauses_after(calls, split):
-    """(write's seconds, the pause that follows it) for each metrics row of `split`."""
+    """(write's seconds, the timer call that follows it) for each metrics row of `split`."""
+    calls = [c for c in calls if c[0] != "postfix"]
     return [(c[3], calls[i + 1]) for i, c in enumerate(calls)
             if c[:2] == ("write", split)]
 
@@ -231,3 +249,12 @@ def test_warmup_note_without_a_run(steps, warmup, note):
                              "train.optimizer.learning_rate=0.003"])
     schedule = learning_rate_schedule(cfg.train.optimizer, steps)
     assert loop._warmup_note(cfg, schedule) == note
+
+
+def test_the_progress_bar_shows_a_loss_next_to_its_step(timed_run):
+    """A step's loss is put on the bar once the bar counts that step. Before, set_postfix
+    redrew it next to the previous step's count (loss of step 2 shown at 1/6)."""
+    calls, _, summary = timed_run
+    shown = [(c[1], c[2]) for c in calls if c[0] == "postfix"]
+    assert shown == [(r["step"], f"{r['loss']:.3f}") for r in summary["train"]]
+    assert [s for s, _ in shown] == [2, 4, 6]
