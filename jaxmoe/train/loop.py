@@ -23,6 +23,7 @@ from jaxmoe import config as config_lib
 from jaxmoe.checkpoint import manager as ckpt
 from jaxmoe.checkpoint.init_from import check_source
 from jaxmoe.checkpoint.run import PreemptionGuard, RunCheckpointer
+from jaxmoe.cli import human_count
 from jaxmoe.inference.sample import greedy_generate
 from jaxmoe.model.moe.block import expert_dispatch
 from jaxmoe.model.params import active_params, total_params, training_flops_per_token
@@ -268,8 +269,8 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
     seq_len = cfg.data.seq_len
     flops_per_token = training_flops_per_token(cfg.model, seq_len)["total"]
     if is_main:  # multi-host: one process speaks for all
-        print(f"model: {total_params(cfg.model) / 1e6:.2f}M parameters, "
-              f"{active_params(cfg.model) / 1e6:.2f}M active; mesh {dict(trainer.mesh.shape)}; "
+        print(f"model: {human_count(total_params(cfg.model))} parameters, "
+              f"{human_count(active_params(cfg.model))} active; mesh {dict(trainer.mesh.shape)}; "
               f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
         note = _warmup_note(cfg, trainer.schedule)  # allowed: a short trial of a long run
         if note:

@@ -258,3 +258,12 @@ def test_the_progress_bar_shows_a_loss_next_to_its_step(timed_run):
     shown = [(c[1], c[2]) for c in calls if c[0] == "postfix"]
     assert shown == [(r["step"], f"{r['loss']:.3f}") for r in summary["train"]]
     assert [s for s, _ in shown] == [2, 4, 6]
+
+
+def test_the_model_line_counts_as_jaxmoe_info_does(timed_run):
+    """Parameter counts in `jaxmoe info`'s units (human_count: 36,064 and 29,920 for this
+    model, from jaxmoe.model.params). Before, every count was in millions ("0.04M", and a
+    1T config's "1028298.99M")."""
+    _, _, summary = timed_run
+    (line,) = [x for x in summary["stdout"].splitlines() if x.startswith("model:")]
+    assert line.startswith("model: 36.1K parameters, 29.9K active; mesh ")
