@@ -15,6 +15,15 @@ def _load(args) -> config_lib.Config:
     return config_lib.load_config(args.config, args.overrides)
 
 
+def _check_multihost(args) -> None:
+    """The train command's multi-host flags (or environment), as `cmd_train` will start
+    with them: a MultiHostError if they cannot start a run. Touches no device."""
+    from sharding.multihost import check_settings
+
+    check_settings(args.coordinator_address, args.num_processes, args.process_id,
+                   auto=args.distributed)
+
+
 def cmd_train(args) -> int:
     from sharding.multihost import initialize
 
@@ -142,6 +151,7 @@ def main(argv: list[str] | None = None, *, hugepages: bool = False) -> int:
             if hp.wanted():  # a restart will follow: bad input is refused before it
                 config_lib.check_data(_load(args))
                 check_run_dir(Path(args.run_dir))
+                _check_multihost(args)
             hp.reexec_with_hugepages()  # in the restarted process: says what it runs with
         return args.fn(args)
     except config_lib.ConfigError as e:
@@ -158,8 +168,10 @@ def main(argv: list[str] | None = None, *, hugepages: bool = False) -> int:
         if sources and isinstance(e, sources.DataError):
             print(f"jaxmoe: data error: {e}", file=sys.stderr)
             return 2
-        if not ((mesh and isinstance(e, mesh.MeshError))
-                or (multi and isinstance(e, multi.MultiHostError))):
+        if multi and isinstance(e, multi.MultiHostError):  # from the flags or environment
+            print(f"jaxmoe: multi-host settings: {e}", file=sys.stderr)
+            return 2
+        if not (mesh and isinstance(e, mesh.MeshError)):
             raise
         print(f"jaxmoe: mesh error: {e}", file=sys.stderr)
         return 2

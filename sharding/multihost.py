@@ -35,13 +35,12 @@ def _env_int(name: str) -> int | None:
         raise MultiHostError(f"{name}={raw!r}: expected an integer") from None
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, auto: bool = False) -> bool:
-    """Starts `jax.distributed`; returns whether this run is multi-process.
-
-    Without an address (argument or environment) and without `auto`, does nothing (single
-    process). Calling it again after a successful start is a no-op.
-    """
+def check_settings(coordinator_address: str | None = None, num_processes: int | None = None,
+                   process_id: int | None = None, *, auto: bool = False
+                   ) -> tuple[str | None, int | None, int | None]:
+    """(address, process count, process id) that `initialize` starts with, arguments before
+    the environment; a MultiHostError when they cannot start a run. Touches no device, so
+    a command can refuse bad settings before anything else (e.g. the huge-pages restart)."""
     address = coordinator_address or os.environ.get(ENV_ADDRESS) or None
     count = num_processes if num_processes is not None else _env_int(ENV_COUNT)
     pid = process_id if process_id is not None else _env_int(ENV_ID)
@@ -50,16 +49,29 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             raise MultiHostError(f"num_processes={count}, process_id={pid}: expected a "
                                  f"coordinator address too (--coordinator-address or "
                                  f"{ENV_ADDRESS}), or --distributed to auto-detect")
-        return False
-    if jax.distributed.is_initialized():
-        return jax.process_count() > 1
-    if address is not None:
+    elif address is not None:
         if count is None or pid is None:
             raise MultiHostError(f"coordinator {address}: expected --num-processes and "
                                  f"--process-id (or {ENV_COUNT} and {ENV_ID}) as well")
         if count < 1 or not 0 <= pid < count:
             raise MultiHostError(f"process_id={pid}, num_processes={count}: expected "
                                  f"0 <= process_id < num_processes")
+    return address, count, pid
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, auto: bool = False) -> bool:
+    """Starts `jax.distributed`; returns whether this run is multi-process.
+
+    Without an address (argument or environment) and without `auto`, does nothing (single
+    process). Calling it again after a successful start is a no-op.
+    """
+    address, count, pid = check_settings(coordinator_address, num_processes, process_id,
+                                         auto=auto)
+    if address is None and not auto:
+        return False
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
     # Only the CPU client reads this; TPU/GPU processes talk over ICI/NCCL as usual.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=address, num_processes=count,

@@ -104,6 +104,29 @@ def test_train_checks_data_before_starting(tmp_path, capsys, override, message):
     assert not run_dir.exists()
 
 
+def test_multihost_flags_are_refused_before_the_restart(tmp_path, capsys, monkeypatch):
+    """`--num-processes 2` without a coordinator is refused with its one line, labelled
+    for what it is, before the huge-pages restart (stubbed here, as if glibc and the
+    kernel wanted it) would say anything. Before, the restart ran first and the line
+    came after it as a "mesh error". Reference: the message of sharding.multihost."""
+    from jaxmoe import hugepages
+    from sharding import multihost
+
+    for name in (multihost.ENV_ADDRESS, multihost.ENV_COUNT, multihost.ENV_ID):
+        monkeypatch.delenv(name, raising=False)
+    restarts = []
+    monkeypatch.setattr(hugepages, "wanted", lambda environ=None: True)
+    monkeypatch.setattr(hugepages, "reexec_with_hugepages", lambda: restarts.append(1))
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(run_dir),
+                 "--num-processes", "2"], hugepages=True) == 2
+    assert restarts == [] and not run_dir.exists()
+    assert capsys.readouterr().err.strip() == (
+        "jaxmoe: multi-host settings: num_processes=2, process_id=None: expected a "
+        "coordinator address too (--coordinator-address or JAXMOE_COORDINATOR_ADDRESS), or "
+        "--distributed to auto-detect")
+
+
 def test_overrides_may_follow_options():
     from jaxmoe.cli import build_parser, parse_args
 
