@@ -41,7 +41,7 @@ def cmd_train(args) -> int:
 
 
 def format_info(cfg: config_lib.Config) -> str:
-    from jaxmoe.model.params import parameter_counts, training_flops_per_token
+    from jaxmoe.model.params import human_count, parameter_counts, training_flops_per_token
 
     counts = parameter_counts(cfg.model)
     total, active = sum(counts["total"].values()), sum(counts["active"].values())
@@ -55,19 +55,6 @@ def format_info(cfg: config_lib.Config) -> str:
     lines.append(f"training FLOPs per token (seq_len {cfg.data.seq_len}): {f['total']:.4g} "
                  f"(matmul {f['matmul']:.4g} + attention {f['attention']:.4g})")
     return "\n".join(lines)
-
-
-def human_count(n: int) -> str:
-    """1017472 -> '1.02M', 671e9 -> '671B': three significant digits, in the unit that keeps
-    them below 1000 (999,600 is '1M', not '1e+03K')."""
-    if n < 1000:
-        return str(n)
-    for unit, size in (("K", 1e3), ("M", 1e6), ("B", 1e9)):
-        text = f"{n / size:.3g}"
-        if float(text) < 1000:
-            return text + unit
-    text = f"{n / 1e12:.3g}"
-    return (text if float(text) < 1000 else f"{n / 1e12:,.0f}") + "T"
 
 
 def cmd_info(args) -> int:

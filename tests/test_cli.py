@@ -346,6 +346,6 @@ def test_resume_compares_tokenizer_and_data_files_by_what_they_hold(tmp_path, ca
 ])
 def test_human_count(n, text):
     """Three significant digits in the unit that keeps them below 1000 (written out)."""
-    from jaxmoe.cli import human_count
+    from jaxmoe.model.params import human_count
 
     assert human_count(n) == text

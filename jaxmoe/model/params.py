@@ -72,3 +72,16 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]
         attention = 6.0 * cfg.num_layers * cfg.num_heads * seq_len * (
             cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
     return {"matmul": matmul, "attention": attention, "total": matmul + attention}
+
+
+def human_count(n: int) -> str:
+    """1017472 -> '1.02M', 671e9 -> '671B': three significant digits, in the unit that keeps
+    them below 1000 (999,600 is '1M', not '1e+03K')."""
+    if n < 1000:
+        return str(n)
+    for unit, size in (("K", 1e3), ("M", 1e6), ("B", 1e9)):
+        text = f"{n / size:.3g}"
+        if float(text) < 1000:
+            return text + unit
+    text = f"{n / 1e12:.3g}"
+    return (text if float(text) < 1000 else f"{n / 1e12:,.0f}") + "T"

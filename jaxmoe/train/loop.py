@@ -23,10 +23,14 @@ from jaxmoe import config as config_lib
 from jaxmoe.checkpoint import manager as ckpt
 from jaxmoe.checkpoint.init_from import check_source
 from jaxmoe.checkpoint.run import PreemptionGuard, RunCheckpointer
-from jaxmoe.cli import human_count
 from jaxmoe.inference.sample import greedy_generate
 from jaxmoe.model.moe.block import expert_dispatch
-from jaxmoe.model.params import active_params, total_params, training_flops_per_token
+from jaxmoe.model.params import (
+    active_params,
+    human_count,
+    total_params,
+    training_flops_per_token,
+)
 from jaxmoe.staging import write_text_atomic
 from jaxmoe.train.metrics import MetricsWriter, StepTimer, read_metrics
 from jaxmoe.train.optimizer import learning_rate_schedule, make_optimizer
