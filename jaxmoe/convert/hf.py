@@ -36,6 +36,7 @@ from jaxmoe.convert.mixtral import FORMAT as MIXTRAL
 from jaxmoe.convert.orbax_io import ParamsReader, ParamsWriter, abstract_params
 from jaxmoe.convert.qwen_moe import QWEN2_MOE, QWEN3_MOE
 from jaxmoe.convert.safetensors_io import SafetensorsReader, ShardedWriter, TensorPlan
+from jaxmoe.convert.tokenizer_files import tokenizer_files, write_tokenizer_files
 from jaxmoe.staging import output_folder, staging_dir
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,10 @@ def to_hf(checkpoint: str | Path, out: str | Path, fmt: str, dtype: str = "float
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         if generation is not None:
             (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
+        tokenizer, why_not = _tokenizer(reader)
+        write_tokenizer_files(tokenizer, tmp)
+        if why_not:
+            log.warning("%s", why_not)
         # Takes the place of an empty folder (checked before) atomically; fails, leaving no
         # copy behind, if something was put there meanwhile.
         os.replace(tmp, out)
@@ -210,6 +215,16 @@ def _special_tokens(reader: ParamsReader) -> tuple[dict[str, Any], dict[str, Any
         return {}, None
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
             "pad_token_id": tok.pad_id}, None
+
+
+def _tokenizer(reader: ParamsReader) -> tuple[dict[str, str], str | None]:
+    """The export's tokenizer files (tokenizer_files.py), none for a model imported from
+    Hugging Face: its config's `data.tokenizer` is not the model's tokenizer."""
+    if isinstance(reader.header.get("hf"), dict) or \
+            reader.header.get("converted_by") == "jaxmoe convert from-hf":
+        return {}, ("no tokenizer files: the model was imported from Hugging Face; copy "
+                    "the source model's tokenizer files")
+    return tokenizer_files(reader.config.data)
 
 
 def _export_group(reader: ParamsReader, group: list[lo.Rule], writer: ShardedWriter) -> None:

@@ -52,6 +52,11 @@ def test_jaxmoe_to_transformers_logits(exported):
     theirs = hf_logits(model, tokens())
     assert np.abs(theirs).max() > 1.0  # not a degenerate model
     np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+    # The byte tokenizer comes along: AutoTokenizer gives the ids of a training prompt.
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    assert hf_tok("sort 3 1 -> 1 3")["input_ids"] == [1] + [b + 3 for b in b"sort 3 1 -> 1 3"]
 
 
 @pytest.fixture(scope="module", params=FORMATS)
@@ -88,6 +93,8 @@ def test_round_trip_is_byte_identical(imported, tmp_path, monkeypatch):
         assert configs[1].get(key) == configs[0].get(key), key
     generation = [(d / "generation_config.json").read_text() for d in (hf_dir, tmp_path / "again")]
     assert json.loads(generation[1]) == json.loads(generation[0])
+    # No byte tokenizer for a model that came with its own (the import's data.tokenizer).
+    assert not (tmp_path / "again" / "tokenizer.json").exists()
     original, again = read_tensors(hf_dir), read_tensors(tmp_path / "again")
     assert sorted(again) == sorted(original)
     for name, (dtype, shape, raw) in original.items():
