@@ -133,7 +133,7 @@ def from_compiled(target: Any, mesh_shape: dict[str, int], memory: dict[str, flo
     multipass = hlo_stats.get("multipass_flops", 0.0)
     notes = []
     if multipass:
-        notes.append(f"float32 matmuls at HIGH/HIGHEST precision (the router) take 3/6 bf16 "
+        notes.append(f"float32 matmuls at HIGH/HIGHEST precision (the router) take 2-6 bf16 "
                      f"passes: {multipass:.4g} FLOPs of extra passes per device, "
                      f"{multipass / peak * 1e3:.4g} ms of the compute time")
     if hlo_stats["unknown_loops"]:

@@ -248,16 +248,20 @@ def _dot_flops(ins: Instr, comp: Computation) -> float:
     return 2.0 * math.prod(ins.result[0][1]) * k
 
 
-_PASSES = {"high": 3, "highest": 6}  # bf16 passes of a float32 matmul on TPU (bf16_3x/6x)
+# bf16 passes of a matmul on TPU by precision and how many of its two operands are float32:
+# HIGHEST splits a float32 operand into 3 bf16 parts and takes 6 of the 9 products (bf16_6x),
+# HIGH into 2 and takes 3 of 4 (bf16_3x); a bf16 operand is one exact part (XLA folds the
+# router's bf16 -> f32 convert into the matmul, leaving one float32 operand).
+_PASSES = {"highest": (1, 3, 6), "high": (1, 2, 3)}
 
 
 def _passes(ins: Instr, comp: Computation) -> int:
-    """Matrix-unit passes of a dot/convolution: 1, or 3/6 for float32 at HIGH/HIGHEST."""
-    lhs = comp.shapes.get(ins.operands[0]) if ins.operands else None
+    """Matrix-unit passes of a dot/convolution: 1 unless a float32 operand is at HIGH/HIGHEST."""
     m = re.search(r"operand_precision=\{(\w+)", ins.attrs)
-    if not m or not lhs or lhs[0][0] != "f32":
+    if not m or m.group(1) not in _PASSES:
         return 1
-    return _PASSES.get(m.group(1), 1)
+    operands = [comp.shapes.get(name) for name in ins.operands[:2]]
+    return _PASSES[m.group(1)][sum(1 for s in operands if s and s[0][0] == "f32")]
 
 
 def _ragged_dot_flops(ins: Instr) -> float:

@@ -79,6 +79,33 @@ def test_float32_matmuls_at_highest_precision_count_six_passes():
     assert r.executed_flops == pytest.approx(expected)
 
 
+PRECISIONS = """HloModule m
+
+ENTRY %main (a: f32[8,16], b: bf16[8,16], w: f32[16,4]) -> f32[8,4] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = bf16[8,16]{1,0} parameter(1)
+  %w = f32[16,4]{1,0} parameter(2)
+  %wb = bf16[16,4]{1,0} convert(%w)
+  %ff = f32[8,4]{1,0} dot(%a, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, operand_precision={highest,highest}
+  %bf = f32[8,4]{1,0} convolution(%b, %w), dim_labels=bf_io->bf, operand_precision={highest,highest}
+  %hb = f32[8,4]{1,0} dot(%b, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, operand_precision={high,high}
+  %hh = f32[8,4]{1,0} dot(%a, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, operand_precision={high,high}
+  %bb = f32[8,4]{1,0} dot(%b, %wb), lhs_contracting_dims={1}, rhs_contracting_dims={0}, operand_precision={highest,highest}
+  ROOT %d = f32[8,4]{1,0} dot(%a, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+
+
+def test_extra_passes_follow_the_float32_operands():
+    """Each matmul here is 2 x 8 x 16 x 4 FLOPs. Extra bf16 passes: f32 x f32 at HIGHEST 5,
+    bf16 x f32 at HIGHEST 2 (the router's forward on TPU: the bf16 -> f32 convert is folded
+    into the matmul), bf16 x f32 at HIGH 1, f32 x f32 at HIGH 2, bf16 x bf16 and DEFAULT 0."""
+    stats = hlo.analyse(PRECISIONS)
+    flops = 2 * 8 * 16 * 4
+    assert stats["flops"] == 6 * flops
+    assert stats["multipass_flops"] == (5 + 2 + 1 + 2) * flops
+
+
 def test_collectives_found_with_group_sizes(scanned_mlp):
     colls = hlo.analyse(scanned_mlp.as_text())["collectives"]
     # Weights split 4 ways on their output dim: gathered for each layer (forward and
