@@ -7,11 +7,11 @@ then gives the ids the model was trained on.
 * a SentencePiece `.model`: none (transformers' converters may tokenize it differently).
 
 Both come with a `tokenizer_config.json` naming the special tokens and setting
-`split_special_tokens` (jaxmoe reads "<eos>" in a document as text, not as EOS). When the
-data pipeline put BOS before documents (`data.add_bos`) and the tokenizer has no
-post-processor of its own, one is added that does the same, so the tokenizer's default
-`add_special_tokens=True` gives what a prompt looked like in training; EOS is not added,
-as for a prompt.
+`split_special_tokens` (jaxmoe reads "<eos>" in a document as text, not as EOS). Training
+encodes text without a tokenizer's own special tokens and puts BOS before documents when
+`data.add_bos`: the exported post-processor does the same (it replaces any the file had),
+so the default `add_special_tokens=True` gives what a prompt looked like in training; EOS
+is not added, as for a prompt.
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ def tokenizer_files(data: DataConfig) -> tuple[dict[str, str], str | None]:
         hf = _byte_tokenizer(tokenizers, data)
     else:
         hf = tokenizers.Tokenizer.from_file(data.tokenizer)
-    if data.add_bos and hf.post_processor is None:
+    # Training encodes without the tokenizer's own special tokens and puts BOS itself: the
+    # exported post-processor does the same, in place of any the file had.
+    hf.post_processor = None
+    if data.add_bos:
         from tokenizers.processors import TemplateProcessing
 
         hf.post_processor = TemplateProcessing(

@@ -66,19 +66,22 @@ def test_trained_tokenizer_json(bpe_file, add_bos, tmp_path):
     _check_ids(data, _exported(data, tmp_path))
 
 
-def test_a_tokenizers_own_post_processor_is_kept(bpe_file, tmp_path):
-    """A tokenizer.json that adds its own special tokens keeps doing so (here: EOS after
-    the text); the export adds no BOS of its own."""
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_a_tokenizers_own_post_processor_gives_way(bpe_file, add_bos, tmp_path):
+    """A tokenizer.json whose post-processor adds BOS and EOS: training ignores it (it
+    encodes without special tokens), so the export's tokenizer does too."""
     from tokenizers import Tokenizer
     from tokenizers.processors import TemplateProcessing
 
     tok = Tokenizer.from_file(str(bpe_file))
-    tok.post_processor = TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 2)])
+    tok.post_processor = TemplateProcessing(single="<bos> $A <eos>",
+                                            special_tokens=[("<bos>", 1), ("<eos>", 2)])
     path = tmp_path / "own.json"
     tok.save(str(path))
+    assert tok.encode("héllo").ids[-1] == 2  # the file's own tokenizer adds EOS
     (tmp_path / "out").mkdir()
-    hf_tok = _exported(DataConfig(tokenizer=str(path)), tmp_path / "out")
-    assert hf_tok("héllo")["input_ids"] == tok.encode("héllo", add_special_tokens=False).ids + [2]
+    data = DataConfig(tokenizer=str(path), add_bos=add_bos)
+    _check_ids(data, _exported(data, tmp_path / "out"))
 
 
 def test_no_files_and_the_reason(tmp_path):
