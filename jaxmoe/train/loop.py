@@ -312,7 +312,6 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
                 "checkpoint": str(checkpoints.path(start))}
     if is_main and resuming:  # the config the run goes on with (not when nothing is trained)
         write_text_atomic(config_path, config_lib.dump_config(cfg))
-    writer.open_tensorboard()  # before the timed steps: opening it is not step time
     history: list[dict[str, float]] = []
     eval_history: list[dict[str, float]] = []
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main),
@@ -320,6 +319,7 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
     timer = StepTimer(start)
     timed_tokens: list[jax.Array] = []  # `tokens` of each step timed since the last lap
     try:
+        writer.open_tensorboard()  # before the timed steps: opening it is not step time
         with PreemptionGuard() as guard:  # SIGTERM/SIGINT: save this step, then return
             for step in range(start + 1, cfg.train.steps + 1):
                 batch = trainer.put_batch(next(train_iter))

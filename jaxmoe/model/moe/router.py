@@ -105,7 +105,9 @@ def routing_stats(r: Routing, token_mask: jax.Array, num_experts: int,
     to expert e; P_e is the mean (normalised) router score of expert e. Uniform routing gives 1.
     With `sequences` > 1 the tokens are that many equal sequences (batch rows): the aux loss
     is taken per sequence and averaged over the sequences holding a token (DeepSeek-V3's
-    sequence-wise balance loss); loads and z-loss stay over all tokens.
+    sequence-wise balance loss); loads and z-loss stay over all tokens. f_e counts the experts
+    actually chosen (selection bias and group limit included, as Megatron's sequence-wise
+    loss does); the paper's equation counts the top-k of the unbiased scores.
     (transformers' Mixtral `load_balancing_loss_func` counts f_e over tokens, not assignments:
     k times this value for one layer; it pools the statistics of all layers before
     multiplying, where jaxmoe averages the per-layer losses. DeepSeek-V3's balance loss uses
