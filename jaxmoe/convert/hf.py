@@ -151,15 +151,16 @@ def to_hf(checkpoint: str | Path, out: str | Path, fmt: str, dtype: str = "float
         for group in groups:
             _export_group(reader, group, writer)
         writer.close()
-        token_ids, generation = _special_tokens(reader)
+        token_ids, generation, own_tokenizer = _special_tokens(reader)
         hf_cfg = {**form.hf_config(cfg, dtype), **token_ids}
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         if generation is not None:
             (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
-        tokenizer, why_not = _tokenizer(reader)
-        write_tokenizer_files(tokenizer, tmp)
-        if why_not:
-            log.warning("%s", why_not)
+        if own_tokenizer:
+            tokenizer, why_not = tokenizer_files(cfg.data)
+            write_tokenizer_files(tokenizer, tmp)
+            if why_not:
+                log.warning("%s", why_not)
         # Takes the place of an empty folder (checked before) atomically; fails, leaving no
         # copy behind, if something was put there meanwhile.
         os.replace(tmp, out)
@@ -190,9 +191,12 @@ def _hf_extras(hf_dir: Path) -> dict[str, Any]:
     return extras
 
 
-def _special_tokens(reader: ParamsReader) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(config.json's special token ids, generation_config.json or None) for an export: those
-    of the HF model a `from_hf` export came from, else the ids of the checkpoint's
+def _special_tokens(reader: ParamsReader
+                    ) -> tuple[dict[str, Any], dict[str, Any] | None, bool]:
+    """(config.json's special token ids, generation_config.json or None, whether the
+    checkpoint's `data.tokenizer` is the model's and on this machine, so its files can be
+    written) for an export: the ids of the HF model a `from_hf` export came from (its
+    tokenizer files are not here: a warning says to copy them), else those of
     `data.tokenizer` (none, with a warning, when its file is not on this machine)."""
     hf = reader.header.get("hf")
     if isinstance(hf, dict):
@@ -200,31 +204,23 @@ def _special_tokens(reader: ParamsReader) -> tuple[dict[str, Any], dict[str, Any
         if not isinstance(ids, dict) or not isinstance(generation, (dict, type(None))):
             raise lo.ConversionError(f"{reader.step_dir}/export.json: 'hf' holds token_ids "
                                      "or generation_config that are not mappings (damaged?)")
-        return dict(ids), generation
+        log.warning("no tokenizer files: %s was imported from Hugging Face; copy the source "
+                    "model's tokenizer files", reader.step_dir)
+        return dict(ids), generation, False
     if reader.header.get("converted_by") == "jaxmoe convert from-hf":  # before "hf" was kept
-        log.warning("config.json gets no bos/eos/pad token ids: %s was imported before "
-                    "jaxmoe kept the source model's (convert it from Hugging Face again to "
-                    "keep them)", reader.step_dir)
-        return {}, None
+        log.warning("config.json gets no bos/eos/pad token ids and no tokenizer files: %s was "
+                    "imported before jaxmoe kept the source model's (convert it from Hugging "
+                    "Face again to keep them)", reader.step_dir)
+        return {}, None, False
     from input_pipeline.tokenizer import make_tokenizer
 
     try:
         tok = make_tokenizer(reader.config.data)
     except ValueError as e:
-        log.warning("config.json gets no bos/eos/pad token ids: %s", e)
-        return {}, None
+        log.warning("config.json gets no bos/eos/pad token ids and no tokenizer files: %s", e)
+        return {}, None, False
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-            "pad_token_id": tok.pad_id}, None
-
-
-def _tokenizer(reader: ParamsReader) -> tuple[dict[str, str], str | None]:
-    """The export's tokenizer files (tokenizer_files.py), none for a model imported from
-    Hugging Face: its config's `data.tokenizer` is not the model's tokenizer."""
-    if isinstance(reader.header.get("hf"), dict) or \
-            reader.header.get("converted_by") == "jaxmoe convert from-hf":
-        return {}, ("no tokenizer files: the model was imported from Hugging Face; copy "
-                    "the source model's tokenizer files")
-    return tokenizer_files(reader.config.data)
+            "pad_token_id": tok.pad_id}, None, True
 
 
 def _export_group(reader: ParamsReader, group: list[lo.Rule], writer: ShardedWriter) -> None:

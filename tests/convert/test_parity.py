@@ -78,7 +78,7 @@ def test_transformers_to_jaxmoe_logits(imported):
     np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
 
 
-def test_round_trip_is_byte_identical(imported, tmp_path, monkeypatch):
+def test_round_trip_is_byte_identical(imported, tmp_path, monkeypatch, caplog):
     fmt, hf_dir, ckpt = imported
     # Read through a relative path with `..` (tensorstore's file driver refuses `..` in the
     # absolute paths it was given: "Invalid file path").
@@ -95,6 +95,7 @@ def test_round_trip_is_byte_identical(imported, tmp_path, monkeypatch):
     assert json.loads(generation[1]) == json.loads(generation[0])
     # No byte tokenizer for a model that came with its own (the import's data.tokenizer).
     assert not (tmp_path / "again" / "tokenizer.json").exists()
+    assert "copy the source model's tokenizer files" in caplog.text
     original, again = read_tensors(hf_dir), read_tensors(tmp_path / "again")
     assert sorted(again) == sorted(original)
     for name, (dtype, shape, raw) in original.items():

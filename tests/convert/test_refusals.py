@@ -370,8 +370,9 @@ def test_special_token_ids_of_a_tokenizer_not_on_this_machine(tmp_path, caplog):
     assert not {"bos_token_id", "eos_token_id", "pad_token_id"} & set(written)
     assert not (tmp_path / "hf" / "generation_config.json").exists()
     assert [r.getMessage() for r in caplog.records] == [
-        "config.json gets no bos/eos/pad token ids: data.tokenizer="
+        "config.json gets no bos/eos/pad token ids and no tokenizer files: data.tokenizer="
         f"{str(tmp_path / 'gone.json')!r}: expected 'byte' or an existing tokenizer file"]
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
 
 
 def test_an_import_from_before_token_ids_were_kept_gets_none(hf_mixtral, tmp_path, caplog):
