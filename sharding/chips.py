@@ -19,6 +19,10 @@ Numbers are per chip, as published by the vendor (sources below, checked 2026-11
            2.04 TB/s; NVLink 600 GB/s).
   B200     https://www.nvidia.com/en-us/data-center/dgx-b200/ (2.25 PFLOP/s dense bf16 per
            GPU, 180 GB, 8 TB/s; NVLink 1800 GB/s).
+GPUs' float32 rate without tensor cores (what a float32 matmul at Precision.HIGHEST runs
+at, TF32 being off): A100 19.5, H100 / H200 SXM 67 TFLOP/s (the datasheets above), B200 80
+(HGX B200 at 1,000 W, NVIDIA's Blackwell technical brief). TPUs have no float32 matrix
+rate: their matrix units run such a matmul as 3 or 6 bf16 passes (sharding/hlo.py).
 DCN / inter-node bandwidth for GPUs is taken as 400 Gb/s per GPU (one InfiniBand NDR port
 per GPU, the usual H100/H200 cluster design), for groups larger than one NVLink domain of
 `NVLINK_DOMAIN` = 8 GPUs (an HGX node); TPU v4/v5e/v6e/7x DCN as 25-50 Gb/s per chip
@@ -54,6 +58,8 @@ class Chip:
     # libtpu's chip_config_name for compile-only devices: v4's default config exposes each
     # TensorCore as a device, while v4 hosts run megacore (one device per chip)
     chip_config: str = ""
+    # GPUs: float32 FLOP/s without tensor cores (matmuls at Precision.HIGHEST); 0 for TPUs
+    f32_flops: float = 0.0
 
     def ring_bw(self) -> float:
         """Bytes/s one chip sends in a collective along one mesh axis: a bidirectional ring on
@@ -71,10 +77,10 @@ CHIPS: dict[str, Chip] = {c.name: c for c in [
     Chip("v5p", "tpu", 459e12, 95 * GIB, 2765 * GB, 1200 * GB, 6, 50e9 / 8, 1, "v5p", 3),
     Chip("v6e", "tpu", 918e12, 32 * GB, 1638 * GB, 800 * GB, 4, 50e9 / 8, 1, "v6e", 2),
     Chip("tpu7x", "tpu", 2307e12, 192 * GIB, 7380 * GB, 1200 * GB, 6, 50e9 / 8, 2, "tpu7x", 3),
-    Chip("a100", "gpu", 312e12, 80 * GB, 2039 * GB, 600 * GB, 12, 400e9 / 8),
-    Chip("h100", "gpu", 989e12, 80 * GB, 3350 * GB, 900 * GB, 18, 400e9 / 8),
-    Chip("h200", "gpu", 989e12, 141 * GB, 4800 * GB, 900 * GB, 18, 400e9 / 8),
-    Chip("b200", "gpu", 2250e12, 180 * GB, 8000 * GB, 1800 * GB, 18, 400e9 / 8),
+    Chip("a100", "gpu", 312e12, 80 * GB, 2039 * GB, 600 * GB, 12, 400e9 / 8, f32_flops=19.5e12),
+    Chip("h100", "gpu", 989e12, 80 * GB, 3350 * GB, 900 * GB, 18, 400e9 / 8, f32_flops=67e12),
+    Chip("h200", "gpu", 989e12, 141 * GB, 4800 * GB, 900 * GB, 18, 400e9 / 8, f32_flops=67e12),
+    Chip("b200", "gpu", 2250e12, 180 * GB, 8000 * GB, 1800 * GB, 18, 400e9 / 8, f32_flops=80e12),
 ]}
 
 # Topology names count TensorCores for v4 and v5p ("v5p-128" = 64 chips) and chips for

@@ -252,6 +252,8 @@ def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: 
     # kept; dots_no_batch recomputes only attention's batched dots (counted as full: a bound).
     remat = 4 / 3 if m.remat in ("full", "dots_no_batch") else 1.0
     executed = model_flops * remat / n
+    moe_layers = sum(m.is_moe_layer(i) for i in range(m.num_layers))
+    multipass = router_extra_flops(m, chip, tokens * accum, moe_layers)
     colls: dict[str, CollectiveStats] = {}
     axes = list(mesh_shape)
 
@@ -283,22 +285,53 @@ def analytic(target: Any, cfg: Any, mesh_shape: dict[str, int], abstract_state: 
     for group_axes, local in sorted(reduced.items()):
         add("all-reduce", 1, local, group_axes)
     add("all-reduce", 6 * m.num_layers, tokens * d * act, "tensor")  # Megatron: 2 per pass
-    moe_layers = sum(m.is_moe_layer(i) for i in range(m.num_layers))
     add("all-to-all", 6 * moe_layers, tokens * m.num_experts_per_tok * d * act, "expert")
     over, exp = comm_times(colls, chip)
     peak = chip.peak_flops / chip.devices_per_chip
     return Report(target.name, target.topology_name if chip.platform == "tpu" else
                   f"{target.total_chips} x {chip.name}", target.total_chips, target.devices,
                   mesh_shape, "analytic", memory, chip.hbm_bytes / chip.devices_per_chip,
-                  None, executed, model_flops, colls, executed / peak, over, exp, peak,
+                  None, executed, model_flops, colls, (executed + multipass) / peak, over,
+                  exp, peak,
                   ["analytic estimate: no compiler for this target in the installed JAX"
                    + (" (pip install 'jaxmoe[tpu]' for libtpu, then the plan is compiled)"
                       if chip.platform == "tpu" else "")]
+                  + (["the router's float32 matmuls (Precision.HIGHEST) "
+                      + ("take 3-6 bf16 passes" if chip.platform == "tpu" else
+                         f"run at the {chip.f32_flops / 1e12:.4g} TFLOP/s float32 rate")
+                      + f": {multipass / peak * 1e3:.4g} ms more compute time per step"]
+                     if multipass else [])
                   + ([f"model.remat={m.remat}: the activations kept are counted per layer "
                       "and token from what that policy saves (approximate)"
                       + (", and the executed FLOPs as full remat's (an upper bound)"
                          if m.remat == "dots_no_batch" else "")]
-                     if m.remat != "full" else []))
+                     if m.remat != "full" else []),
+                  multipass_flops=multipass)
+
+
+def router_extra_flops(m: Any, chip: Any, tokens: float, moe_layers: int) -> float:
+    """Extra compute of the router's float32 matmuls at Precision.HIGHEST over `tokens`
+    tokens on one device, in FLOPs at the chip's bf16 peak.
+
+    Each MoE layer runs logits = x [tokens, embed] @ w [embed, experts] forward (twice under
+    full remat: the other policies save its output), the input gradient g @ w.T and the
+    weight gradient x.T @ g. On TPU, as sharding/hlo.py counts compiled matmuls, a matmul
+    takes 3 bf16 passes with one float32 operand and 6 with two: w and g are float32; x is
+    bf16 with its convert folded into the matmul, unless the compute dtype is float32, or
+    (for the weight gradient) remat=none keeps the converted copy. Matched against the
+    v5p-compiled tiny_moe for each remat policy and both compute dtypes. GPUs run all of
+    them at the float32 (non-tensor-core) rate. The shared-expert gate (width 1) is left
+    out: XLA turns it into a multiply and reduce."""
+    flops = 2 * tokens * m.embed_dim * m.num_experts * moe_layers  # one such matmul
+    forwards = 2 if m.remat == "full" else 1
+    if chip.platform == "tpu":
+        x_f32 = m.compute_dtype == "float32"
+        fwd = 5 if x_f32 else 2  # extra passes: 6 - 1 or 3 - 1
+        dw = 5 if x_f32 or m.remat == "none" else 2
+        return flops * (forwards * fwd + 5 + dw)
+    if not chip.f32_flops:
+        return 0.0
+    return flops * (forwards + 2) * (chip.peak_flops / chip.f32_flops - 1)
 
 
 def saved_per_token(m: Any, layer: int, seq: int, tp: int = 1) -> float:

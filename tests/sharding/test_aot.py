@@ -100,6 +100,37 @@ def test_tiny_on_small_topology_with_expert_parallelism(capsys):
     executed = float(re.search(r"loop trip counts applied\): ([0-9.e+]+)", out).group(1))
     per_device = float(re.search(r"\(([0-9.e+]+) per device\)", out).group(1))
     assert per_device <= executed < 4 * per_device
+    # The estimate without a compiler prices the router's extra passes as compiled.
+    passes = float(re.search(r"([0-9.e+]+) FLOPs of extra passes per device", out).group(1))
+    assert analytic_plan(overrides).multipass_flops == pytest.approx(passes, rel=1e-3)
+
+
+def analytic_plan(overrides: list[str]):
+    """`tiny_moe` on v5p-8 as estimated without libtpu."""
+    from unittest import mock
+
+    from jaxmoe import compile_cmd
+    from jaxmoe.config import load_config
+
+    with mock.patch.object(aot, "topology_devices", lambda target: None):
+        report = compile_cmd.plan(load_config("configs/tiny_moe.yaml", overrides), "v5p-8")
+    assert report.source == "analytic"
+    return report
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.remat=none"],  # the weight gradient gets the kept float32 copy of x: 6 passes
+    ["model.compute_dtype=float32"],  # every router matmul has two float32 operands
+])
+def test_analytic_router_passes_match_the_compiled_program(overrides):
+    """Reference: sharding/hlo.py's count of the extra bf16 passes in the program compiled
+    for v5p (exact: both count the same matmuls' FLOPs)."""
+    from jaxmoe import compile_cmd
+    from jaxmoe.config import load_config
+
+    compiled = compile_cmd.plan(load_config("configs/tiny_moe.yaml", overrides), "v5p-8")
+    assert compiled.source == "compiled" and compiled.multipass_flops > 0
+    assert analytic_plan(overrides).multipass_flops == compiled.multipass_flops
 
 
 @pytest.mark.parametrize("overrides", [
@@ -206,7 +237,8 @@ def _tiny_analytic(topology: str, mesh_shape: dict, dcn: dict | None = None, acc
     out by hand."""
     model = SimpleNamespace(num_layers=2, embed_dim=64, num_heads=4, num_experts_per_tok=2,
                             expert_mlp_dim=128, mlp_dim=256, vocab_size=512, remat=remat,
-                            num_experts=4, is_moe_layer=lambda i: True, **model_fields)
+                            num_experts=4, is_moe_layer=lambda i: True,
+                            compute_dtype="bfloat16", **model_fields)
     cfg = SimpleNamespace(model=model, data=SimpleNamespace(seq_len=32),
                           train=SimpleNamespace(batch_size=16, grad_accum_steps=accum))
     state = [jax.ShapeDtypeStruct((1024, 96), jnp.float32)]
@@ -276,15 +308,22 @@ def test_analytic_memory_and_collectives_by_hand():
          + c["all-reduce"].wire_bytes) / nvlink)
     assert r.exposed_comm_s == pytest.approx(98304 / nvlink)
     # Step time and MFU by hand: H100 989 TFLOP/s bf16, one device per chip, 8 devices.
-    compute = 8e9 * 4 / 3 / 8 / 989e12
+    # The router's float32 matmuls (2 x 64 tokens x 64 x 4 experts x 2 layers each: two
+    # forwards under full remat and two gradients) run at its 67 TFLOP/s float32 rate.
+    router = 2 * 64 * 64 * 4 * 2
+    compute = 8e9 * 4 / 3 / 8 / 989e12 + 4 * router * (1 / 67e12 - 1 / 989e12)
     assert r.compute_s == pytest.approx(compute)
+    assert any("67 TFLOP/s float32 rate" in n for n in r.notes), r.notes
     assert r.step_s == pytest.approx(max(compute, r.overlapped_comm_s) + r.exposed_comm_s)
     assert r.mfu() == pytest.approx(8e9 / (r.step_s * 989e12 * 8))
     # TPU7x: two devices (TensorCores) per chip; "tpu7x-8" is 8 cores on 4 chips. The peak
     # and MFU are per device (a division by chips would double the MFU).
     t = _tiny_analytic("tpu7x-8", {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1})
     assert (t.devices, t.chips) == (8, 4)
-    assert t.compute_s == pytest.approx(8e9 * 4 / 3 / 8 / (2307e12 / 2))
+    # TPU: extra bf16 passes, 2 for each forward and the weight gradient (one float32
+    # operand), 5 for the input gradient (two).
+    assert t.compute_s == pytest.approx((8e9 * 4 / 3 / 8 + (2 * 2 + 2 + 5) * router)
+                                        / (2307e12 / 2))
     assert t.mfu() == pytest.approx(8e9 / (t.step_s * 2307e12 / 2 * 8))
     # Expert parallelism without fsdp still splits the dense weights over `expert` (FSDP):
     # they are gathered over it (the estimate counted FSDP traffic on `fsdp` only).
