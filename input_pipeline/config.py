@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 SOURCE_KINDS = ("synthetic", "jsonl", "parquet", "arrayrecord")
@@ -121,6 +122,9 @@ class DataConfig:
                                              or not isinstance(value, (int, float))):
                 _fail(f.name, value, "a number")
         object.__setattr__(self, "paths", _as_str_tuple("paths", self.paths))
+        if isinstance(self.tokenizer, str) and self.tokenizer.startswith("~"):
+            # a file path like data.paths' patterns (expanded when globbed)
+            object.__setattr__(self, "tokenizer", os.path.expanduser(self.tokenizer))
         object.__setattr__(self, "eval_paths", _as_str_tuple("eval_paths", self.eval_paths))
         if not isinstance(self.sources, (list, tuple)):
             _fail("sources", self.sources, "a list of {source, paths, weight, ...} mappings")

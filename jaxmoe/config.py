@@ -68,11 +68,6 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             fail(key, value, "a mapping")
         return dict(value)
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                fail(key, value, "a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(key, value, "a number")
         try:
@@ -209,12 +204,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"--config {path}: is a directory; expected a YAML file")
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
         try:
+            if path.is_dir():
+                raise ConfigError(f"--config {path}: is a directory; expected a YAML file")
+            if not path.is_file():
+                raise ConfigError(f"--config {path}: no such file")
             loaded = parse_yaml(path.read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot be read ({e.strerror}); expected a "
+                              "readable YAML file") from None
         except YAMLError as e:
             raise ConfigError(f"{path}: expected valid YAML ({yaml_problem(e)})") from None
         except UnicodeDecodeError as e:

@@ -27,6 +27,7 @@ _CHOICES = {
     "model.attention": ("gqa", "mla"),
     "model.rope_scaling": ("none", "yarn"),
 }
+GMM_BLOCK_MAX = 1 << 16  # rows per expert block; far larger ones overflow int32 offsets
 
 
 def validate(cfg: Config) -> Config:
@@ -48,11 +49,12 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value < 1:
             fail(key, value, "a positive integer")
-    if m.num_heads % m.num_kv_heads:
-        fail("model.num_kv_heads", m.num_kv_heads,
-             f"a divisor of model.num_heads={m.num_heads}")
-    if m.head_dim % 2:
-        fail("model.head_dim", m.head_dim, "an even number (rotary embeddings rotate pairs)")
+    if m.attention != "mla":  # MLA has its own head widths, and no kv heads
+        if m.num_heads % m.num_kv_heads:
+            fail("model.num_kv_heads", m.num_kv_heads,
+                 f"a divisor of model.num_heads={m.num_heads}")
+        if m.head_dim % 2:
+            fail("model.head_dim", m.head_dim, "an even number (rotary embeddings rotate pairs)")
     if m.num_experts < 0:
         fail("model.num_experts", m.num_experts, ">= 0 (0 = dense model)")
     if m.num_experts:
@@ -63,9 +65,9 @@ def validate(cfg: Config) -> Config:
             fail("model.expert_mlp_dim", m.expert_mlp_dim, "a positive integer")
         if m.capacity_factor <= 0:
             fail("model.capacity_factor", m.capacity_factor, "> 0")
-        if m.gmm_block_size < 0 or m.gmm_block_size % 8:
+        if not 0 <= m.gmm_block_size <= GMM_BLOCK_MAX or m.gmm_block_size % 8:
             fail("model.gmm_block_size", m.gmm_block_size,
-                 "0 (auto) or a positive multiple of 8")
+                 f"0 (auto) or a positive multiple of 8 up to {GMM_BLOCK_MAX}")
         if not 0 <= m.first_k_dense <= m.num_layers:
             fail("model.first_k_dense", m.first_k_dense,
                  f"between 0 and model.num_layers={m.num_layers}")
@@ -91,8 +93,10 @@ def validate(cfg: Config) -> Config:
             fail(f"train.{key}", getattr(t, key), ">= 0 (0 disables)")
     if not 0 <= t.seed <= SEED_MAX:
         fail("train.seed", t.seed, f"an integer in [0, {SEED_MAX}]")
-    if t.sample_tokens < 0:
-        fail("train.sample_tokens", t.sample_tokens, ">= 0 (0: no sample)")
+    context = m.context_length or cfg.data.seq_len
+    if not 0 <= t.sample_tokens <= context:
+        fail("train.sample_tokens", t.sample_tokens, f"between 0 (no sample) and the model's "
+             f"context of {context} tokens (model.context_length, else data.seq_len)")
     if t.keep_checkpoints < 1:
         fail("train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     if t.keep_every and t.checkpoint_every and t.keep_every % t.checkpoint_every:

@@ -31,13 +31,17 @@ _CORE_RESOLVERS = [  # (tag, regexp, first characters), in order of precedence
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 core-schema scalars (see the module docstring); a key given
-    twice in one mapping is an error (YAML 1.2 requires unique keys; PyYAML keeps the last)."""
+    twice in one mapping is an error (YAML 1.2 requires unique keys; PyYAML keeps the last).
+    Merge keys (`<<: *anchor`) are not checked: the keys written beside one override the
+    merged ones, as YAML's merge type says."""
 
     yaml_implicit_resolvers: dict = {}
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # flattened by SafeLoader below
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen

@@ -291,9 +291,14 @@ def resolve_impl(impl: str, mesh: Mesh) -> str:
     """"auto" -> "ragged" on TPU/GPU, "padded" elsewhere (XLA:CPU lacks ragged-all-to-all)."""
     if impl not in IMPLS:
         raise MeshError(f"mesh.expert_all_to_all={impl!r}: expected one of {', '.join(IMPLS)}")
+    accelerator = mesh.devices.flat[0].platform in ("tpu", "gpu", "cuda", "rocm")
+    if impl == "ragged" and not accelerator:
+        raise MeshError(f"mesh.expert_all_to_all='ragged' on {mesh.devices.flat[0].platform} "
+                        "devices: expected padded, ragged_emulated or auto (XLA:CPU has no "
+                        "ragged-all-to-all)")
     if impl != "auto":
         return impl
-    return "ragged" if mesh.devices.flat[0].platform in ("tpu", "gpu", "cuda", "rocm") else "padded"
+    return "ragged" if accelerator else "padded"
 
 
 def make_expert_dispatch(mesh: Mesh, rules: Rules, impl: str = "auto",

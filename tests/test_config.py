@@ -90,7 +90,20 @@ BAD = [
     (["train.optimizer.grad_clip_norm=-1"],
      "train.optimizer.grad_clip_norm=-1.0: expected >= 0 (0 disables clipping)"),
     (["train.eval_batches=0"], "train.eval_batches=0: expected a positive integer"),
-    (["train.sample_tokens=-1"], "train.sample_tokens=-1: expected >= 0"),
+    (["train.sample_tokens=-1"], "train.sample_tokens=-1: expected between 0 (no sample) and "
+     "the model's context of 256 tokens (model.context_length, else data.seq_len)"),
+    # a sample longer than the context: found only after training, as a 36 TiB allocation
+    (["train.sample_tokens=10000000000000"], "train.sample_tokens=10000000000000: expected "
+     "between 0 (no sample) and the model's context of 256"),
+    (["model.context_length=64", "train.sample_tokens=65"],
+     "train.sample_tokens=65: expected between 0 (no sample) and the model's context of 64"),
+    # a string is not a number (it was read as one for floats only: learning_rate='3e-4')
+    (["train.optimizer.learning_rate='3e-4'"],
+     "train.optimizer.learning_rate='3e-4': expected a number"),
+    # the int32 block offsets overflowed in the train step, with a traceback
+    (["model.grouped_matmul=blocks", "model.gmm_block_size=1073741824"],
+     "model.gmm_block_size=1073741824: expected 0 (auto) or a positive multiple of 8 up to "
+     "65536"),
     (["train.seed=99999999999"], "train.seed=99999999999: expected an integer in [0, 4294967295]"),
     (["train.seed=-1"], "train.seed=-1: expected an integer in [0, 4294967295]"),
     (["data.seed=4294967296"], "data.seed=4294967296: expected an integer in [0, 4294967295]"),
@@ -218,6 +231,35 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
         load_config(None, ["train={steps: 1, steps: 2}"])
 
 
+def test_mla_configs_skip_the_gqa_head_checks():
+    """MLA has its own head widths and no kv heads: DeepSeek-V3 with one head was refused as
+    "model.num_kv_heads=2: expected a divisor of model.num_heads=1"."""
+    path = CONFIGS[0].parent / "deepseek_v3_671b.yaml"
+    cfg = load_config(path, ["model.num_heads=1", "model.head_dim=3"])
+    assert (cfg.model.num_heads, cfg.model.attention) == (1, "mla")
+    with pytest.raises(ConfigError, match=r"^model\.num_kv_heads=2: expected a divisor"):
+        load_config(path, ["model.num_heads=1", "model.attention=gqa", "model.rope_scaling=none"])
+
+
+def test_yaml_merge_keys_work(tmp_path):
+    """`<<: *anchor` was refused as invalid YAML (the duplicate-key check could not read a
+    merge key). Reference: PyYAML's safe_load of the same file; keys beside the merge win."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {num_layers: 3, num_experts: 8}\n"
+                    "data:\n  source: mixture\n  sources:\n"
+                    "    - &src {source: synthetic, weight: 1.0}\n"
+                    "    - <<: *src\n      weight: 2.0\n")
+    loaded = parse_yaml(path.read_text())
+    assert loaded == yaml.safe_load(path.read_text())
+    assert loaded["data"]["sources"][1] == {"source": "synthetic", "weight": 2.0}
+    path.write_text("model: &m\n  num_layers: 3\n  num_experts: 8\n"
+                    "train:\n  <<: {steps: 7, log_every: 2}\n  steps: 9\n")
+    cfg = load_config(path)
+    assert (cfg.train.steps, cfg.train.log_every, cfg.model.num_layers) == (9, 2, 3)
+    with pytest.raises(ConfigError, match=r"duplicate key 'steps'"):  # still refused
+        load_config(None, ["train={<<: {log_every: 2}, steps: 1, steps: 2}"])
+
+
 @pytest.mark.parametrize("overrides", [
     ["model.num_experts=8", "model={num_layers: 4}"],
     ["model={num_layers: 4}", "model.num_experts=8"],
@@ -296,6 +338,11 @@ def test_a_hugging_face_config_points_to_convert(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.yaml")
+    name = tmp_path / ("a" * 300 + ".yaml")  # was an OSError traceback
+    with pytest.raises(ConfigError) as e:
+        load_config(name)
+    assert str(e.value) == (f"--config {name}: cannot be read (File name too long); expected "
+                            "a readable YAML file")
     with pytest.raises(ConfigError) as e:
         load_config(tmp_path)  # a folder is not reported as missing
     assert str(e.value) == f"--config {tmp_path}: is a directory; expected a YAML file"

@@ -129,6 +129,24 @@ def test_vocab_too_large_is_refused() -> None:
     assert "\n" not in str(e.value) and "259" in str(e.value) and "256" in str(e.value)
 
 
+def test_tokenizer_path_expands_home(trained, tmp_path, monkeypatch) -> None:
+    """`data.paths=~/d.jsonl` was found while `data.tokenizer=~/tok.json` was "not an
+    existing file". Reference: the same tokenizer loaded by its full path."""
+    import shutil
+
+    from jaxmoe.config import check_data, load_config
+
+    shutil.copy(trained["bpe"], tmp_path / "tok.json")
+    (tmp_path / "d.jsonl").write_text('{"text": "a b"}\n')
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["data.source=jsonl", "data.paths=~/d.jsonl",
+                             "data.tokenizer=~/tok.json", "model.vocab_size=512"])
+    assert cfg.data.tokenizer == str(tmp_path / "tok.json")
+    check_data(cfg)
+    assert make_tokenizer(cfg.data).encode("sort 3 1") == make_tokenizer(
+        DataConfig(tokenizer=trained["bpe"])).encode("sort 3 1")
+
+
 def test_unknown_tokenizer_file() -> None:
     with pytest.raises(ValueError, match=r"^data\.tokenizer='/nonexistent/tok\.json'"):
         make_tokenizer(DataConfig(tokenizer="/nonexistent/tok.json"))

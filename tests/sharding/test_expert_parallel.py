@@ -166,6 +166,17 @@ def test_expert_axis_must_shard_batch():
                                 sharding.DEFAULT_RULES) is None
 
 
+def test_ragged_exchange_on_cpu_is_refused_before_compiling():
+    """XLA:CPU has no ragged-all-to-all: `mesh.expert_all_to_all=ragged` passed every check
+    and failed in the first train step's compile, with a traceback."""
+    mesh = mesh_of({"data": 2, "expert": 4})
+    with pytest.raises(sharding.MeshError) as e:
+        make_expert_dispatch(mesh, sharding.DEFAULT_RULES, "ragged")
+    assert str(e.value) == ("mesh.expert_all_to_all='ragged' on cpu devices: expected padded, "
+                            "ragged_emulated or auto (XLA:CPU has no ragged-all-to-all)")
+    assert make_expert_dispatch(mesh, sharding.DEFAULT_RULES, "auto") is not None
+
+
 @pytest.mark.parametrize("rows, sizes", [
     (40, [10, 0, 17, 8]),  # 35 of 40 rows in groups (one tile), one group empty
     # more than one 512-row tile and not a whole number of them: padded to 1,024 rows
