@@ -58,6 +58,8 @@ CASES = {
     "sigmoid_scaled": dict(router_scoring="sigmoid", norm_topk_prob=True,
                            routed_scaling_factor=2.5),
     "sigmoid_no_renorm": dict(router_scoring="sigmoid", norm_topk_prob=False),
+    "sigmoid_scaled_no_renorm": dict(router_scoring="sigmoid", norm_topk_prob=False,
+                                     routed_scaling_factor=2.5),
     "shared_ungated": dict(num_shared_experts=1, shared_expert_mlp_dim=20),
     "shared_gated": dict(num_shared_experts=1, shared_expert_mlp_dim=20, shared_expert_gate=True),
     "top1": dict(num_experts_per_tok=1),
@@ -67,11 +69,17 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+# The dropless path's two grouped matmuls: row blocks (the CPU default) and lax.ragged_dot
+# (the default on TPU/GPU), each with its own gather, un-sort and combine around it.
+PATHS = [("dropless", "blocks"), ("dropless", "ragged_dot"), ("capacity", "auto")]
+
+
+@pytest.mark.parametrize("dispatch, matmul", PATHS, ids=["blocks", "ragged_dot", "capacity"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_block_matches_loop_reference(case, dispatch):
+def test_block_matches_loop_reference(case, dispatch, matmul):
     # Capacity large enough that nothing drops: both paths must equal the dropless reference.
-    cfg = dataclasses.replace(BASE, dispatch=dispatch, capacity_factor=10.0, **CASES[case])
+    cfg = dataclasses.replace(BASE, dispatch=dispatch, capacity_factor=10.0,
+                              grouped_matmul=matmul, **CASES[case])
     x = np.random.default_rng(0).normal(size=(20, cfg.embed_dim))
     block, y, stats = run_block(cfg, x)
     shared, gate = shared_params(block)
@@ -143,16 +151,18 @@ def test_block_bfloat16_close_to_float64_reference(dispatch):
     np.testing.assert_allclose(y, want, rtol=0, atol=TOL_BF16 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("factor", [0.25, 0.5, 1.0])
+@pytest.mark.parametrize("factor", [0.25, 0.5, 0.6, 1.0])
 def test_capacity_drops_expected_copies(factor):
     """Capacity dispatch vs the float64 loop reference with the same capacity (GShard: token
     order decides who keeps a slot): same outputs (TOL of the output scale) and the same
-    number of dropped copies, exactly."""
+    number of dropped copies, exactly. Factor 0.6 gives 4.8 copies per expert: rounded up
+    to 5 slots (the others are whole numbers, where floor and ceil agree)."""
     cfg = dataclasses.replace(BASE, dispatch="capacity", capacity_factor=factor)
     x = np.random.default_rng(2).normal(size=(24, cfg.embed_dim))
     block, y, stats = run_block(cfg, x)
     c = expert_capacity(24, 2, cfg.num_experts, factor)
     assert c == ref.capacity_for(24, 2, cfg.num_experts, factor)
+    assert factor != 0.6 or c == 5
     want, dropped = ref.moe_forward(x, block_params(block), top_k=2, capacity=c)
     assert int(stats.dropped) == dropped
     if factor < 1.0:
@@ -259,6 +269,29 @@ def test_padding_tokens_are_excluded_from_statistics():
     np.testing.assert_allclose(float(stats.z_loss), z, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_all_padding_gives_zero_statistics_and_finite_gradients(dispatch, scope):
+    """A micro-batch of padding only (a short last batch under accumulation): the losses'
+    token counts are 0, and dividing by them gave a NaN z-loss, and NaN everywhere after
+    the update. Reference: no token, so no loss, no load and zero gradients, exactly."""
+    cfg = dataclasses.replace(BASE, dispatch=dispatch, aux_loss_scope=scope,
+                              num_shared_experts=1, shared_expert_mlp_dim=8)
+    graphdef, state = nnx.split(MoEBlock(cfg, F32, nnx.Rngs(1)))
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 6, cfg.embed_dim)), jnp.float32)
+    none = jnp.zeros((2, 6), bool)
+
+    def loss(state):
+        _, stats = nnx.merge(graphdef, state)(x, none)
+        return stats.aux_loss + stats.z_loss, stats
+
+    grads, stats = jax.grad(loss, has_aux=True)(state)
+    assert float(stats.aux_loss) == 0.0 and float(stats.z_loss) == 0.0
+    assert float(stats.dropped) == 0.0 and not np.asarray(stats.load).any()
+    for g in jax.tree.leaves(grads):
+        np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
 def _loss_fn(cfg, graphdef, x, r):
     def loss(state, x):
         block = nnx.merge(graphdef, state)
@@ -267,9 +300,10 @@ def _loss_fn(cfg, graphdef, x, r):
     return loss
 
 
-@pytest.mark.parametrize("dispatch,factor", [("dropless", 10.0), ("capacity", 10.0),
-                                             ("capacity", 0.5)])
-def test_gradients_match_finite_differences(dispatch, factor):
+@pytest.mark.parametrize("dispatch,factor,matmul", [
+    ("dropless", 10.0, "blocks"), ("dropless", 10.0, "ragged_dot"), ("capacity", 10.0, "auto"),
+    ("capacity", 0.5, "auto")])
+def test_gradients_match_finite_differences(dispatch, factor, matmul):
     """float64 block: jax.grad vs central differences on every coordinate of the router
     kernel and of x, 8 random coordinates of each other parameter, and 8 random directions
     through all of them at once (with factor 0.5 some copies are dropped: their experts get
@@ -277,7 +311,7 @@ def test_gradients_match_finite_differences(dispatch, factor):
     routing weights pass the factor-0.5 case.)"""
     cfg = dataclasses.replace(BASE, dispatch=dispatch, capacity_factor=factor,
                               num_shared_experts=1, shared_expert_mlp_dim=8,
-                              shared_expert_gate=True)
+                              shared_expert_gate=True, grouped_matmul=matmul)
     with jax.enable_x64(True):
         block = MoEBlock(cfg, F64, nnx.Rngs(1))
         graphdef, state = nnx.split(block)
