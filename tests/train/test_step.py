@@ -21,7 +21,8 @@ from jaxmoe.train.step import forward, make_grad_fn, make_train_step
 OVERRIDES = ["model.vocab_size=64", "model.embed_dim=32", "model.num_layers=2",
              "model.num_heads=2", "model.num_kv_heads=1", "model.head_dim=16",
              "model.expert_mlp_dim=32", "model.mlp_dim=64", "model.compute_dtype=float32",
-             "model.init_std=0.2", "train.batch_size=8", "data.seq_len=16"]
+             "model.init_std=0.2", "train.batch_size=8", "data.seq_len=16",
+             "train.sample_tokens=0"]
 
 
 def make_batch(b=8, t=16, vocab=64, seed=0):
