@@ -106,6 +106,7 @@ def plan(cfg: config_lib.Config, topology: str, num_slices: int = 1,
         abstract = jax.eval_shape(lambda: init_state(cfg.model, tx, cfg.train.seed))
         sharding.check_overrides(abstract.params, mesh, rules, cfg.mesh.rules,
                                  sharding.MeshError)  # as build_trainer does
+        sharding.check_params_divide(abstract.params, shape, rules)
         specs = sharding.state_shardings(abstract, mesh, rules)
         params = [(v.get_value(), variable_axes(v) or ())
                   for v in jax.tree.leaves(abstract.params,

@@ -4,6 +4,7 @@ from sharding.expert_parallel import make_expert_dispatch
 from sharding.mesh import (
                            MeshError,
                            check_model_fits,
+                           check_params_divide,
                            config_degrees,
                            make_mesh,
                            mesh_from_config,
@@ -22,6 +23,6 @@ from sharding.rules import (
 )
 
 __all__ = ["DEFAULT_RULES", "MESH_AXES", "MeshError", "MultiHostError", "batch_rows",
-           "batch_sharding", "check_model_fits", "check_overrides",
+           "batch_sharding", "check_model_fits", "check_overrides", "check_params_divide",
            "config_degrees", "logical_to_spec", "make_expert_dispatch", "make_mesh",
            "make_rules", "mesh_axes_of", "mesh_from_config", "mesh_shape", "state_shardings"]

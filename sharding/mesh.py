@@ -8,7 +8,8 @@ an axis always crosses a slice (or process) boundary and ICI steps never do.
 
 Every impossible layout is refused here with one line naming the numbers: the device count,
 experts vs the expert axis, heads / kv-heads / MLP widths / vocab vs the tensor axis, and the
-global batch vs the axes that shard it.
+global batch vs the axes that shard it; then (`check_params_divide`) every parameter dimension
+vs the mesh axes its logical name maps to, whatever `mesh.rules` moved.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
-from sharding.rules import MESH_AXES, Rules, logical_to_spec
+from sharding.rules import MESH_AXES, Rules, logical_to_spec, variable_axes
 
 
 class MeshError(ValueError):
@@ -170,6 +172,34 @@ def check_model_fits(mesh_sizes: dict[str, int], rules: Rules, model: Any,
                 f"the micro-batch train.batch_size/grad_accum_steps={micro}")
         raise MeshError(f"{what} is not divisible by the batch axes {batch_axes}="
                         f"{n_batch} (each device needs whole sequences)")
+
+
+def check_params_divide(tree: Any, mesh_sizes: dict[str, int], rules: Rules) -> None:
+    """Raises MeshError (one line) for the first parameter of `tree` (a pytree of
+    `nnx.Variable`s, e.g. an abstract state's params) with a dimension that the product of
+    the mesh axes sharding it (under `rules`) does not divide.
+
+    `check_model_fits` checks the model widths behind the default rules by name, with
+    friendlier messages; this catches the rest, whatever `mesh.rules` maps where (e.g.
+    `layers: [data]` over more devices than layers), which jax would otherwise refuse with an
+    IndivisibleError traceback only when the state is first laid out."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+            tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        names = variable_axes(leaf) if isinstance(leaf, nnx.Variable) else None
+        if not names:
+            continue  # replicated (state_shardings gives it PartitionSpec())
+        spec = tuple(logical_to_spec(tuple(names), rules))
+        spec += (None,) * (len(names) - len(spec))
+        for dim, (name, axes, length) in enumerate(zip(names, spec, leaf.shape)):
+            n = _axes_size(mesh_sizes, axes)
+            if length % n:
+                shown = "*".join(f"mesh.{a}" for a in (axes if isinstance(axes, tuple)
+                                                        else (axes,)))
+                where = jax.tree_util.keystr(path, simple=True, separator=".")
+                raise MeshError(f"parameter {where} of shape {tuple(leaf.shape)}: dimension "
+                                f"{dim} (logical axis {name!r}, size {length}) is not divisible "
+                                f"by {shown}={n}, the mesh axes sharding it; expected mesh "
+                                f"axes on {name!r} (mesh.rules) whose sizes divide {length}")
 
 
 def mesh_from_config(cfg: Any, rules: Rules,

@@ -100,3 +100,20 @@ def test_an_override_that_leaves_weights_unsplit_is_refused_by_the_estimate(caps
     err = capsys.readouterr().err
     assert "mesh.rules.embed=['fsdp', 'tensor']: leaves the embed dimension of " in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "h100-4"])
+def test_a_rule_override_that_splits_a_weight_unevenly_is_refused(capsys, topology):
+    """`layers: [data]` over 4 devices on tiny_moe's 2 layers: the TPU path died in jax with
+    an IndivisibleError traceback, and the analytic one (h100) printed a plan for the
+    impossible layout (it rounded each shard up). Reference: the weight's shape by hand."""
+    from jaxmoe.cli import main
+
+    assert main(["compile", "--config", "configs/tiny_moe.yaml", "--topology", topology,
+                 "mesh.data=4", "mesh.rules={layers: [data]}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "jaxmoe: mesh error: parameter moe.units.block0.attn.k of shape (2, 128, 2, 32): "
+        "dimension 0 (logical axis 'layers', size 2) is not divisible by mesh.data=4, the mesh "
+        "axes sharding it; expected mesh axes on 'layers' (mesh.rules) whose sizes divide 2\n")
+    assert captured.out == ""

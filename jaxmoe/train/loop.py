@@ -108,6 +108,7 @@ def build_trainer(cfg: config_lib.Config, devices=None) -> Trainer:
     graphdef = model_graphdef(cfg.model)
     abstract = jax.eval_shape(lambda: init_state(cfg.model, tx, cfg.train.seed))
     sharding.check_overrides(abstract.params, mesh, rules, cfg.mesh.rules, sharding.MeshError)
+    sharding.check_params_divide(abstract.params, dict(mesh.shape), rules)
     state_sh = sharding.state_shardings(abstract, mesh, rules)
     batch_sh = sharding.batch_sharding(mesh, rules)
     init = jax.jit(lambda: init_state(cfg.model, tx, cfg.train.seed), out_shardings=state_sh)

@@ -93,6 +93,25 @@ def test_bad_mesh_through_cli_exits_2(capsys):
                                       "'tensor']: leaves the embed dimension of "), err
 
 
+def test_a_rule_override_that_splits_a_weight_unevenly_is_refused_before_the_run(
+        capsys, tmp_path):
+    """`layers: [data]` with mesh.data=8 on tiny_moe's 2 layers passed every named check and
+    died in the first layout of the state with jax's IndivisibleError traceback (exit 1),
+    leaving a run directory behind. Reference: the weight's shape (num_layers=2,
+    embed_dim=128, num_kv_heads=2, head_dim=32) and the mesh, written out by hand."""
+    from jaxmoe.cli import main
+
+    run_dir = tmp_path / "run"
+    rc = main(["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(run_dir),
+               "--no-progress", "train.steps=1", "mesh.data=8", "mesh.rules={layers: [data]}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (
+        "jaxmoe: mesh error: parameter moe.units.block0.attn.k of shape (2, 128, 2, 32): "
+        "dimension 0 (logical axis 'layers', size 2) is not divisible by mesh.data=8, the mesh "
+        "axes sharding it; expected mesh axes on 'layers' (mesh.rules) whose sizes divide 2\n"), err
+    assert not run_dir.exists()
+
+
 def test_hybrid_mesh_keeps_dcn_steps_across_slices():
     """2 slices of v5p 2x2x1 (compile-only devices): data crosses slices, fsdp stays inside."""
     from sharding import aot
