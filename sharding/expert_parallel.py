@@ -313,10 +313,14 @@ def make_expert_dispatch(mesh: Mesh, rules: Rules, impl: str = "auto",
         raise MeshError(f"mesh.expert_buffer_factor={buffer_factor}: expected >= 0 "
                         "(0 = never drop)")
     batch, expert, tensor = (mesh_axes_of(n, rules) for n in ("batch", "expert", "mlp"))
-    if not set(expert) <= set(batch):
+
+    def split(axes: tuple[str, ...]) -> tuple[str, ...]:  # an axis of size 1 splits nothing
+        return tuple(a for a in axes if mesh.shape[a] > 1)
+
+    if not set(split(expert)) <= set(batch):
         raise MeshError(f"rules: expert axes {expert} must also shard 'batch' {batch} "
                         "(each expert device brings its own tokens)")
-    if set(tensor) & set(batch):
+    if set(split(tensor)) & set(split(batch)):
         raise MeshError(f"rules: 'mlp' axes {tensor} must not shard 'batch' {batch}")
     if matmul == "auto":
         matmul = "megablox" if mesh.devices.flat[0].platform == "tpu" else "model"
@@ -325,6 +329,8 @@ def make_expert_dispatch(mesh: Mesh, rules: Rules, impl: str = "auto",
             tuple(tensor) != _as_tuple(w_spec[2]):
         raise MeshError(f"rules: expert weights map to {w_spec}; expected the expert axes "
                         f"{expert} on experts and the 'mlp' axes {tensor} on their width")
-    lay = Layout(mesh, batch, expert, tensor, resolve_impl(impl, mesh), buffer_factor, matmul,
-                 _as_tuple(w_spec[1]))
+    # Axes of size 1 are left out of the map's specs: an expert axis of size 1 outside the
+    # batch axes would make every output "vary" over it, which shard_map's check refuses.
+    lay = Layout(mesh, split(batch), split(expert), split(tensor), resolve_impl(impl, mesh),
+                 buffer_factor, matmul, split(_as_tuple(w_spec[1])))
     return functools.partial(_dispatch, lay=lay)

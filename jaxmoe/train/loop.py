@@ -101,8 +101,10 @@ def build_trainer(cfg: config_lib.Config, devices=None) -> Trainer:
     config_lib.check_trainable(cfg)
     rules = sharding.make_rules(cfg.mesh.rules)
     mesh = sharding.mesh_from_config(cfg, rules, devices)
+    # A dense model has no MoE block to call the dispatch: its rules need not suit one.
     dispatch = sharding.make_expert_dispatch(mesh, rules, cfg.mesh.expert_all_to_all,
-                                             cfg.mesh.expert_buffer_factor)
+                                             cfg.mesh.expert_buffer_factor) \
+        if cfg.model.num_experts else None
     tx = make_optimizer(cfg.train.optimizer, cfg.train.steps)
     schedule = learning_rate_schedule(cfg.train.optimizer, cfg.train.steps)
     graphdef = model_graphdef(cfg.model)

@@ -28,6 +28,9 @@ MESHES = {
     "dp2_tp4": ["mesh.data=2", "mesh.tensor=4"],
     "dp2_ep4": ["mesh.data=2", "mesh.expert=4"],
     "fsdp2_tp2_ep2": ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "mesh.expert=2"],
+    # The expert axis (size 1) is not among the batch axes: refused by name ("expert axes
+    # ('expert',) must also shard 'batch'") although nothing is expert-parallel.
+    "dp8_batch_over_data": ["mesh.data=8", "mesh.rules={batch: [data]}"],
 }
 
 
