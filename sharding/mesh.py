@@ -151,9 +151,11 @@ def check_model_fits(mesh_sizes: dict[str, int], rules: Rules, model: Any,
         raise MeshError(f"model.num_experts={model.num_experts} is not divisible by the "
                         f"expert axis {exp_axes}={n_exp}")
     checks = [("heads", "model.num_heads", model.num_heads),
-              ("mlp", "model.mlp_dim", model.mlp_dim),
               ("vocab", "model.vocab_size", model.vocab_size),
               ("embed", "model.embed_dim", model.embed_dim)]
+    if any(not model.is_moe_layer(i) for i in range(model.num_layers)):
+        # Only dense layers have weights of width mlp_dim (an all-MoE model has none).
+        checks.insert(1, ("mlp", "model.mlp_dim", model.mlp_dim))
     if getattr(model, "attention", "gqa") != "mla":  # MLA has no separate kv heads
         checks.append(("kv_heads", "model.num_kv_heads", model.num_kv_heads))
     if model.num_experts:

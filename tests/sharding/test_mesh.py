@@ -29,7 +29,10 @@ def build(*overrides: str):
     (["mesh.data=1", "mesh.tensor=8"], "model.num_heads=4 is not divisible by mesh.tensor=8"),
     (["mesh.data=2", "mesh.tensor=4", "model.num_kv_heads=2"],
      "model.num_kv_heads=2 is not divisible by mesh.tensor=4"),
-    (["mesh.data=2", "mesh.tensor=4", "model.mlp_dim=510"],
+    # mlp_dim is the width of the dense layers' MLP: checked when some layer is dense
+    (["mesh.data=2", "mesh.tensor=4", "model.mlp_dim=510", "model.first_k_dense=1"],
+     "model.mlp_dim=510 is not divisible by mesh.tensor=4"),
+    (["mesh.data=2", "mesh.tensor=4", "model.mlp_dim=510", "model.moe_every=2"],
      "model.mlp_dim=510 is not divisible by mesh.tensor=4"),
     (["mesh.data=2", "mesh.tensor=4", "model.expert_mlp_dim=254"],
      "model.expert_mlp_dim=254 is not divisible by mesh.tensor=4"),
@@ -73,6 +76,9 @@ def test_make_mesh_refuses_unknown_axes():
     (["mesh.data=-1", "mesh.expert=4"], {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}),
     (["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "mesh.expert=2"],
      {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}),
+    # tiny_moe has no dense layer, so no weight of width mlp_dim: 511 was refused
+    (["mesh.data=4", "mesh.tensor=2", "model.mlp_dim=511"],
+     {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}),
 ])
 def test_good_mesh_shapes(overrides, shape):
     assert dict(build(*overrides).shape) == shape
