@@ -162,7 +162,9 @@ def multiplicities(comps: dict[str, Computation], entry: str,
                 if n is None:
                     unknown.append(ins.name)
                 factor = float(n or 1)
-            for kind, target in _CALLS.findall(ins.attrs):
+            # An async op's wrapped computation runs once: its update and done may name it too
+            skip = ins.opcode in ("async-update", "async-done")
+            for kind, target in ([] if skip else _CALLS.findall(ins.attrs)):
                 # to_apply names reduction bodies (scalar work, not ours to count), except
                 # on a `call`, whose whole body runs once
                 if kind != "to_apply" or ins.opcode == "call":

@@ -360,3 +360,34 @@ def test_call_bodies_count_and_conditionals_are_named():
     stats = hlo.analyse(CALL_AND_CONDITIONAL)
     assert stats["flops"] == 2 * (2 * 8 * 16 * 16)  # the call's dot + the true branch's
     assert stats["conditionals"] == ["r"]
+
+
+# An all-reduce wrapped in an async computation, as XLA prints one: the start, update and
+# done ops each name the wrapped computation (calls=). Reference: one all-reduce of 8
+# float32 written out by hand.
+ASYNC_WRAPPED = """HloModule m, num_partitions=4
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(%x, %y)
+}
+
+%wrapped_all_reduce (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %ar = f32[8]{0} all-reduce(%p), replica_groups={{0,1,2,3}}, to_apply=%add
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %st = ((f32[8]{0}), f32[8]{0}, s32[]) async-start(%a), calls=%wrapped_all_reduce
+  %up = ((f32[8]{0}), f32[8]{0}, s32[]) async-update(%st), calls=%wrapped_all_reduce
+  ROOT %dn = f32[8]{0} async-done(%up), calls=%wrapped_all_reduce
+}
+"""
+
+
+def test_an_async_wrapped_collective_counts_once():
+    """Its computation was counted once per op that names it (3 here)."""
+    ar = hlo.analyse(ASYNC_WRAPPED)["collectives"]["all-reduce"]
+    assert (ar.count, ar.bytes) == (1, 8 * 4)
