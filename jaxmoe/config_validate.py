@@ -118,8 +118,13 @@ def validate(cfg: Config) -> Config:
         fail("train.optimizer.weight_decay", o.weight_decay, ">= 0")
     if o.grad_clip_norm < 0:
         fail("train.optimizer.grad_clip_norm", o.grad_clip_norm, ">= 0 (0 disables clipping)")
-    mesh_axes = {f.name: getattr(cfg.mesh, f.name) for f in dataclasses.fields(MeshConfig)
-                 if f.name not in ("rules", "expert_all_to_all", "expert_buffer_factor")}
+    degrees = {f.name: getattr(cfg.mesh, f.name) for f in dataclasses.fields(MeshConfig)
+               if f.name not in ("rules", "expert_all_to_all", "expert_buffer_factor")}
+    # Only per-slice degrees may be -1 (the devices left over); DCN ones are given whole.
+    for key, value in degrees.items():
+        if key.startswith("dcn_") and value < 1:
+            fail(f"mesh.{key}", value, "a positive integer (DCN degrees cannot be -1)")
+    mesh_axes = {k: v for k, v in degrees.items() if not k.startswith("dcn_")}
     rest = [k for k, v in mesh_axes.items() if v == -1]
     if len(rest) > 1:  # mesh.data is -1 by default: setting another to -1 alone hits this
         default = "; mesh.data is -1 by default: give it a size (e.g. mesh.data=1)" \

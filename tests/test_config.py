@@ -70,6 +70,11 @@ BAD = [
      "mesh.fsdp=-1 and mesh.expert=-1: expected at most one mesh axis set to -1 (the devices "
      "left over)"),
     (["mesh.tensor=0"], "mesh.tensor=0: expected a positive integer or -1"),
+    # a DCN degree cannot be -1: offering it led to a second refusal (config_degrees)
+    (["mesh.dcn_fsdp=0"], "mesh.dcn_fsdp=0: expected a positive integer (DCN degrees cannot "
+     "be -1)"),
+    (["mesh.data=1", "mesh.dcn_data=-1"], "mesh.dcn_data=-1: expected a positive integer "
+     "(DCN degrees cannot be -1)"),
     (["data.seq_len=1"], "data.seq_len=1: expected an integer >= 2"),
     (["model.num_experts=4", "model.num_experts=8"],
      "model.num_experts: given twice with different values 4 and 8"),
