@@ -24,13 +24,27 @@ def _check_multihost(args) -> None:
                    auto=args.distributed)
 
 
+def _first_difference(first: str, other: str) -> str:
+    """`"train.seed: 0 -> 1"`: the first key where two dumped configs differ ("" if none)."""
+    import yaml
+
+    from jaxmoe.checkpoint.run import config_diff
+
+    diff = config_diff(yaml.safe_load(first), yaml.safe_load(other))
+    return diff[0] if diff else ""
+
+
 def cmd_train(args) -> int:
-    from sharding.multihost import initialize
+    from sharding.multihost import check_same_start, check_settings, initialize
 
     cfg = config_lib.check_data(_load(args))  # tokenizer and data files exist, ids fit
     # Before anything touches devices: joins the other processes of a multi-host run.
-    initialize(args.coordinator_address, args.num_processes, args.process_id,
-               auto=args.distributed)
+    if initialize(args.coordinator_address, args.num_processes, args.process_id,
+                  auto=args.distributed):
+        # Each process loaded its own config and overrides: all must agree before any work.
+        count = check_settings(args.coordinator_address, args.num_processes,
+                               args.process_id, auto=args.distributed)[1]
+        check_same_start(config_lib.dump_config(cfg), count, describe=_first_difference)
     from jaxmoe.checkpoint.damage import drop_closed_loop_callbacks
     from jaxmoe.train.loop import train
 

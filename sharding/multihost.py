@@ -12,9 +12,12 @@ devices (`jax.devices()`) but feeds only its own rows of the global batch
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Callable
 
 import jax
+import numpy as np
 
 ENV_ADDRESS = "JAXMOE_COORDINATOR_ADDRESS"
 ENV_COUNT = "JAXMOE_NUM_PROCESSES"
@@ -77,6 +80,54 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address=address, num_processes=count,
                                process_id=pid)
     return jax.process_count() > 1
+
+
+def said_by(text: str, source: int = 0, size: int = 2048) -> str:
+    """`text` (its first `size` bytes) as process `source` has it, in every process (a
+    collective: all processes call it)."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(text.encode()[:size].ljust(size, b"\0"), np.uint8)
+    got = multihost_utils.broadcast_one_to_all(data, is_source=jax.process_index() == source)
+    return bytes(got).rstrip(b"\0").decode(errors="replace")
+
+
+def check_same_start(config_text: str, num_processes: int | None = None,
+                     describe: Callable[[str, str], str] | None = None) -> None:
+    """Refuses a multi-process run whose processes were not started alike, with the same
+    one-line MultiHostError in every process (a collective: all processes call it, after
+    `initialize`). Each process loads its own config and overrides, and the coordinator
+    alone decides the process count: a process given another seed trained different
+    replicas without a word, another mesh crashed in gloo, and another --num-processes
+    was ignored. `config_text`: this process's resolved config (e.g. `dump_config`);
+    `num_processes`: the count this process was started with (None: auto-detected);
+    `describe(process 0's text, the other's)`: how they differ, for the message."""
+    n = jax.process_count()
+    if n == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    raw = config_text.encode()
+    digest = np.frombuffer(hashlib.sha256(raw).digest(), np.uint8).astype(np.int32)
+    mine = np.concatenate([digest, np.asarray([num_processes or 0, len(raw)], np.int32)])
+    rows = np.asarray(multihost_utils.process_allgather(mine))  # [process, 34]
+    asked = [int(c) for c in rows[:, 32]]
+    wrong = [p for p, c in enumerate(asked) if c and c != n]
+    if wrong:
+        p = wrong[0]
+        raise MultiHostError(f"process {p} was started with num_processes={asked[p]} but the "
+                             f"run has {n} processes (counted by process 0's coordinator); "
+                             f"expected num_processes={n} in every process")
+    differ = [p for p in range(n) if (rows[p, :32] != rows[0, :32]).any()]
+    if not differ:
+        return
+    q = differ[0]
+    size = int(max(rows[0, 33], rows[q, 33]))
+    ours, theirs = said_by(config_text, 0, size), said_by(config_text, q, size)
+    how = describe(ours, theirs) if describe else ""
+    raise MultiHostError(f"process {q}'s config differs from process 0's"
+                         + (f" ({how})" if how else "")
+                         + "; expected the same config and overrides in every process")
 
 
 def batch_rows(batch_sharding: jax.sharding.Sharding, batch_shape: tuple[int, ...],

@@ -37,6 +37,7 @@ from jaxmoe.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxmoe.train.run_dir import check_run_dir, run_lock
 from jaxmoe.train.state import TrainState, init_state, model_graphdef
 from jaxmoe.train.step import make_eval_step, make_train_step
+from sharding.multihost import said_by
 
 
 @dataclasses.dataclass
@@ -222,15 +223,6 @@ def train(cfg: config_lib.Config, run_dir: str | Path, *, progress: bool = True,
         return _train(cfg, Path(run_dir), held, progress=progress, sample=sample)
 
 
-def _said_by_process_0(text: str, size: int = 2048) -> str:
-    """`text` as process 0 has it, in every process (a collective: all processes call it)."""
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(text.encode()[:size].ljust(size, b"\0"), np.uint8)
-    return bytes(multihost_utils.broadcast_one_to_all(data)).rstrip(b"\0").decode(
-        errors="replace")
-
-
 def _claim_run_dir(run_dir: Path, held: contextlib.ExitStack, locked: bool, *,
                    create: bool) -> bool:
     """Process 0 makes `run_dir` (when `create`) and, if it exists, locks it for this run
@@ -253,7 +245,7 @@ def _claim_run_dir(run_dir: Path, held: contextlib.ExitStack, locked: bool, *,
         except config_lib.ConfigError as e:
             problem = str(e)
     if jax.process_count() > 1:
-        problem = _said_by_process_0(problem)
+        problem = said_by(problem)  # as process 0 has it
     if problem:
         raise config_lib.ConfigError(problem)
     return locked

@@ -34,9 +34,9 @@ def _free_port() -> int:
 
 
 def _train_two_processes(run_dir: Path, extra: list[str] = (), timeout: int = 600,
-                         rc: int = 0):
+                         rc: int = 0, only: dict[int, list[str]] | None = None):
     """`jaxmoe train` in two local processes (2 CPU devices each); returns their outputs
-    after checking that both exited with `rc`."""
+    after checking that both exited with `rc`. `only`: more arguments for one process."""
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -44,7 +44,8 @@ def _train_two_processes(run_dir: Path, extra: list[str] = (), timeout: int = 60
             "--run-dir", str(run_dir), "--no-progress",
             "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
     merged = {o.split("=", 1)[0]: o for o in TINY_OVERRIDES + OVERRIDES + list(extra)}
-    procs = [subprocess.Popen(args + ["--process-id", str(i)] + list(merged.values()),
+    procs = [subprocess.Popen(args + ["--process-id", str(i)] + list(merged.values())
+                              + (only or {}).get(i, []),
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(2)]
     try:
@@ -134,3 +135,21 @@ def test_a_held_run_dir_stops_every_process_in_one_line(tmp_path: Path):
             f"it (pid {holder.pid} holds {run_dir}/run.lock); expected one run per directory")
     for out in outs:
         assert line in out.splitlines(), out[-3000:]
+
+
+@pytest.mark.parametrize("only, line", [
+    (["train.seed=1"], "jaxmoe: multi-host settings: process 1's config differs from process "
+     "0's (train.seed: 0 -> 1); expected the same config and overrides in every process"),
+    (["--num-processes", "3"], "jaxmoe: multi-host settings: process 1 was started with "
+     "num_processes=3 but the run has 2 processes (counted by process 0's coordinator); "
+     "expected num_processes=2 in every process"),
+], ids=["seed", "num_processes"])
+def test_processes_started_unalike_stop_in_one_line(tmp_path: Path, only, line):
+    """Process 1 alone given another seed trained different replicas without a word, and
+    alone given --num-processes 3 had it ignored: both processes exit 2 with one line before
+    anything is built (no run directory). Reference: the settings as given."""
+    outs = _train_two_processes(tmp_path / "run", ["train.steps=1"], timeout=180, rc=2,
+                                only={1: only})
+    for out in outs:
+        assert line in out.splitlines(), out[-3000:]
+    assert not (tmp_path / "run").exists()
