@@ -28,6 +28,7 @@ _CHOICES = {
     "model.rope_scaling": ("none", "yarn"),
 }
 GMM_BLOCK_MAX = 1 << 16  # rows per expert block; far larger ones overflow int32 offsets
+SAMPLE_TOKENS_MAX = 4096  # a demo of the trained model, not a generator (jaxmoe/inference)
 
 
 def validate(cfg: Config) -> Config:
@@ -93,10 +94,10 @@ def validate(cfg: Config) -> Config:
             fail(f"train.{key}", getattr(t, key), ">= 0 (0 disables)")
     if not 0 <= t.seed <= SEED_MAX:
         fail("train.seed", t.seed, f"an integer in [0, {SEED_MAX}]")
-    context = m.context_length or cfg.data.seq_len
-    if not 0 <= t.sample_tokens <= context:
-        fail("train.sample_tokens", t.sample_tokens, f"between 0 (no sample) and the model's "
-             f"context of {context} tokens (model.context_length, else data.seq_len)")
+    if not 0 <= t.sample_tokens <= SAMPLE_TOKENS_MAX:
+        fail("train.sample_tokens", t.sample_tokens, f"between 0 (no sample) and "
+             f"{SAMPLE_TOKENS_MAX} (the end-of-run sample has no KV cache: every token is a "
+             "forward pass over the whole sample)")
     if t.keep_checkpoints < 1:
         fail("train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     if t.keep_every and t.checkpoint_every and t.keep_every % t.checkpoint_every:

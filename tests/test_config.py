@@ -96,12 +96,13 @@ BAD = [
      "train.optimizer.grad_clip_norm=-1.0: expected >= 0 (0 disables clipping)"),
     (["train.eval_batches=0"], "train.eval_batches=0: expected a positive integer"),
     (["train.sample_tokens=-1"], "train.sample_tokens=-1: expected between 0 (no sample) and "
-     "the model's context of 256 tokens (model.context_length, else data.seq_len)"),
-    # a sample longer than the context: found only after training, as a 36 TiB allocation
+     "4096 (the end-of-run sample has no KV cache: every token is a forward pass over the "
+     "whole sample)"),
+    # found only after training, as a 36 TiB allocation (and summary.json was lost)
     (["train.sample_tokens=10000000000000"], "train.sample_tokens=10000000000000: expected "
-     "between 0 (no sample) and the model's context of 256"),
-    (["model.context_length=64", "train.sample_tokens=65"],
-     "train.sample_tokens=65: expected between 0 (no sample) and the model's context of 64"),
+     "between 0 (no sample) and 4096"),
+    (["train.sample_tokens=4097"], "train.sample_tokens=4097: expected between 0 (no sample) "
+     "and 4096"),
     # a string is not a number (it was read as one for floats only: learning_rate='3e-4')
     (["train.optimizer.learning_rate='3e-4'"],
      "train.optimizer.learning_rate='3e-4': expected a number"),
@@ -234,6 +235,12 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
                             "column 1)")
     with pytest.raises(ConfigError, match=r"duplicate key 'steps'"):
         load_config(None, ["train={steps: 1, steps: 2}"])
+
+
+def test_a_short_context_keeps_the_default_sample():
+    """The sample may run past the trained context (RoPE extrapolates; it is a demo): a
+    bound at data.seq_len refused every short-sequence config that kept the default 48."""
+    assert load_config(None, ["data.seq_len=16"]).train.sample_tokens == 48
 
 
 def test_mla_configs_skip_the_gqa_head_checks():
