@@ -318,3 +318,23 @@ def test_a_tool_stopped_by_ctrl_c_says_one_line(capsys) -> None:
     tools = glob.glob(os.path.join(TOOLS, "*.py"))
     assert [t for t in tools if "__main__" in open(t).read()
             and "    run(main)\n" not in open(t).read()] == []
+
+
+@pytest.mark.parametrize("path", sorted(p for p in os.listdir(TOOLS) if p.endswith(".py")))
+def test_main_blocks_rebind_no_module_name(path) -> None:
+    """`if __name__ == "__main__": from _run import run` replaced bench_convert's own
+    `run(task)`, so the script failed on every run ('str' object is not callable) while
+    these tests, which call `main()` directly, passed. Reference: the module's top-level
+    names, read from the source; the main block may bind none of them."""
+    import ast
+
+    tree = ast.parse(open(os.path.join(TOOLS, path)).read())
+    mains = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+    top = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    top |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+            if isinstance(t, ast.Name)}
+    bound = {a.asname or a.name for m in mains for n in ast.walk(m)
+             if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    bound |= {t.id for m in mains for n in ast.walk(m) if isinstance(n, ast.Assign)
+              for t in n.targets if isinstance(t, ast.Name)}
+    assert not bound & top, f"{path}: the main block rebinds {sorted(bound & top)}"

@@ -128,7 +128,7 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def run(task: str, *args: str) -> dict[str, float]:
+def run_task(task: str, *args: str) -> dict[str, float]:
     proc = subprocess.run([sys.executable, __file__, "--child", task, *args], check=True,
                           capture_output=True, text=True, env={**os.environ,
                                                                "JAX_PLATFORMS": "cpu"})
@@ -162,16 +162,17 @@ def main(argv: list[str] | None = None) -> None:
                      f"({e.strerror or e})")
     try:
         sizes = build(args.layers, root)
-        rows = [("import only (floor)", run("none"))]
+        rows = [("import only (floor)", run_task("none"))]
         rows.append(("to-hf float32, per-layer chunks (export)",
-                     run("to_hf", str(root / "export"), str(root / "hf32"), "float32")))
+                     run_task("to_hf", str(root / "export"), str(root / "hf32"), "float32")))
         rows.append(("to-hf bfloat16, per-layer chunks (export)",
-                     run("to_hf", str(root / "export"), str(root / "hf16"), "bfloat16")))
+                     run_task("to_hf", str(root / "export"), str(root / "hf16"), "bfloat16")))
         rows.append(("to-hf float32, training checkpoint",
-                     run("to_hf", str(root / "run"), str(root / "hf_run"), "float32")))
-        rows.append(("from-hf float32", run("from_hf", str(root / "hf32"), str(root / "back"))))
+                     run_task("to_hf", str(root / "run"), str(root / "hf_run"), "float32")))
+        rows.append(("from-hf float32",
+                     run_task("from_hf", str(root / "hf32"), str(root / "back"))))
         rows.append(("plain file copy of the HF files (I/O ceiling)",
-                     run("copy", str(root / "hf32"), str(root / "copy"))))
+                     run_task("copy", str(root / "hf32"), str(root / "copy"))))
     finally:
         if args.keep:
             print(f"files kept in {root}")
