@@ -167,6 +167,13 @@ def _eval_batches(cfg: config_lib.Config, per_process_batch: int,
         bad = it.stats().bad_records
         why = (f" ({sum(bad.values())} held-out records were bad: "
                + ", ".join(f"{k} {v}" for k, v in sorted(bad.items())) + ")") if bad else ""
+        if bad.keys() & {"missing_field", "invalid_json", "not_utf8"}:
+            # the reader's settings, not the split's size (a larger fraction cannot help)
+            key = ("data.sources[*].text_field" if cfg.data.source == "mixture"
+                   else f"data.text_field={cfg.data.text_field!r}")
+            raise config_lib.ConfigError(
+                f"{key}: the held-out split gave no tokens{why}; expected records that "
+                "data.source reads with that field (check data.source and data.text_field)")
         files = [p for s in cfg.data.source_configs() for p in s.eval_paths]
         if files:  # the held-out records are these files; eval_fraction plays no part
             name = ("data.eval_paths" if cfg.data.source != "mixture"

@@ -165,3 +165,21 @@ def test_eval_split_without_tokens_is_refused(evaluator, tmp_path):
     assert str(e.value) == (f"data.eval_paths={[str(blank)]}: the held-out files gave no "
                             "tokens (1 held-out records were bad: empty_text 1); expected "
                             "documents in them")
+
+
+def test_held_out_records_without_the_text_field_name_the_field(evaluator, tmp_path):
+    """A misspelt data.text_field on a small corpus: the held-out split (read first) was
+    all bad and the error asked for a larger data.eval_fraction, which cannot help (a large
+    corpus reached the bad-fraction check, which names the field)."""
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i} of a small corpus"}) + "\n"
+                            for i in range(40)))
+    cfg = evaluator[0].cfg
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, source="jsonl", paths=(str(data),), text_field="txt"))
+    with pytest.raises(ConfigError) as e:
+        _eval_batches(cfg, 8)
+    assert str(e.value) == ("data.text_field='txt': the held-out split gave no tokens (2 "
+                            "held-out records were bad: missing_field 2); expected records "
+                            "that data.source reads with that field (check data.source and "
+                            "data.text_field)")
