@@ -31,7 +31,7 @@ _API = {
     "incomplete_checkpoints": "manager",
     "unfinished_steps": "manager",
     "RunCheckpointer": "run",
-    "PreemptionGuard": "run",
+    "PreemptionGuard": "preemption",
     "abstract_state": "run",
     "describe": "inspect",
     "export_params": "inspect",

@@ -22,7 +22,8 @@ import sharding
 from jaxmoe import config as config_lib
 from jaxmoe.checkpoint import manager as ckpt
 from jaxmoe.checkpoint.init_from import check_source
-from jaxmoe.checkpoint.run import PreemptionGuard, RunCheckpointer
+from jaxmoe.checkpoint.preemption import PreemptionGuard
+from jaxmoe.checkpoint.run import RunCheckpointer
 from jaxmoe.inference.sample import greedy_generate
 from jaxmoe.model.moe.block import expert_dispatch
 from jaxmoe.model.params import (

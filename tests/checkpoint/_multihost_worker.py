@@ -20,7 +20,8 @@ def main(port: int, process_id: int, directory: str) -> None:
 
     from jaxmoe import config as config_lib
     from jaxmoe.checkpoint import manager as ckpt
-    from jaxmoe.checkpoint.run import PreemptionGuard, abstract_state
+    from jaxmoe.checkpoint.preemption import PreemptionGuard
+    from jaxmoe.checkpoint.run import abstract_state
     from jaxmoe.checkpoint.snapshot import StateSnapshot
     from jaxmoe.train.loop import build_trainer
     from tests.checkpoint._helpers import perturbed, tiny_config

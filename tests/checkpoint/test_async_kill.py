@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from jaxmoe.checkpoint import manager as ckpt
-from jaxmoe.checkpoint.run import PreemptionGuard, RunCheckpointer
+from jaxmoe.checkpoint.preemption import PreemptionGuard
+from jaxmoe.checkpoint.run import RunCheckpointer
 from tests.checkpoint._helpers import ROOT, subprocess_env, tiny_config
 
 WORKER = ROOT / "tests" / "checkpoint" / "_save_worker.py"
@@ -73,11 +74,11 @@ def test_preemption_guard(sig, capfd):
 def test_preemption_guard_stops_even_when_stderr_is_gone(monkeypatch):
     """`jaxmoe train ... 2>&1 | tee log` whose tee died first: saying the signal on a
     closed pipe fails, and must not raise out of the handler (that aborted the run unsaved)."""
-    import jaxmoe.checkpoint.run as run
+    import jaxmoe.checkpoint.preemption as preemption
 
     def broken_pipe(fd, data):
         raise BrokenPipeError(32, "Broken pipe")
-    monkeypatch.setattr(run.os, "write", broken_pipe)
+    monkeypatch.setattr(preemption.os, "write", broken_pipe)
     with PreemptionGuard() as guard:
         os.kill(os.getpid(), signal.SIGTERM)
         assert guard.should_stop(1) and guard.signal_name == "SIGTERM"
