@@ -31,6 +31,7 @@ from jaxmoe.checkpoint import priority
 from jaxmoe.checkpoint.damage import CheckpointError, CheckpointMismatch, older_steps_text
 from jaxmoe.checkpoint.init_from import init_from
 from jaxmoe.checkpoint.inspect import read_config
+from jaxmoe.checkpoint.save_failure import QuietSaveFailures, check_writable, save_error
 from jaxmoe.checkpoint.snapshot import StateSnapshot
 
 
@@ -124,6 +125,13 @@ class RunCheckpointer:
                  async_save: bool = True):
         self.directory = ckpt.checkpoint_dir(run_dir)
         self.cfg = cfg
+        # Refused now, not at the first save after hours of training (every process says so)
+        problem = check_writable(self.directory) if jax.process_index() == 0 else ""
+        if jax.process_count() > 1:
+            from sharding.multihost import said_by
+            problem = said_by(problem)
+        if problem:
+            raise CheckpointError(problem)
         self._config = config_lib.to_dict(cfg)
         for path in ckpt.incomplete_checkpoints(self.directory):
             _log(f"ignoring incomplete checkpoint {path} (its save never finished, e.g. the "
@@ -146,6 +154,9 @@ class RunCheckpointer:
                                          keep_every=t.keep_every, async_save=async_save)
         self._snapshot = StateSnapshot() if async_save and t.checkpoint_snapshot else None
         self.last_saved = self.manager.latest_step()
+        self._pending: int | None = None  # the step an async save is writing
+        self._quiet = QuietSaveFailures()  # its failure is raised here, in one line
+        self._quiet.install()
 
     def path(self, step: int) -> Path:
         return self.directory / str(step)
@@ -318,15 +329,33 @@ class RunCheckpointer:
                     f"step {step}: the train state holds NaN or inf; not saved ({kept}); "
                     "expected finite values: lower train.optimizer.learning_rate or check "
                     "the data")
-            ckpt.save(self.manager, step, state, self._config, train_iter.get_state(),
-                      snapshot=None if wait else self._snapshot)
-            self.last_saved = step
+            self._finish()  # the save in flight: a failure of its own names its step
+            try:
+                ckpt.save(self.manager, step, state, self._config, train_iter.get_state(),
+                          snapshot=None if wait else self._snapshot)
+            except Exception as e:  # e.g. a read-only folder: the tmp folder is not made
+                raise save_error(e, step, self.directory) from e
+            self.last_saved = self._pending = step
         if wait:
-            self.manager.wait_until_finished()
+            self._finish()
         return self.path(step)
 
+    def _finish(self) -> None:
+        """Waits for the save in flight; its failure (a full disk) as one CheckpointError.
+        Nothing is lost: Orbax renames a step's folder only once it is complete."""
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise save_error(e, step if step is not None else self.last_saved,
+                             self.directory) from e
+
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
-        if self._snapshot is not None:
-            self._snapshot.release()
+        try:
+            self._finish()
+            self.manager.close()
+            self._quiet.remove()  # kept after a failure: threads of that save may log late
+        finally:
+            if self._snapshot is not None:
+                self._snapshot.release()
+
