@@ -285,6 +285,27 @@ def test_refused_resumes_keep_the_runs_config(tmp_path, capsys):
     assert "the data starts from its beginning" not in out
 
 
+def test_a_resume_with_another_model_names_the_settings(tmp_path, capsys):
+    """A config whose model differs from the checkpoint's names the settings and the run's
+    own config, not only arrays. (It named a router kernel's shapes and "12 more
+    mismatches".) Reference: the run was trained with model.num_experts=8, tiny_moe.yaml
+    has 4; the arrays follow the model's order (the first layer group's router)."""
+    run_dir = tmp_path / "run"
+    base = ["train", "--config", "configs/tiny_moe.yaml", "--run-dir", str(run_dir),
+            "--no-progress", "train.sample_tokens=0", "train.eval_batches=1", "train.steps=1"]
+    assert main(base + ["model.num_experts=8"]) == 0
+    capsys.readouterr()
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    where = run_dir / "checkpoints" / "1"
+    assert err.startswith(f"jaxmoe: checkpoint {where}: array "), err
+    assert err.endswith(
+        "; the config does not match the checkpoint; model settings differ from the "
+        f"checkpoint's: model.num_experts: 8 -> 4; to resume the run as it was, use --config "
+        f"{run_dir / 'config.yaml'}\n"), err
+    assert err.count("\n") == 1 and "(2, 128, 8) but the config expects (2, 128, 4)" in err
+
+
 def test_resume_compares_tokenizer_and_data_files_by_what_they_hold(tmp_path, capsys):
     """The checkpoint's data state holds a fingerprint of the tokenizer file (its bytes) and
     of the train files (paths and sizes). A tokenizer retrained into the same file and a

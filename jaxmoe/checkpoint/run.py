@@ -182,8 +182,10 @@ class RunCheckpointer:
         if step is None:
             return self._fresh_state(trainer), 0
         changed: list[str] = []  # the settings of the train stream that differ
+        arrays_fit = []  # set once the stored arrays' names and shapes were found to fit
 
         def check(config: dict[str, Any], data_state: dict[str, Any] | None) -> None:
+            arrays_fit.append(True)
             changed.extend(self._check_settings(step, config, data_state, train_iter))
 
         try:
@@ -194,8 +196,10 @@ class RunCheckpointer:
                 raise CheckpointError(f"checkpoint {self.path(step)}: array step holds "
                                       f"{stored_step}, expected {step}; the checkpoint is "
                                       "damaged")
-        except CheckpointMismatch:  # the config's fault: older checkpoints would not fit
-            raise
+        except CheckpointMismatch as e:  # the config's fault: older checkpoints would not fit
+            if arrays_fit:
+                raise
+            raise CheckpointMismatch(f"{e}{self._model_changes(step)}") from e
         except CheckpointError as e:  # damaged: no silent fallback, but say what to do
             older = [s for s in self.manager.all_steps() if s < step]
             if not older:
@@ -240,6 +244,24 @@ class RunCheckpointer:
             _log(f"train.init_from={self.cfg.train.init_from} ignored: the run resumes from "
                  "its own checkpoint")
         return restored.state, step
+
+    def _model_changes(self, step: int) -> str:
+        """`"; model settings differ: model.num_experts: 8 -> 4; ..."`: why the arrays of
+        checkpoint `step` do not fit (a name or shape names an array, not the setting), and
+        the config to resume with; "" when its stored config cannot be read."""
+        try:
+            stored = (read_config(self.path(step)) or {}).get("model")
+        except Exception:  # a damaged config item: the array mismatch is still the error
+            stored = None
+        if not isinstance(stored, dict):
+            return ""
+        diff = config_diff({"model": stored}, {"model": self._config["model"]})
+        if not diff:
+            return ""
+        run_config = self.directory.parent / "config.yaml"
+        hint = (f"; to resume the run as it was, use --config {run_config}"
+                if run_config.is_file() else "")
+        return f"; model settings differ from the checkpoint's: {', '.join(diff)}{hint}"
 
     def _check_settings(self, step: int, config: dict[str, Any],
                         data_state: dict[str, Any] | None, train_iter: Any) -> list[str]:
