@@ -6,9 +6,11 @@ Every command is a plain function (`cmd_train`, `cmd_info`, ...) that tests call
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jaxmoe import config as config_lib
+from jaxmoe import startup_signals
 
 
 def _load(args) -> config_lib.Config:
@@ -35,6 +37,16 @@ def _first_difference(first: str, other: str) -> str:
 
 
 def cmd_train(args) -> int:
+    # Before anything compiles: Ctrl-C only sets a flag until the training loop's guard
+    # takes over (startup_signals.py); a KeyboardInterrupt inside XLA was lost or crashed.
+    startup_signals.install()
+    try:
+        return _train_command(args)
+    finally:
+        startup_signals.release()
+
+
+def _train_command(args) -> int:
     from sharding.multihost import check_same_start, check_settings, initialize
 
     cfg = config_lib.check_data(_load(args))  # tokenizer and data files exist, ids fit
@@ -179,6 +191,10 @@ def main(argv: list[str] | None = None, *, hugepages: bool = False) -> int:
     except KeyboardInterrupt:  # Ctrl-C while compiling, or a second one while stopping
         print("jaxmoe: interrupted", file=sys.stderr)
         return 130
+    except startup_signals.Interrupted as e:  # Ctrl-C or SIGTERM while `train` started
+        print(f"jaxmoe: interrupted ({e}) before training started; nothing saved",
+              file=sys.stderr)
+        return 128 + e.signum
     except FloatingPointError as e:  # the loss diverged (train/loop.py)
         print(f"jaxmoe: training error: {e}", file=sys.stderr)
         return 1
@@ -237,7 +253,13 @@ def whole_lines_on_stderr() -> None:
 def entry() -> int:
     """The `jaxmoe` command; `train` runs in a process started with huge pages for malloc."""
     whole_lines_on_stderr()
-    return main(hugepages=True)
+    rc = main(hugepages=True)
+    if rc >= 128:  # a signal: XLA's compile threads may still run, and interpreter
+        # teardown around them crashed (a segmentation fault); nothing is left to clean up
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import Any, Self
 
 import jax
 
+from jaxmoe import startup_signals
+
 
 class PreemptionGuard:
     """Turns SIGTERM / SIGINT into "save at the next step boundary and exit 0".
@@ -32,6 +34,11 @@ class PreemptionGuard:
         self._multi = False
 
     def __enter__(self) -> Self:
+        # Takes over from `jaxmoe train`'s start-up handler: a signal it recorded arrived
+        # before any step was trained, so there is nothing new to save.
+        pending = startup_signals.release()
+        if pending is not None:
+            raise startup_signals.Interrupted(pending)
         self._multi = jax.process_count() > 1
         if threading.current_thread() is threading.main_thread() and not self._multi:
             for sig in self.signals:

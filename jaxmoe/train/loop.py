@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 import input_pipeline
 import sharding
 from jaxmoe import config as config_lib
+from jaxmoe import startup_signals
 from jaxmoe.checkpoint import manager as ckpt
 from jaxmoe.checkpoint.init_from import check_source
 from jaxmoe.checkpoint.preemption import PreemptionGuard
@@ -271,6 +272,7 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
     tokenizer = input_pipeline.make_tokenizer(cfg.data)
     input_pipeline.check_vocab_fits(tokenizer, cfg.model.vocab_size)
     trainer = build_trainer(cfg)
+    startup_signals.check()  # Ctrl-C so far: stop before compiling anything
     shard, shards = trainer.data_shard
     per_process = cfg.train.batch_size // shards
     seq_len = cfg.data.seq_len
@@ -301,6 +303,7 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
     # router biases and the data iterator's position), or start fresh.
     checkpoints = RunCheckpointer(run_dir, cfg)
     state, start = checkpoints.restore_or_init(trainer, train_iter)
+    startup_signals.check()
     # Rows past the checkpoint (or all rows, when a run died before its first checkpoint)
     # are trained and logged again: drop them so no step is logged twice.
     writer.resume_at(start)

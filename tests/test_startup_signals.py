@@ -1,0 +1,85 @@
+"""Ctrl-C while `jaxmoe train` starts (before the training loop's guard): exit 130 with one
+line. (Python's KeyboardInterrupt landed inside XLA: it was swallowed by JAX's garbage
+collection callback, so the run trained to its end, or the process crashed with a
+segmentation fault while compile threads lived.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from jaxmoe import startup_signals
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The child: SIGINT handled as in an interactive shell (a test runner may start it ignored),
+# and a pause at the start of restore_or_init (which compiles the init) that says READY and
+# waits for stdin to close, so the signal arrives at a known point of start-up, no sleeps.
+# The pause swallows a KeyboardInterrupt as JAX's `_xla_gc_callback` did (the reported loss:
+# the run then trained to its end).
+CHILD = """
+import signal, sys, runpy
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from jaxmoe.checkpoint.run import RunCheckpointer
+real = RunCheckpointer.restore_or_init
+def paused(self, *args):
+    try:
+        print("READY", flush=True)
+        sys.stdin.read()
+    except KeyboardInterrupt:
+        pass
+    return real(self, *args)
+RunCheckpointer.restore_or_init = paused
+runpy.run_module("jaxmoe.cli", run_name="__main__")
+"""
+
+
+def test_ctrl_c_during_start_up_exits_130_with_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "JAXMOE_HUGEPAGES": "0", "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, "train", "--config", "configs/tiny_moe.yaml",
+         "--run-dir", str(run_dir), "--no-progress", "train.steps=2", "train.eval_batches=1",
+         "train.sample_tokens=0"], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in child.stdout:
+            lines.append(line)
+            if line == "READY\n":
+                break
+        assert lines[-1:] == ["READY\n"], "".join(lines)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(input="", timeout=600)  # closes stdin: start-up goes on
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 130, err[-3000:]
+    assert err == "jaxmoe: interrupted (SIGINT) before training started; nothing saved\n", err
+    assert "step" not in out and "checkpoint:" not in out, out
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def test_a_second_signal_gets_the_default_action(monkeypatch):
+    """The first signal is recorded and gives the signal its default action back, so a
+    second one ends the process even while the main thread is inside a compile (where no
+    Python handler runs); `release` restores the handlers from before and reports it."""
+    before = signal.getsignal(signal.SIGINT)
+    assert startup_signals.install()
+    try:
+        assert signal.getsignal(signal.SIGINT) is startup_signals._handle
+        startup_signals.check()  # nothing received yet
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+        try:
+            startup_signals.check()
+            raise AssertionError("check() did not raise")
+        except startup_signals.Interrupted as e:
+            assert e.signum == signal.SIGINT and str(e) == "SIGINT"
+    finally:
+        received = startup_signals.release()
+    assert received == signal.SIGINT and signal.getsignal(signal.SIGINT) is before
+    assert startup_signals.release() is None
