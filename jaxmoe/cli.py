@@ -28,22 +28,35 @@ def _check_multihost(args) -> None:
 
 def _first_difference(first: str, other: str) -> str:
     """`"train.seed: 0 -> 1"`: the first key where two dumped configs differ ("" if none)."""
-    import yaml
-
     from jaxmoe.checkpoint.run import config_diff
+    from jaxmoe.config_yaml import parse_yaml
 
-    diff = config_diff(yaml.safe_load(first), yaml.safe_load(other))
+    diff = config_diff(parse_yaml(first), parse_yaml(other))
     return diff[0] if diff else ""
+
+
+def guards_start_up(args) -> bool:
+    """Whether `jaxmoe train` holds Ctrl-C/SIGTERM as a flag while it starts: single-process
+    runs only. A multi-host run keeps the handlers it had before: jax.distributed installs
+    its own SIGTERM handler (the preemption service the training loop relies on), which
+    restoring ours would remove, and a flag seen by one process alone would stop it while
+    the others wait in a collective."""
+    from sharding.multihost import check_settings
+
+    address = check_settings(args.coordinator_address, args.num_processes, args.process_id,
+                             auto=args.distributed)[0]
+    return address is None and not args.distributed
 
 
 def cmd_train(args) -> int:
     # Before anything compiles: Ctrl-C only sets a flag until the training loop's guard
     # takes over (startup_signals.py); a KeyboardInterrupt inside XLA was lost or crashed.
-    startup_signals.install()
+    guard = guards_start_up(args) and startup_signals.install()
     try:
         return _train_command(args)
     finally:
-        startup_signals.release()
+        if guard:
+            startup_signals.release()
 
 
 def _train_command(args) -> int:
@@ -254,8 +267,9 @@ def entry() -> int:
     """The `jaxmoe` command; `train` runs in a process started with huge pages for malloc."""
     whole_lines_on_stderr()
     rc = main(hugepages=True)
-    if rc >= 128:  # a signal: XLA's compile threads may still run, and interpreter
-        # teardown around them crashed (a segmentation fault); nothing is left to clean up
+    if startup_signals.stopped_start_up():  # XLA's compile threads may still run, and
+        # interpreter teardown around them crashed (a segmentation fault); nothing was
+        # opened that needs closing (a run that trained closes its writers itself)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)

@@ -6,8 +6,9 @@ it was swallowed (the run trained to its end) or left compile threads running wh
 interpreter tore down (a segmentation fault). `install` replaces it with a handler that only
 records the signal; `check` ends start-up between its phases (Interrupted: the command exits
 128 + the signal, with one line), and the training loop's PreemptionGuard takes over with
-`release`. A second signal ends the process at once, even inside a compile: the first one
-gives the signal back its default action.
+`release`. A second signal (of either kind) ends the process at once, even inside a
+compile: the first one gives both signals back their default action. Single-process runs
+only (`jaxmoe.cli.guards_start_up`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _previous: dict[int, Any] = {}  # the handlers `install` replaced, while installed
 _received: list[int] = []  # the signal received during start-up, if any
+_stopped: list[int] = []  # the signal that stopped start-up (Interrupted raised), if any
 
 
 class Interrupted(BaseException):
@@ -28,12 +30,14 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        _stopped[:] = [signum]
 
 
 def _handle(signum: int, frame: Any) -> None:
     if not _received:
         _received.append(signum)
-    signal.signal(signum, signal.SIG_DFL)  # a second one stops the process, even in XLA
+    for sig in SIGNALS:  # a second one (of either kind) stops the process, even in XLA
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def install() -> bool:
@@ -45,6 +49,11 @@ def install() -> bool:
     for sig in SIGNALS:
         _previous[sig] = signal.signal(sig, _handle)
     return True
+
+
+def stopped_start_up() -> bool:
+    """Whether a signal stopped start-up (an Interrupted was raised) in this process."""
+    return bool(_stopped)
 
 
 def check() -> None:

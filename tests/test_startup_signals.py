@@ -73,7 +73,9 @@ def test_a_second_signal_gets_the_default_action(monkeypatch):
         assert signal.getsignal(signal.SIGINT) is startup_signals._handle
         startup_signals.check()  # nothing received yet
         os.kill(os.getpid(), signal.SIGINT)
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+        # both kinds: a supervisor's SIGTERM after a user's Ctrl-C was recorded and dropped
+        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) \
+            == signal.SIG_DFL
         try:
             startup_signals.check()
             raise AssertionError("check() did not raise")
@@ -83,3 +85,21 @@ def test_a_second_signal_gets_the_default_action(monkeypatch):
         received = startup_signals.release()
     assert received == signal.SIGINT and signal.getsignal(signal.SIGINT) is before
     assert startup_signals.release() is None
+
+
+def test_multi_host_runs_keep_their_signal_handlers():
+    """jax.distributed installs its own SIGTERM handler (the preemption service the training
+    loop syncs on); restoring the start-up handler's saved SIG_DFL over it made a SIGTERM
+    kill one process of a multi-host run at once, unsaved, while the others hung. So only
+    single-process runs are guarded (reference: the flags that start jax.distributed)."""
+    from types import SimpleNamespace
+
+    from jaxmoe.cli import guards_start_up
+
+    def args(address=None, count=None, pid=None, distributed=False):
+        return SimpleNamespace(coordinator_address=address, num_processes=count,
+                               process_id=pid, distributed=distributed)
+
+    assert guards_start_up(args())
+    assert not guards_start_up(args("localhost:1234", 2, 0))
+    assert not guards_start_up(args(distributed=True))

@@ -46,7 +46,7 @@ def complete_steps(directory: Path) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir()
-                  if p.name.isdigit() and all((p / f).is_file() for f in STEP_FILES))
+                  if re.fullmatch(r"[0-9]+", p.name) and all((p / f).is_file() for f in STEP_FILES))
 
 
 def save_error(exc: BaseException, step: int, directory: Path) -> CheckpointError:

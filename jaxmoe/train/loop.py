@@ -22,6 +22,7 @@ import sharding
 from jaxmoe import config as config_lib
 from jaxmoe import startup_signals
 from jaxmoe.checkpoint import manager as ckpt
+from jaxmoe.checkpoint.damage import CheckpointError
 from jaxmoe.checkpoint.init_from import check_source
 from jaxmoe.checkpoint.preemption import PreemptionGuard
 from jaxmoe.checkpoint.run import RunCheckpointer
@@ -169,13 +170,13 @@ def _eval_batches(cfg: config_lib.Config, per_process_batch: int,
         bad = it.stats().bad_records
         why = (f" ({sum(bad.values())} held-out records were bad: "
                + ", ".join(f"{k} {v}" for k, v in sorted(bad.items())) + ")") if bad else ""
-        if bad.keys() & {"missing_field", "invalid_json", "not_utf8"}:
-            # the reader's settings, not the split's size (a larger fraction cannot help)
+        if "missing_field" in bad:  # most likely the reader's settings, not the split's size
             key = ("data.sources[*].text_field" if cfg.data.source == "mixture"
                    else f"data.text_field={cfg.data.text_field!r}")
             raise config_lib.ConfigError(
                 f"{key}: the held-out split gave no tokens{why}; expected records that "
-                "data.source reads with that field (check data.source and data.text_field)")
+                "data.source reads with that field (check data.source and data.text_field; "
+                "or, if only a few records are held out, a larger data.eval_fraction)")
         files = [p for s in cfg.data.source_configs() for p in s.eval_paths]
         if files:  # the held-out records are these files; eval_fraction plays no part
             name = ("data.eval_paths" if cfg.data.source != "mixture"
@@ -379,8 +380,12 @@ def _train(cfg: config_lib.Config, run_dir: Path, held: contextlib.ExitStack, *,
         if checkpoints.manager.is_saving_in_progress():
             print(f"jaxmoe: stopping after an error ({e}); waiting for the checkpoint save "
                   "in flight to finish", file=sys.stderr, flush=True)
-        with contextlib.suppress(Exception):
+        try:
             checkpoints.close()
+        except CheckpointError as failed:  # a save in flight that failed: not to be missed
+            print(f"jaxmoe: also, {failed}", file=sys.stderr, flush=True)
+        except Exception:
+            pass  # the first error is the one reported
         with contextlib.suppress(Exception):  # e.g. a full disk: the first error is the one
             writer.close()
         raise

@@ -8,7 +8,7 @@ from jaxmoe import config as config_lib
 
 # The tiny config, in float32 (so layouts differ only by summation order), with 4 kv heads
 # so that a tensor axis of 4 divides every head count, and short sequences for speed
-# (no sample: 48 tokens would not fit a 32-token context).
+# (no sample: these tests check training, and sampling would only add compiles).
 TINY_OVERRIDES = ["model.compute_dtype=float32", "model.num_kv_heads=4", "data.seq_len=32",
                   "train.batch_size=16", "train.steps=3", "train.optimizer.warmup_steps=1",
                   "model.init_std=0.2", "train.sample_tokens=0"]

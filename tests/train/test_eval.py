@@ -182,4 +182,5 @@ def test_held_out_records_without_the_text_field_name_the_field(evaluator, tmp_p
     assert str(e.value) == ("data.text_field='txt': the held-out split gave no tokens (2 "
                             "held-out records were bad: missing_field 2); expected records "
                             "that data.source reads with that field (check data.source and "
-                            "data.text_field)")
+                            "data.text_field; or, if only a few records are held out, a "
+                            "larger data.eval_fraction)")
