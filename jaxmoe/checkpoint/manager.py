@@ -126,20 +126,28 @@ def incomplete_checkpoints(directory: str | Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if TMP_MARKER in p.name)
 
 
-def unfinished_steps(directory: str | Path) -> list[tuple[Path, str]]:
-    """(folder, what it lacks) for each folder named by a step number that Orbax would take
-    for a checkpoint but that lacks a file of `STEP_FILES` (e.g. an empty `3/` left by an
-    interrupted copy), oldest first."""
+def _step_folders(directory: str | Path) -> list[tuple[Path, list[str]]]:
+    """(folder, the `STEP_FILES` it lacks) for each folder named by a step number that Orbax
+    would take for a checkpoint, oldest first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    out = []
-    for p in directory.iterdir():
-        if p.is_dir() and _STEP_NAME.fullmatch(p.name):
-            missing = [f for f in STEP_FILES if not (p / f).is_file()]
-            if missing:
-                out.append((p, f"no {' or '.join(missing)}"))
-    return sorted(out, key=lambda item: int(item[0].name))
+    found = [(p, [f for f in STEP_FILES if not (p / f).is_file()]) for p in directory.iterdir()
+             if p.is_dir() and _STEP_NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda item: int(item[0].name))
+
+
+def unfinished_steps(directory: str | Path) -> list[tuple[Path, str]]:
+    """(folder, what it lacks) for each step folder that lacks a file of `STEP_FILES` (e.g.
+    an empty `3/` left by an interrupted copy), oldest first."""
+    return [(p, f"no {' or '.join(missing)}") for p, missing in _step_folders(directory)
+            if missing]
+
+
+def complete_steps(directory: str | Path) -> list[int]:
+    """The steps whose save finished (every `STEP_FILES` file; a save in flight or failed is
+    still in its `.orbax-checkpoint-tmp` folder), oldest first."""
+    return [int(p.name) for p, missing in _step_folders(directory) if not missing]
 
 
 def set_aside(path: Path) -> Path:

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from jaxmoe.checkpoint.damage import CheckpointError, _chain, write_problem
-from jaxmoe.checkpoint.manager import STEP_FILES
+from jaxmoe.checkpoint.manager import complete_steps
 
 # TensorStore ends an OS error with its code: `... No space left on device [os_error_code=28]`.
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)'?")
@@ -38,15 +38,6 @@ def reason(exc: BaseException) -> str:
             name = errno_lib.errorcode.get(code, str(code))
             return f"{os.strerror(code)} ({name}, errno {code})"
     return write_problem(exc)
-
-
-def complete_steps(directory: Path) -> list[int]:
-    """The steps in `directory` whose save finished (a step folder with every STEP_FILES
-    file; a save in flight or failed is still in its `.orbax-checkpoint-tmp` folder)."""
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir()
-                  if re.fullmatch(r"[0-9]+", p.name) and all((p / f).is_file() for f in STEP_FILES))
 
 
 def save_error(exc: BaseException, step: int, directory: Path) -> CheckpointError:
