@@ -186,12 +186,15 @@ def test_writing_metrics_is_not_step_time(timed_run):
     assert all(pause[0] == "pause" and pause[1] >= seconds for seconds, pause in writes)
 
 
-def test_an_error_lets_the_save_in_flight_finish(tmp_path, monkeypatch):
+def test_an_error_lets_the_save_in_flight_finish(tmp_path, monkeypatch, capsys):
     """An error mid-run (here the evaluation at step 3 raises) closes the checkpointer
     before it propagates, which waits for an async save still in flight (step 2's, if it
     has not finished by then; on this tiny model it often has): step 2 is complete on disk
-    and no half-written step is left. Reference: the steps on disk, the calls made."""
+    and no half-written step is left. A save failure reported by that close (made to raise
+    here) is printed as one "also," line, and the first error is the one raised.
+    Reference: the steps on disk, the calls made, stderr."""
     from jaxmoe.checkpoint import manager as ckpt
+    from jaxmoe.checkpoint.damage import CheckpointError
     from jaxmoe.checkpoint.run import RunCheckpointer
 
     closed = []
@@ -200,6 +203,7 @@ def test_an_error_lets_the_save_in_flight_finish(tmp_path, monkeypatch):
         def close(self):
             closed.append(self.manager.is_saving_in_progress())
             super().close()
+            raise CheckpointError("checkpoint: saving step 2 failed: quota exceeded")
 
     def failing_evaluate(*args, **kwargs):
         raise RuntimeError("disk gone")
@@ -210,6 +214,8 @@ def test_an_error_lets_the_save_in_flight_finish(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk gone"):
         loop.train(cfg, tmp_path, progress=False, sample=False)
     assert len(closed) == 1
+    assert "jaxmoe: also, checkpoint: saving step 2 failed: quota exceeded\n" in (
+        capsys.readouterr().err)
     assert ckpt.make_manager(ckpt.checkpoint_dir(tmp_path), keep_last=2).all_steps() == [2]
     assert ckpt.incomplete_checkpoints(ckpt.checkpoint_dir(tmp_path)) == []
 
