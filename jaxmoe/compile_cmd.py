@@ -31,7 +31,7 @@ EXIT_DOES_NOT_FIT = 3
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", required=True,
-                   help="v5p-128 (TensorCores for v4/v5p, chips otherwise), v5p:4x4x8, "
+                   help="v5p-128 (TensorCores for v4/v5p/tpu7x, chips otherwise), v5p:4x4x8, "
                         "v6e-256, tpu7x:4x4x4, h100-64 (analytic)")
     p.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN")
     p.add_argument("--hlo-out", help="write the compiled HLO text here")

@@ -66,7 +66,7 @@ def default_dims(chips: int, ndim: int) -> tuple[int, ...]:
 
 
 def target_from_name(name: str, num_slices: int = 1) -> Target:
-    """"v5p-128" (cores for v4/v5p, chips otherwise), "v5p:4x4x8", "v6e-256", "h100-8"."""
+    """"v5p-128" (cores for v4/v5p/tpu7x, chips otherwise), "v5p:4x4x8", "v6e-256", "h100-8"."""
     m = re.fullmatch(r"([a-z0-9]+)[-:](\d+(?:x\d+)*)", name.strip().lower())
     if not m:
         raise TargetError(f"--topology {name!r}: expected e.g. v5p-128, v5p:4x4x4, v6e-256 "
