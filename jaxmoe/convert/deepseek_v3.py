@@ -77,7 +77,7 @@ def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
         lo.refuse(NAME, "attention_bias=true is not supported")
     if h.get("scoring_func", "sigmoid") != "sigmoid":
         lo.refuse(NAME, f"scoring_func={h['scoring_func']!r} is not supported (expected sigmoid)")
-    base = lo.base_model_fields(NAME, h)
+    base = lo.base_model_fields(NAME, h, kv_heads=h["num_attention_heads"], max_positions=4096)
     return {**base, "head_dim": h["qk_rope_head_dim"], "num_kv_heads": base["num_heads"],
             "attention": "mla", "q_lora_rank": h["q_lora_rank"] or 0,
             "kv_lora_rank": h["kv_lora_rank"], "qk_nope_head_dim": h["qk_nope_head_dim"],

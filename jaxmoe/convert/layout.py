@@ -272,10 +272,11 @@ def hf_rope(fmt: str, hf: dict[str, Any], default_theta: float = 10000.0) -> dic
     return out
 
 
-def base_model_fields(fmt: str, hf: dict[str, Any], rope_theta: float = 10000.0,
-                      norm_eps: float = 1e-6) -> dict[str, Any]:
-    """ModelConfig fields every decoder format shares. `rope_theta`, `norm_eps`: the
-    format's transformers defaults, for a config.json that leaves them out."""
+def base_model_fields(fmt: str, hf: dict[str, Any], *, kv_heads: int, max_positions: int,
+                      rope_theta: float = 10000.0, norm_eps: float = 1e-6) -> dict[str, Any]:
+    """ModelConfig fields every decoder format shares. `kv_heads` (num_key_value_heads),
+    `max_positions` (max_position_embeddings), `rope_theta`, `norm_eps`: the format's
+    transformers defaults, for a config.json that leaves them out."""
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")
         refuse(fmt, f"quantized weights (quantization_config: {method}) are not supported; "
@@ -285,12 +286,13 @@ def base_model_fields(fmt: str, hf: dict[str, Any], rope_theta: float = 10000.0,
     heads = hf["num_attention_heads"]
     return {"vocab_size": hf["vocab_size"], "embed_dim": hf["hidden_size"],
             "num_layers": hf["num_hidden_layers"], "num_heads": heads,
-            "num_kv_heads": hf.get("num_key_value_heads") or heads,
+            # transformers: a missing key takes the class default, null the number of heads
+            "num_kv_heads": hf.get("num_key_value_heads", kv_heads) or heads,
             "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
             "norm_eps": float(hf.get("rms_norm_eps", norm_eps)),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
             "init_std": float(hf.get("initializer_range", 0.02)),
-            "context_length": int(hf.get("max_position_embeddings") or 0),
+            "context_length": int(hf.get("max_position_embeddings") or max_positions),
             "num_experts_per_tok": hf["num_experts_per_tok"], **hf_rope(fmt, hf, rope_theta)}
 
 

@@ -45,8 +45,9 @@ def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("sliding_window") is not None:
         lo.refuse(NAME, f"sliding_window={hf['sliding_window']} is not supported")
     experts = hf.get("num_local_experts") or hf.get("num_experts")
-    # MixtralConfig's defaults differ from the other formats' (rope_theta 1e6, eps 1e-5).
-    return {**lo.base_model_fields(NAME, hf, rope_theta=1e6, norm_eps=1e-5),
+    # MixtralConfig's defaults (rope_theta 1e6 and eps 1e-5 differ from the other formats').
+    return {**lo.base_model_fields(NAME, hf, kv_heads=8, max_positions=4096 * 32,
+                                   rope_theta=1e6, norm_eps=1e-5),
             "num_experts": experts,
             "expert_mlp_dim": hf["intermediate_size"], "router_scoring": "softmax",
             "norm_topk_prob": True}

@@ -63,7 +63,10 @@ def _model_fields(fmt: str, hf: dict[str, Any]) -> dict[str, Any]:
     only = set(hf.get("mlp_only_layers") or [])
     dense = {i for i in range(layers) if i in only or not (experts > 0 and (i + 1) % step == 0)}
     k, every = lo.dense_pattern(layers, dense)
-    out = {**lo.base_model_fields(fmt, hf), "num_experts": experts,
+    # Qwen2MoeConfig's and Qwen3MoeConfig's defaults
+    base = lo.base_model_fields(fmt, hf, kv_heads=16 if fmt == "qwen2_moe" else 4,
+                                max_positions=32768)
+    out = {**base, "num_experts": experts,
            "expert_mlp_dim": hf["moe_intermediate_size"], "mlp_dim": hf["intermediate_size"],
            "first_k_dense": k, "moe_every": every, "router_scoring": "softmax",
            "norm_topk_prob": bool(hf.get("norm_topk_prob", False))}
