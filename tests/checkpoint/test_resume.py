@@ -245,9 +245,11 @@ def test_array_step_differs_from_folder(two_steps, tmp_path):
     checkpoints.close()
     with pytest.raises(CheckpointError) as err:
         resume(run_dir, two_steps[1])
-    assert str(err.value).startswith(
+    assert str(err.value) == (
         f"checkpoint {run_dir / 'checkpoints' / '3'}: array step holds 7, expected 3; the "
-        "checkpoint is damaged; older complete checkpoints: [1, 2]; "), err.value
+        "checkpoint is damaged; older complete checkpoints: [1, 2]; move "
+        f"{run_dir / 'checkpoints' / '3'} aside (e.g. rename it to 3.damaged) to resume from "
+        "step 2"), err.value  # the newest older step, not the oldest
 
 
 def test_config_mismatch_gets_no_fallback_advice(two_steps, tmp_path):

@@ -105,11 +105,13 @@ def test_restore_onto_mesh(name, saved, monkeypatch):
 
 
 def test_keep_last_and_every(tmp_path):
-    """keep_last=2 plus keep_every=4 over saves at 2, 4, ..., 12 keeps 4, 8, 10, 12."""
+    """keep_last=2 plus keep_every=4 over saves at 1, 2, ..., 11 keeps the newest two
+    (10, 11) and the multiples of 4 (4, 8), by hand; keep_last=1 or 3 would keep 11 alone
+    or 9 too."""
     state = {"w": jax.numpy.arange(4.0)}
     manager = ckpt.make_manager(tmp_path, keep_last=2, keep_every=4, async_save=False)
-    for step in range(2, 13, 2):
+    for step in range(1, 12):
         ckpt.save(manager, step, state, {"step": step})
     manager.wait_until_finished()
-    assert sorted(manager.all_steps()) == [4, 8, 10, 12]
-    assert sorted(int(p.name) for p in tmp_path.iterdir()) == [4, 8, 10, 12]
+    assert sorted(manager.all_steps()) == [4, 8, 10, 11]
+    assert sorted(int(p.name) for p in tmp_path.iterdir()) == [4, 8, 10, 11]

@@ -79,3 +79,24 @@ def test_reason_reads_the_os_error_tensorstore_reports():
     assert reason(ValueError(text)) == "No space left on device (ENOSPC, errno 28)"
     assert reason(OSError(errno.EROFS, "Read-only file system")) == \
         "Read-only file system (EROFS, errno 30)"
+
+
+def test_step_folders_are_ordered_by_number(tmp_path):
+    """Steps 9 and 10 sort as numbers, not as text ("10" < "9"): the newest complete
+    checkpoint a failed save names is step 10. Reference: the folders made here by hand,
+    with the files Orbax's finished saves hold (`manager.STEP_FILES`)."""
+    from jaxmoe.checkpoint.manager import STEP_FILES, complete_steps, unfinished_steps
+    from jaxmoe.checkpoint.save_failure import save_error
+
+    for step in (10, 2, 9, 11):
+        for name in STEP_FILES[: 1 if step == 11 else None]:  # 11 lacks its state metadata
+            (tmp_path / str(step) / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / str(step) / name).write_text("{}")
+    (tmp_path / "012").mkdir()  # not a name Orbax takes for a step
+    (tmp_path / "3.orbax-checkpoint-tmp-1").mkdir()  # a save in flight
+    assert complete_steps(tmp_path) == [2, 9, 10]
+    assert unfinished_steps(tmp_path) == [(tmp_path / "11", "no state/_METADATA")]
+    error = save_error(OSError(errno.ENOSPC, "No space left on device"), 12, tmp_path)
+    assert str(error) == (
+        f"checkpoint step 12 to {tmp_path} failed: No space left on device (ENOSPC, errno 28); "
+        f"the latest complete checkpoint is step 10 ({tmp_path / '10'})")
