@@ -122,3 +122,20 @@ def test_too_few_records_for_hosts(tmp_path) -> None:
     cfg = DataConfig(source="jsonl", paths=(path,), eval_fraction=0.3)
     with pytest.raises(ValueError, match="cannot be sharded over 4 processes"):
         all_batches(cfg, split="train", batch_size=1, seed=0, process_index=0, process_count=4)
+
+
+def test_mixture_sources_are_shuffled_by_their_own_seeds(tmp_path) -> None:
+    """Each source of a mixture is shuffled with its own seed (`seed * 1_000_003 + i`): two
+    sources of equal length read in two different orders, each a permutation of its
+    source. Reference: the unshuffled index order of each source, 0..11 (the index is
+    written in each text). One seed for all sources gave both the same order."""
+    ev = write_jsonl(tmpfile(tmp_path, "eval.jsonl"), ["held out"])
+    cfg = DataConfig(source="mixture", seq_len=256, packing=False, sources=tuple(
+        {"source": "jsonl", "weight": 1.0, "eval_paths": [ev],
+         "paths": [write_jsonl(tmpfile(tmp_path, f"{n}.jsonl"), unique_texts(12, n))]}
+        for n in "AB"))
+    order = {"A": [], "B": []}
+    for text in _row_texts(all_batches(cfg, split="train", batch_size=4, seed=0, num_epochs=1)):
+        order[text[0]].append(int(text.split()[1]))
+    assert sorted(order["A"]) == sorted(order["B"]) == list(range(12))
+    assert order["A"] != list(range(12)) and order["A"] != order["B"]
