@@ -139,3 +139,17 @@ def test_mixture_sources_are_shuffled_by_their_own_seeds(tmp_path) -> None:
         order[text[0]].append(int(text.split()[1]))
     assert sorted(order["A"]) == sorted(order["B"]) == list(range(12))
     assert order["A"] != list(range(12)) and order["A"] != order["B"]
+
+
+def test_as_many_records_as_hosts_is_enough(tmp_path) -> None:
+    """The boundary of the too-few-records check: 4 records over 4 processes are accepted,
+    each process reads exactly one and together they read all 4. Reference: the 4 records
+    written here."""
+    texts, ev = unique_texts(4), write_jsonl(tmpfile(tmp_path, "eval.jsonl"), ["held out"])
+    path = write_jsonl(tmpfile(tmp_path, "a.jsonl"), texts)
+    cfg = DataConfig(source="jsonl", paths=(path,), eval_paths=(ev,), seq_len=256,
+                     packing=False)
+    seen = [_row_texts(all_batches(cfg, split="train", batch_size=1, seed=0, num_epochs=1,
+                                   process_index=host, process_count=4)) for host in range(4)]
+    assert all(len(s) == 1 for s in seen)
+    assert sorted(s[0] for s in seen) == sorted(texts)
