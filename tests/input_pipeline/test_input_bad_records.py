@@ -289,3 +289,28 @@ def test_multimodal_examples_that_are_all_bad_stop(tmp_path) -> None:
         next(it)
     # the hint names what to check in the examples (it said data.source and data.text_field)
     assert "(check the keys, shapes and values of examples against the spec)" in str(e.value)
+
+
+def test_a_one_token_document_is_empty_text(tmp_path) -> None:
+    """A document needs at least 2 token ids: the model is trained on (input, next-token
+    target) pairs, `ids[:-1]` -> `ids[1:]`, and one id gives none. Without BOS/EOS the text
+    "x" is 1 byte token: it is counted as an `empty_text` bad record and no zero-length
+    piece is emitted. Reference: the documents and batches of the same stream without it."""
+    from input_pipeline.documents import collect_counts
+    from input_pipeline.pipeline import document_dataset
+
+    kw = {"add_bos": False, "add_eos": False}
+    cfg = _jsonl_cfg(tmp_path, [GOOD.encode(), b'{"text": "x"}\n', GOOD.encode()], **kw)
+    (tmp_path / "ref").mkdir()
+    ref = _jsonl_cfg(tmp_path / "ref", [GOOD.encode(), GOOD.encode()], **kw)
+    it = document_dataset(cfg, split="train", seed=0, num_epochs=1).__iter__()
+    docs = list(it)
+    ref_docs = list(document_dataset(ref, split="train", seed=0, num_epochs=1))
+    assert all(len(d["inputs"]) > 0 for d in docs)
+    assert [d["inputs"].tolist() for d in docs] == [d["inputs"].tolist() for d in ref_docs]
+    assert collect_counts(it.get_state()) == (2, {"empty_text": 1})
+    (batches, stats), (ref_batches, _) = _run(cfg), _run(ref)
+    assert stats.bad_records == {"empty_text": 1} and stats.documents == 2
+    assert len(batches) == len(ref_batches)
+    for b, r in zip(batches, ref_batches):
+        assert all(np.array_equal(b[k], r[k]) for k in r)
