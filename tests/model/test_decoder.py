@@ -273,20 +273,21 @@ def test_rotary_sin_cos_are_computed_once_outside_the_layer_loop(attention):
     assert ("scan", False) in prims  # the layers did run as a loop
 
 
-@pytest.mark.parametrize("attention", ["gqa", "mla"])
-def test_training_flops_per_token_by_hand(attention):
+@pytest.mark.parametrize("attention, tied", [("gqa", False), ("mla", False), ("gqa", True)])
+def test_training_flops_per_token_by_hand(attention, tied):
     """`training_flops_per_token` vs the FLOPs written out here from the shapes: 6 x (every
     matmul weight a token passes through, top-k of the routed experts, the LM head, not the
     embedding lookup) + attention (scores and values over the full square, 3 passes x 2
     FLOPs x 2 matmuls). A model with a dense first layer, a gated shared expert, GQA with
-    head_dim != embed / heads (or MLA with a q LoRA). Exact."""
+    head_dim != embed / heads (or MLA with a q LoRA); with tied embeddings the one table is
+    still the LM head's matmul. Exact."""
     from jaxmoe.model.params import training_flops_per_token
 
     d, f, fs, fd, e, k, v, s = 64, 48, 40, 96, 8, 2, 300, 128
     base = dict(embed_dim=d, num_layers=3, first_k_dense=1, num_heads=4, num_kv_heads=2,
                 head_dim=24, mlp_dim=fd, num_experts=e, num_experts_per_tok=k,
                 expert_mlp_dim=f, num_shared_experts=1, shared_expert_mlp_dim=fs,
-                shared_expert_gate=True, vocab_size=v)
+                shared_expert_gate=True, vocab_size=v, tie_embeddings=tied)
     if attention == "mla":
         base.update(attention="mla", q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=12,
                     qk_rope_head_dim=8, v_head_dim=20)

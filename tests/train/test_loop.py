@@ -20,9 +20,10 @@ OVERRIDES = ["model.vocab_size=320", "model.embed_dim=32", "model.num_layers=1",
              "model.num_heads=2", "model.num_kv_heads=1", "model.head_dim=16",
              "model.expert_mlp_dim=32", "train.batch_size=8", "data.seq_len=16",
              "data.num_documents=400", "train.steps=6", "train.log_every=2",
-             "train.eval_every=3", "train.eval_batches=1", "train.sample_tokens=3",
+             "train.eval_every=4", "train.eval_batches=1", "train.sample_tokens=3",
              "data.add_bos=false", "data.packing=false",  # unpacked: tokens vary by step
-             "train.optimizer.warmup_steps=6"]  # the run ends in warm-up
+             "train.optimizer.warmup_steps=6",  # the run ends in warm-up
+             "train.seed=1"]  # steps 1 and 2, and 5 and 6, hold different numbers of tokens
 GENERATED = [ord(c) + 3 for c in "abc"]  # byte tokenizer ids
 
 
@@ -138,10 +139,11 @@ def test_compilation_is_not_step_time(timed_run):
 
 def test_rates_are_the_interval_tokens_over_its_time(timed_run):
     """tokens_per_s of a log row is the tokens of every step since the previous lap over
-    their time (steps 2; 3-4; 5-6 here, unpacked so their tokens differ), model TFLOP/s
-    that times the FLOPs per token. Reference: each step's `tokens` as its train step
-    returned them, the lap's mean step time. Before, the row's last step's tokens were
-    divided by the mean step time (5,487 tok/s for 6,365 in a 2-step CLI run)."""
+    their time (steps 2; 3-4; 5-6 here, unpacked so their tokens differ; the compiling
+    step 1 is in no interval), model TFLOP/s that times the FLOPs per token. Reference:
+    each step's `tokens` as its train step returned them, the lap's mean step time.
+    Before, the row's last step's tokens were divided by the mean step time (5,487 tok/s
+    for 6,365 in a 2-step CLI run)."""
     from jaxmoe.model.params import training_flops_per_token
     from jaxmoe.train.metrics import read_metrics
 
@@ -149,7 +151,7 @@ def test_rates_are_the_interval_tokens_over_its_time(timed_run):
     tokens = [float(c[1]) for c in calls if c[0] == "tokens"]  # steps 1..6
     rows = read_metrics(summary["run_dir"], "train")
     flops = training_flops_per_token(load_config(None, OVERRIDES).model, 16)["total"]
-    assert tokens[4] != tokens[5]  # the test tells the two apart
+    assert tokens[0] != tokens[1] and tokens[4] != tokens[5]  # the test tells them apart
     for row, steps in zip(rows, ([2], [3, 4], [5, 6]), strict=True):
         interval_tokens = sum(tokens[s - 1] for s in steps)
         expected = interval_tokens / (len(steps) * row["step_time_s"])
@@ -165,13 +167,14 @@ def _pauses_after(calls, split):
 
 
 def test_each_evaluation_is_paused_out(timed_run):
-    """One pause per evaluation (steps 3 and 6), right after its metrics row is written, each
-    at least as long as the evaluation itself measured around `evaluate`."""
+    """One pause per evaluation (step 4, and the final step 6 though eval_every=4), right
+    after its metrics row is written, each at least as long as the evaluation itself
+    measured around `evaluate`."""
     calls, eval_seconds, summary = timed_run
     pauses = [pause for _, pause in _pauses_after(calls, "eval")]
     assert len(eval_seconds) == 2 and [p[0] for p in pauses] == ["pause", "pause"]
     assert all(p[1] >= e for p, e in zip(pauses, eval_seconds))
-    assert [r["step"] for r in summary["eval"]] == [3, 6]
+    assert [r["step"] for r in summary["eval"]] == [4, 6]
 
 
 def test_writing_metrics_is_not_step_time(timed_run):
