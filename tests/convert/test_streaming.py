@@ -212,6 +212,32 @@ def test_safetensors_reader_reads_every_dtype_of_the_reference_writer(name, tmp_
     assert got.tobytes() == x.tobytes()
 
 
+def test_safetensors_writer_aligns_the_data_start_to_8_bytes(tmp_path):
+    """Reference: the safetensors format spec (the header is padded with spaces so the data
+    starts 8-byte aligned: (8 + header length) % 8 == 0); safetensors' reader loads the files.
+    One tensor per shard, names of 1 to 8 characters: the unpadded headers take every length
+    mod 8, not only 0 and 4, where a wrong padding formula happens to align too."""
+    from safetensors.numpy import load_file
+
+    tensors = {"abcdefgh"[:k]: np.full((1,), k, np.float32) for k in range(1, 9)}
+    writer = ShardedWriter(tmp_path, [TensorPlan(n, a.dtype, a.shape) for n, a in
+                                      tensors.items()], max_shard_bytes=4)
+    for name, value in tensors.items():
+        writer.write(name, value)
+    writer.close()
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == len(tensors)
+    unpadded = set()
+    for path in files:
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        assert (8 + n) % 8 == 0, (path.name, n)
+        unpadded.add(len(raw[8:8 + n].rstrip(b" ")) % 8)
+        (name, value), = load_file(str(path)).items()
+        np.testing.assert_array_equal(value, tensors[name])
+    assert unpadded == set(range(8))
+
+
 def test_safetensors_writer_reports_disk_errors(tmp_path):
     a = np.ones((4,), np.float32)
     writer = ShardedWriter(tmp_path / "missing_dir", [TensorPlan("a", a.dtype, a.shape)], 10**6)
