@@ -238,6 +238,27 @@ def test_safetensors_writer_aligns_the_data_start_to_8_bytes(tmp_path):
     assert unpadded == set(range(8))
 
 
+def test_a_tensor_that_exactly_fills_the_shard_limit_stays_in_the_shard(tmp_path):
+    """Reference: byte sizes by hand, under the writer's rule (`plan_shards`): a new shard
+    starts before a tensor only when the shard already holds some and its tensors' bytes
+    (headers not counted) plus this one's would exceed max_shard_bytes; reaching it exactly
+    is allowed. a (8 B) + b (24 B) = 32 = the limit: one shard; c (4 B) would make 36."""
+    tensors = {"a": np.arange(2, dtype=np.float32), "b": np.arange(6, dtype=np.float32),
+               "c": np.ones((1,), np.float32)}
+    writer = ShardedWriter(tmp_path, [TensorPlan(n, a.dtype, a.shape) for n, a in
+                                      tensors.items()], max_shard_bytes=32)
+    for name, value in tensors.items():
+        writer.write(name, value)
+    writer.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    assert index["weight_map"] == {"a": first, "b": first, "c": second}
+    assert index["metadata"]["total_size"] == 36
+    reader = SafetensorsReader(tmp_path)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(reader.get(name), value)
+
+
 def test_safetensors_writer_reports_disk_errors(tmp_path):
     a = np.ones((4,), np.float32)
     writer = ShardedWriter(tmp_path / "missing_dir", [TensorPlan("a", a.dtype, a.shape)], 10**6)
