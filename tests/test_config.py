@@ -162,6 +162,24 @@ def test_bad_values_give_one_line(overrides, message):
     assert "\n" not in text
 
 
+@pytest.mark.parametrize("overrides,field,value", [
+    # every expert chosen: "between 1 and model.num_experts=4" includes 4
+    (["model.num_experts_per_tok=4"], "num_experts_per_tok", 4),
+    # an all-dense model: "between 0 and model.num_layers=2" includes 2 (the decoder builds
+    # it as one dense group: tests/model/test_decoder.py, layers=4, k=4)
+    (["model.first_k_dense=2"], "first_k_dense", 2),
+    # grouped routing, 8 experts in 4 groups of 2, 1 group kept: at most 1 * 2 experts
+    (["model.num_experts=8", "model.n_group=4", "model.topk_group=1",
+      "model.num_experts_per_tok=2"], "num_experts_per_tok", 2),
+], ids=["experts_per_tok=num_experts", "first_k_dense=num_layers",
+        "experts_per_tok=topk_group*group_size"])
+def test_bounds_accept_their_edge(overrides, field, value):
+    """Reference: the bound each refusal message states (BAD above, and the grouped-routing
+    one in tests/model/test_mla.py) is inclusive: the edge value itself validates."""
+    cfg = load_config(None, overrides)
+    assert getattr(cfg.model, field) == value
+
+
 @pytest.mark.parametrize("values,message", [
     ({"data": {"text_field": 3}}, "data.text_field=3: expected a string"),
     ({"data": {"source": "mixture", "sources": [{"text_field": 3}]}},
