@@ -71,6 +71,18 @@ def test_make_mesh_refuses_unknown_axes():
         sharding.make_mesh({"data": -1, "tensr": 4})
 
 
+@pytest.mark.parametrize("field, value", [("dcn_data", 0), ("dcn_fsdp", -1)])
+def test_config_degrees_refuses_a_non_positive_dcn_degree(field, value):
+    """Reference: DCN degrees are given whole, >= 1 (`validate` refuses them on the config
+    path; config_degrees, called on a MeshConfig that skipped it, refuses them too)."""
+    from jaxmoe.config_schema import MeshConfig
+
+    with pytest.raises(sharding.MeshError) as e:
+        sharding.config_degrees(MeshConfig(**{field: value}))
+    assert str(e.value) == f"mesh.{field}={value}: expected a positive integer"
+    assert sharding.config_degrees(MeshConfig(dcn_data=2))[1]["data"] == 2
+
+
 @pytest.mark.parametrize("overrides, shape", [
     (["mesh.data=-1"], {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}),
     (["mesh.data=-1", "mesh.expert=4"], {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}),
