@@ -69,8 +69,11 @@ def test_bad_mesh_axis_is_one_line():
      "already uses fsdp (a rule applies only where all its mesh axes are free, earlier rules "
      "first); expected axes the other dimensions leave free, or embed on other axes"),
 ])
-def test_an_override_that_leaves_weights_unsplit_is_refused(override, message):
-    """Reference: the message in full (the largest such weight, named by hand)."""
+@pytest.mark.parametrize("fsdp", [8, 2])
+def test_an_override_that_leaves_weights_unsplit_is_refused(override, message, fsdp):
+    """Reference: the message in full (the largest such weight, named by hand); the rule the
+    check states: a weight left replicated over free mesh axes of product >= 2 is refused,
+    so fsdp=2 (free product exactly 2) is refused like fsdp=8."""
     import jax
 
     from jaxmoe.train.optimizer import make_optimizer
@@ -78,10 +81,10 @@ def test_an_override_that_leaves_weights_unsplit_is_refused(override, message):
     from sharding import MeshError, check_overrides, make_mesh, make_rules
     from tests.sharding._helpers import tiny_config
 
-    cfg = tiny_config("mesh.data=1", "mesh.fsdp=8", override)
+    cfg = tiny_config(f"mesh.data={8 // fsdp}", f"mesh.fsdp={fsdp}", override)
     abstract = jax.eval_shape(lambda: init_state(cfg.model, make_optimizer(
         cfg.train.optimizer, cfg.train.steps), 0))
-    mesh = make_mesh({"data": 1, "fsdp": 8, "expert": 1, "tensor": 1})
+    mesh = make_mesh({"data": 8 // fsdp, "fsdp": fsdp, "expert": 1, "tensor": 1})
     with pytest.raises(MeshError) as e:
         check_overrides(abstract.params, mesh, make_rules(cfg.mesh.rules), cfg.mesh.rules,
                         MeshError)
