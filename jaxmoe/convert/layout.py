@@ -284,16 +284,18 @@ def base_model_fields(fmt: str, hf: dict[str, Any], *, kv_heads: int, max_positi
     if hf.get("hidden_act", "silu") != "silu":
         refuse(fmt, f"hidden_act={hf['hidden_act']!r} is not supported (expected silu)")
     heads = hf["num_attention_heads"]
+    max_pos = int(hf.get("max_position_embeddings") or max_positions)
     return {"vocab_size": hf["vocab_size"], "embed_dim": hf["hidden_size"],
             "num_layers": hf["num_hidden_layers"], "num_heads": heads,
-            # transformers: a missing key takes the class default, null the number of heads
+            # a missing key takes the class default; null is read as the number of heads
+            # (older transformers did; 5.x refuses it for Mixtral and Qwen3-MoE)
             "num_kv_heads": hf.get("num_key_value_heads", kv_heads) or heads,
             "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
             "norm_eps": float(hf.get("rms_norm_eps", norm_eps)),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
             "init_std": float(hf.get("initializer_range", 0.02)),
-            "context_length": int(hf.get("max_position_embeddings") or max_positions),
-            "num_experts_per_tok": hf["num_experts_per_tok"], **hf_rope(fmt, hf, rope_theta)}
+            "context_length": max_pos, "num_experts_per_tok": hf["num_experts_per_tok"],
+            **hf_rope(fmt, {**hf, "max_position_embeddings": max_pos}, rope_theta)}
 
 
 def dense_pattern(num_layers: int, dense: set[int]) -> tuple[int, int]:
