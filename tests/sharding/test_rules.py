@@ -73,7 +73,8 @@ def test_bad_mesh_axis_is_one_line():
 def test_an_override_that_leaves_weights_unsplit_is_refused(override, message, fsdp):
     """Reference: the message in full (the largest such weight, named by hand); the rule the
     check states: a weight left replicated over free mesh axes of product >= 2 is refused,
-    so fsdp=2 (free product exactly 2) is refused like fsdp=8."""
+    so for `embed: [fsdp, tensor]` fsdp=2 (free product exactly 2) is refused like fsdp=8
+    (`head_dim: fsdp` leaves no axis free: refused as applying nowhere, either way)."""
     import jax
 
     from jaxmoe.train.optimizer import make_optimizer

@@ -213,7 +213,8 @@ def test_an_error_lets_the_save_in_flight_finish(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(loop, "RunCheckpointer", Recorder)
     monkeypatch.setattr(loop, "evaluate", failing_evaluate)
-    cfg = load_config(None, OVERRIDES + ["train.checkpoint_every=2"])
+    cfg = load_config(None, [o for o in OVERRIDES if not o.startswith("train.eval_every=")]
+                      + ["train.checkpoint_every=2", "train.eval_every=3"])
     with pytest.raises(RuntimeError, match="disk gone"):
         loop.train(cfg, tmp_path, progress=False, sample=False)
     assert len(closed) == 1
