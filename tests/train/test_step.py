@@ -202,17 +202,17 @@ def test_aux_and_z_losses_reach_the_gradient(accum):
 
 def test_router_bias_update_follows_loads():
     """bias <- bias + rate * sign(mean load - load), per layer (DeepSeek-V3), starting from a
-    nonzero bias (so setting the bias to the update would show). The layout has a dense
-    first layer and then a dense and an MoE block per scanned unit (first_k_dense=1,
-    moe_every=2): only MoE blocks have a router to update. Reference: the loads of the same
-    batch from the gradient function, the update in float64; rtol 1e-6."""
+    nonzero bias (so setting the bias to the update would show). The scanned unit holds a
+    dense and an MoE block (moe_every=2): only MoE blocks have a router to update.
+    Reference: the loads of the same batch from the gradient function, the update in
+    float64; rtol 1e-6."""
     rate = 0.01
     cfg, tx, state, graphdef = _setup(f"model.bias_update_rate={rate}",
                                       "model.router_scoring=sigmoid",
-                                      "train.optimizer.warmup_steps=0", "model.num_layers=5",
-                                      "model.first_k_dense=1", "model.moe_every=2")
+                                      "train.optimizer.warmup_steps=0", "model.num_layers=4",
+                                      "model.moe_every=2")
     assert [(g.name, g.pattern, g.repeats) for g in layer_groups(cfg.model)] == [
-        ("dense", (False,), 1), ("moe", (False, True), 2)]
+        ("moe", (False, True), 2)]
     bias = state.rest["moe"]["units"]["block1"]["ffn"]["router"]["bias"]
     bias0 = np.random.default_rng(4).uniform(-0.05, 0.05, bias.shape).astype(np.float32)
     bias[...] = jnp.asarray(bias0)
