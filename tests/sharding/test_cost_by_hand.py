@@ -1,0 +1,32 @@
+"""The planner's tables and small sums checked by hand, without compiling anything: each
+chip's datasheet numbers (sharding/chips.py), one device's shard of an unevenly split array
+(sharding/estimate.py), and the pricing of timed and untimed DCN bytes
+(sharding/collective_cost.py with estimate.comm_times)."""
+
+from __future__ import annotations
+
+from sharding.chips import CHIPS, get_chip
+
+# name: (HBM bytes, peak dense bf16 FLOP/s), as the vendors' datasheets print them (the
+# sources are listed in sharding/chips.py). Google's v4, v5p and TPU7x pages say GiB; its
+# v5e and v6e pages, and NVIDIA's, say GB (10^9 bytes).
+DATASHEET = {
+    "v4": (32 * 2**30, 275e12),
+    "v5e": (16e9, 197e12),
+    "v5p": (95 * 2**30, 459e12),
+    "v6e": (32e9, 918e12),
+    "tpu7x": (192 * 2**30, 2307e12),
+    "a100": (80e9, 312e12),
+    "h100": (80e9, 989e12),
+    "h200": (141e9, 989e12),
+    "b200": (180e9, 2250e12),
+}
+
+
+def test_every_chip_has_its_datasheet_hbm_and_peak():
+    """Reference: the vendors' datasheets, typed in above in their own units (141 GB for
+    the H200 is 141e9 bytes, not 141 GiB)."""
+    assert set(CHIPS) == set(DATASHEET)
+    for name, (hbm, peak) in DATASHEET.items():
+        chip = get_chip(name)
+        assert (chip.hbm_bytes, chip.peak_flops) == (hbm, peak), name
