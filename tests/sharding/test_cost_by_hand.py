@@ -5,6 +5,9 @@ chip's datasheet numbers (sharding/chips.py), one device's shard of an unevenly 
 
 from __future__ import annotations
 
+import pytest
+
+from sharding import estimate
 from sharding.chips import CHIPS, get_chip
 
 # name: (HBM bytes, peak dense bf16 FLOP/s), as the vendors' datasheets print them (the
@@ -30,3 +33,15 @@ def test_every_chip_has_its_datasheet_hbm_and_peak():
     for name, (hbm, peak) in DATASHEET.items():
         chip = get_chip(name)
         assert (chip.hbm_bytes, chip.peak_flops) == (hbm, peak), name
+
+
+@pytest.mark.parametrize("shape, dim_axes, mesh, expected", [
+    ((5,), [("fsdp",)], {"fsdp": 2}, 3),  # ceil(5 / 2)
+    ((5, 7), [("fsdp",), ("tensor",)], {"fsdp": 2, "tensor": 4}, 3 * 2),  # ceil(7 / 4) = 2
+    ((6, 7), [(), ("data", "fsdp")], {"data": 2, "fsdp": 2}, 6 * 2),  # 7 over 2 x 2 devices
+    ((8,), [("fsdp",)], {"fsdp": 2}, 4),  # even: no padding
+])
+def test_an_uneven_split_holds_the_rounded_up_shard(shape, dim_axes, mesh, expected):
+    """Reference: ceil(dim / devices) per dimension, worked out by hand (XLA pads the last
+    shard of an uneven split, so every device holds as much as the first)."""
+    assert estimate._local_elements(shape, dim_axes, mesh) == expected
