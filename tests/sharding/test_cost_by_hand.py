@@ -9,6 +9,7 @@ import pytest
 
 from sharding import estimate
 from sharding.chips import CHIPS, get_chip
+from sharding.collective_cost import CollectiveStats
 
 # name: (HBM bytes, peak dense bf16 FLOP/s), as the vendors' datasheets print them (the
 # sources are listed in sharding/chips.py). Google's v4, v5p and TPU7x pages say GiB; its
@@ -45,3 +46,16 @@ def test_an_uneven_split_holds_the_rounded_up_shard(shape, dim_axes, mesh, expec
     """Reference: ceil(dim / devices) per dimension, worked out by hand (XLA pads the last
     shard of an uneven split, so every device holds as much as the first)."""
     assert estimate._local_elements(shape, dim_axes, mesh) == expected
+
+
+def test_untimed_dcn_bytes_go_at_the_dcn_rate_beside_timed_ici_bytes():
+    """One all-reduce over ICI timed at its own bandwidth and one over DCN left untimed:
+    the DCN bytes are priced at v5p's 50 Gb/s = 6.25 GB/s per chip, the ICI bytes at their
+    own rate only. Reference: the sum by hand."""
+    stats = CollectiveStats()
+    stats.add(1, 1e9, wire=3e9, dcn=False, bandwidth=100e9)  # timed ICI: 0.03 s
+    stats.add(1, 1e9, wire=2e9, dcn=True)  # untimed DCN
+    assert (stats.wire_bytes, stats.dcn_wire_bytes) == (5e9, 2e9)
+    assert (stats.timed_wire_bytes, stats.timed_dcn_wire_bytes) == (3e9, 0.0)
+    over, exposed = estimate.comm_times({"all-reduce": stats}, get_chip("v5p"))
+    assert over == pytest.approx(3e9 / 100e9 + 2e9 / 6.25e9) and exposed == 0.0
