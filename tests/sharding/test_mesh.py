@@ -198,6 +198,18 @@ def test_multihost_settings_refused_one_line(monkeypatch, kwargs, env, expected)
     assert expected in msg and "\n" not in msg, msg
 
 
+def test_multihost_arguments_come_before_the_environment(monkeypatch):
+    """An address, count and id given as arguments win over the environment's. Reference:
+    check_settings' docstring ("arguments before the environment"), as the CLI's flags."""
+    from sharding import multihost
+
+    monkeypatch.setenv(multihost.ENV_ADDRESS, "10.0.0.9:1234")
+    monkeypatch.setenv(multihost.ENV_COUNT, "8")
+    monkeypatch.setenv(multihost.ENV_ID, "7")
+    assert multihost.check_settings("127.0.0.1:1", 2, 1) == ("127.0.0.1:1", 2, 1)
+    assert multihost.check_settings() == ("10.0.0.9:1234", 8, 7)  # the environment alone
+
+
 class _Rows:
     """A stand-in sharding: `devices_indices_map` from {(device id, process): rows}."""
 
