@@ -1,7 +1,8 @@
 """One-line errors of the checkpoint API, compared in full: restoring from a directory with
 no complete checkpoint or a step it lacks, a keep-nothing manager, inspecting a run with
 only unfinished saves, setting a step folder aside next to an earlier one (nothing is
-overwritten), and logits asked with segment ids of the wrong shape.
+overwritten), logits asked with segment ids of the wrong shape; and the steps such
+lines name: the newest found by number, the older ones shortened to the newest five.
 
 Arrays are a small dict saved with `async_save=False` (nothing compiles); the model of the
 logits test holds abstract parameters (the shapes are checked before any forward pass)."""
@@ -15,7 +16,7 @@ import pytest
 from flax import nnx
 
 from jaxmoe.checkpoint import manager as ckpt
-from jaxmoe.checkpoint.damage import CheckpointError
+from jaxmoe.checkpoint.damage import CheckpointError, older_steps_text
 from jaxmoe.checkpoint.inspect import resolve_step_dir
 from jaxmoe.convert.api import LoadedModel
 from jaxmoe.model import MoETransformer
@@ -92,6 +93,25 @@ def test_a_file_or_missing_path_is_named_as_such(tmp_path):
         with pytest.raises(error) as err:
             resolve(tmp_path / "none")
         assert str(err.value) == f"{tmp_path / 'none'}: no such directory"
+
+
+def test_the_newest_step_is_found_by_number(tmp_path):
+    """Steps 9 and 10: step 10 is the newest ("10" sorts before "9" as text). Reference: the
+    folders made here by hand, with the files Orbax's finished saves hold
+    (`manager.STEP_FILES`)."""
+    for step in (9, 10):
+        for name in ckpt.STEP_FILES:
+            (tmp_path / str(step) / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / str(step) / name).write_text("{}")
+    assert resolve_step_dir(tmp_path) == tmp_path / "10"
+
+
+def test_older_steps_text_shows_the_newest_five():
+    """Reference: the lists written out by hand (the newest five steps, after "...")."""
+    assert older_steps_text(list(range(1, 9))) == \
+        "older complete checkpoints: [..., 4, 5, 6, 7, 8]"
+    assert older_steps_text([2, 4, 6, 8, 10]) == "older complete checkpoints: [2, 4, 6, 8, 10]"
+    assert older_steps_text([3]) == "older complete checkpoints: [3]"
 
 
 @pytest.mark.parametrize("command", ["inspect", "export-params"])
