@@ -52,6 +52,19 @@ def test_copies_are_exact_sharded_like_the_source_and_reuse_their_buffers():
     np.testing.assert_array_equal(np.asarray(third["w"]), np.zeros((4, 4)))
 
 
+def test_a_new_shape_on_the_same_device_gets_a_fresh_copy():
+    """An (8,) array, then a (4,) one on the same device: the kept buffer does not fit, so the
+    copy is made afresh, with the new shape. Reference: the source array itself."""
+    one = jax.devices()[0]
+    snap = StateSnapshot()
+    first = snap.take({"w": jax.device_put(jnp.arange(8, dtype=jnp.float32), one)})
+    assert first["w"].shape == (8,)
+    smaller = jax.device_put(jnp.arange(10, 14, dtype=jnp.float32), one)
+    second = snap.take({"w": smaller})
+    assert second["w"].shape == (4,)
+    np.testing.assert_array_equal(np.asarray(second["w"]), np.asarray(smaller))
+
+
 def test_a_step_after_an_async_save_still_donates_its_buffers(tmp_path):
     """Without the copy the save holds a view of the state's buffer, and the next donating
     step must write its result to a fresh buffer (on this host: ~1 s per GB of new pages)."""
