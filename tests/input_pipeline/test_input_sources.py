@@ -165,6 +165,25 @@ def test_file_patterns(tmp_path) -> None:
                             "mixture's weight up-weights a source)")
 
 
+def test_one_file_under_two_spellings_is_refused(tmp_path) -> None:
+    """A file is the same file however its path is spelled (`x/./a.jsonl`, or a symlink to
+    it): comparing the paths as matched let both through, and the file was read twice.
+    Reference: the files and links written here, and the message of test_file_patterns."""
+    from input_pipeline import DataError
+    from input_pipeline.sources import expand_paths
+
+    a = _records(tmp_path / "x" / "a.jsonl", 2, "A")
+    dotted = str(tmp_path / "x" / "." / "a.jsonl")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(a)
+    for other in (dotted, str(link)):
+        with pytest.raises(DataError) as e:
+            expand_paths((a, other))
+        assert str(e.value) == (f"data.paths: {other!r} is matched by both {a!r} and "
+                                f"{other!r}; expected each file once (a mixture's weight "
+                                "up-weights a source)")
+
+
 def test_a_byte_order_mark_and_empty_files(tmp_path) -> None:
     """A UTF-8 byte-order mark cost the first record (invalid JSON); an empty eval file said
     '0 records cannot be sharded over 1 processes'. Reference: the records written."""
