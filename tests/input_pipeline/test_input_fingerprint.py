@@ -81,3 +81,21 @@ def test_the_stream_state_carries_the_fingerprint(data):
     fresh = make_dataset(cfg, split="train", batch_size=2, seed=0)
     fresh.set_state(state)
     assert (next(fresh)["inputs"] == next(it)["inputs"]).all()
+
+
+def test_a_relative_pattern_resumed_elsewhere_changes_the_files(tmp_path, monkeypatch):
+    """The module docstring: a relative `data.paths` resumed from another working directory
+    reads other files, and is noticed even when they have the same names and sizes (hashing
+    the path as written missed it). Reference: the two directories written here."""
+    for run, text in (("first", "run one"), ("second", "run two")):
+        (tmp_path / run / "data").mkdir(parents=True)
+        write_jsonl(str(tmp_path / run / "data" / "a.jsonl"), [text])
+    assert ((tmp_path / "first" / "data" / "a.jsonl").stat().st_size
+            == (tmp_path / "second" / "data" / "a.jsonl").stat().st_size)
+    cfg = DataConfig(source="jsonl", paths=("data/*.jsonl",), seq_len=16)
+    monkeypatch.chdir(tmp_path / "first")
+    before = fingerprint(cfg, "train")
+    assert changes(before, fingerprint(cfg, "train")) == {}
+    monkeypatch.chdir(tmp_path / "second")
+    assert changes(before, fingerprint(cfg, "train")) == {
+        "files": "the data files are not the run's (1 -> 1 files, other names or sizes)"}
