@@ -47,6 +47,26 @@ def test_bfloat16_inputs_accumulate_in_float32():
     assert einsum("ij,jk->ik", x, y).dtype == jnp.bfloat16
 
 
+def test_mixed_dtype_gradients_take_each_inputs_dtype():
+    """A float32 x against a bfloat16 w: each gradient has its own input's dtype, as
+    jax.grad gives for jnp.einsum (dx from w's dtype came back bf16, rounding an f32 input's
+    gradient). Reference: jax.grad of jnp.einsum on the same inputs; dx at float32 rtol 1e-5,
+    dw (bf16 rounding of the same float32 sums) within one bf16 ulp, rtol 2**-7."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(6, 7)), jnp.bfloat16)
+    r = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
+
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f("bli,io->blo", x, w)) * r)
+    got = jax.grad(loss(einsum), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(jnp.einsum), argnums=(0, 1))(x, w)
+    assert [g.dtype for g in want] == [jnp.float32, jnp.bfloat16]
+    assert [g.dtype for g in got] == [jnp.float32, jnp.bfloat16]
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.float32(got[1]), np.float32(want[1]), rtol=2**-7, atol=1e-6)
+
+
 def test_backward_matmuls_take_bf16_operands():
     """Every dot_general of the gradient program has bf16 operands and an f32 result."""
     x = jnp.ones((4, 64, 32), jnp.bfloat16)
