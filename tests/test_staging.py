@@ -46,6 +46,19 @@ def test_stale_dirs_of_a_name_with_glob_characters(tmp_path):
     assert stale_staging_dirs(tmp_path / "run[1]") == [ours]
 
 
+def test_stale_dirs_of_a_name_with_a_dash(tmp_path):
+    """`my-out`'s staging folder `.my-out.partial-PID`: the pid is what follows the last
+    dash (splitting at the first one read `out.partial-PID`, no pid, and kept it forever).
+    Reference: the naming in the module docstring; a pid of a process that has exited."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".my-out.partial-{dead.pid}"
+    stale.mkdir()
+    assert stale_staging_dirs(tmp_path / "my-out") == [stale]
+    staging_dir(tmp_path / "my-out")
+    assert not stale.exists()
+
+
 def test_output_folder_is_new_or_empty_and_follows_a_symlink(tmp_path):
     """Reference: rename(2), which puts a folder in place of a missing or empty one only."""
     empty, full, link = tmp_path / "empty", tmp_path / "full", tmp_path / "link"
