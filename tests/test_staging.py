@@ -59,6 +59,15 @@ def test_stale_dirs_of_a_name_with_a_dash(tmp_path):
     assert not stale.exists()
 
 
+def test_staging_dir_of_an_output_whose_parents_do_not_exist_yet(tmp_path):
+    """The free-space check looks at the nearest folder that exists (the parents are made
+    with the staging folder); checking the missing parent raised FileNotFoundError.
+    Reference: the naming in the module docstring."""
+    out = tmp_path / "new" / "sub" / "out"
+    tmp = staging_dir(out, 1)
+    assert tmp == tmp_path / "new" / "sub" / f".out.partial-{os.getpid()}" and tmp.is_dir()
+
+
 def test_output_folder_is_new_or_empty_and_follows_a_symlink(tmp_path):
     """Reference: rename(2), which puts a folder in place of a missing or empty one only."""
     empty, full, link = tmp_path / "empty", tmp_path / "full", tmp_path / "link"
