@@ -11,9 +11,9 @@ from sharding import estimate
 from sharding.chips import CHIPS, get_chip
 from sharding.collective_cost import CollectiveStats
 
-# name: (HBM bytes, peak dense bf16 FLOP/s), as the vendors' datasheets print them (the
-# sources are listed in sharding/chips.py). Google's v4, v5p and TPU7x pages say GiB; its
-# v5e and v6e pages, and NVIDIA's, say GB (10^9 bytes).
+# name: (HBM bytes, peak dense bf16 FLOP/s), typed in again from the vendors' figures and
+# units as sharding/chips.py's docstring quotes its sources (checked 2026-11): Google's v4,
+# v5p and TPU7x pages say GiB; its v5e and v6e pages, and NVIDIA's, say GB (10^9 bytes).
 DATASHEET = {
     "v4": (32 * 2**30, 275e12),
     "v5e": (16e9, 197e12),
@@ -28,8 +28,8 @@ DATASHEET = {
 
 
 def test_every_chip_has_its_datasheet_hbm_and_peak():
-    """Reference: the vendors' datasheets, typed in above in their own units (141 GB for
-    the H200 is 141e9 bytes, not 141 GiB)."""
+    """Reference: the vendors' figures as chips.py's docstring quotes them, typed in above
+    in their units (141 GB for the H200 is 141e9 bytes, not 141 GiB)."""
     assert set(CHIPS) == set(DATASHEET)
     for name, (hbm, peak) in DATASHEET.items():
         chip = get_chip(name)
