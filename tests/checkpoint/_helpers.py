@@ -155,3 +155,15 @@ class DataIterator:
     def set_state(self, state: dict) -> None:
         self.state = dict(state)
 
+
+
+def fake_step_folder(directory: Path, step: int, files: tuple[str, ...] | None = None) -> Path:
+    """`directory/step` holding `files` (default: every `manager.STEP_FILES`, as a finished
+    Orbax save leaves them), each a placeholder `{}`: for tests of step-folder scans."""
+    from jaxmoe.checkpoint.manager import STEP_FILES
+
+    folder = Path(directory) / str(step)
+    for name in STEP_FILES if files is None else files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("{}")
+    return folder

@@ -20,6 +20,7 @@ from jaxmoe.checkpoint.damage import CheckpointError, older_steps_text
 from jaxmoe.checkpoint.inspect import resolve_step_dir
 from jaxmoe.convert.api import LoadedModel
 from jaxmoe.model import MoETransformer
+from tests.checkpoint._helpers import fake_step_folder
 from tests.convert.helpers import jaxmoe_config
 
 TARGET = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
@@ -100,9 +101,7 @@ def test_the_newest_step_is_found_by_number(tmp_path):
     folders made here by hand, with the files Orbax's finished saves hold
     (`manager.STEP_FILES`)."""
     for step in (9, 10):
-        for name in ckpt.STEP_FILES:
-            (tmp_path / str(step) / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / str(step) / name).write_text("{}")
+        fake_step_folder(tmp_path, step)
     assert resolve_step_dir(tmp_path) == tmp_path / "10"
 
 

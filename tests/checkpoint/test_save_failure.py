@@ -16,6 +16,7 @@ from jaxmoe.checkpoint.damage import flat_names
 from jaxmoe.checkpoint.inspect import restore_params
 from jaxmoe.checkpoint.save_failure import reason
 from jaxmoe.cli import main
+from tests.checkpoint._helpers import fake_step_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["train", "--config", "configs/tiny_moe.yaml", "--no-progress",
@@ -88,10 +89,9 @@ def test_step_folders_are_ordered_by_number(tmp_path):
     from jaxmoe.checkpoint.manager import STEP_FILES, complete_steps, unfinished_steps
     from jaxmoe.checkpoint.save_failure import save_error
 
-    for step in (10, 2, 9, 11):
-        for name in STEP_FILES[: 1 if step == 11 else None]:  # 11 lacks its state metadata
-            (tmp_path / str(step) / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / str(step) / name).write_text("{}")
+    for step in (10, 2, 9):
+        fake_step_folder(tmp_path, step)
+    fake_step_folder(tmp_path, 11, STEP_FILES[:1])  # 11 lacks its state metadata
     (tmp_path / "012").mkdir()  # not a name Orbax takes for a step
     (tmp_path / "3.orbax-checkpoint-tmp-1").mkdir()  # a save in flight
     assert complete_steps(tmp_path) == [2, 9, 10]
