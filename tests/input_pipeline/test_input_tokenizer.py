@@ -190,6 +190,18 @@ def test_unigram_entropy(tmp_path) -> None:
     assert 2.5 < corpus_unigram_entropy(cfg) < 4.0
 
 
+def test_unigram_entropy_of_files_follows_their_contents(tmp_path) -> None:
+    """The synthetic corpus's entropy is computed once per process (it is a function of the
+    config); a file corpus is read again each time. Reference: a one-letter corpus, "a" +
+    EOS per document (entropy log 2), rewritten as "ab" + EOS (log 3)."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "a"}\n' * 50)
+    cfg = DataConfig(source="jsonl", paths=(str(path),))
+    assert corpus_unigram_entropy(cfg) == pytest.approx(np.log(2), rel=1e-12)
+    path.write_text('{"text": "ab"}\n' * 50)
+    assert corpus_unigram_entropy(cfg) == pytest.approx(np.log(3), rel=1e-12)
+
+
 def test_tokenizers_package_missing_is_one_line(trained, tmp_path, monkeypatch) -> None:
     path = str(tmp_path / "copy.json")  # a path not in make_tokenizer's cache
     with open(trained["bpe"]) as src, open(path, "w") as dst:
