@@ -78,23 +78,29 @@ def test_absorbed_latent_attention_equals_expanded():
     np.testing.assert_allclose(absorbed, expanded, atol=1e-5 * float(jnp.abs(expanded).max()))
 
 
-@pytest.mark.parametrize("factor,mscale,all_dim", [(40.0, 1.0, 1.0), (4.0, 0.0, 0.0),
-                                                   (8.0, 0.707, 1.0), (1.0, 1.0, 1.0)])
-def test_yarn_matches_transformers(factor, mscale, all_dim):
+# The last case puts the ramp's upper end past the rotary width (theta 10, 1024 positions:
+# beta_slow's correction dimension is 17.7 of 16), where it is clamped to 15: with 16 the
+# inverse frequencies of pairs 6 and 7 would change.
+@pytest.mark.parametrize("factor,mscale,all_dim,theta,orig", [
+    (40.0, 1.0, 1.0, 10000.0, 256), (4.0, 0.0, 0.0, 10000.0, 256),
+    (8.0, 0.707, 1.0, 10000.0, 256), (1.0, 1.0, 1.0, 10000.0, 256),
+    (8.0, 1.0, 1.0, 10.0, 1024)])
+def test_yarn_matches_transformers(factor, mscale, all_dim, theta, orig):
     from transformers import DeepseekV3Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
-    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": factor,
-            "original_max_position_embeddings": 256, "beta_fast": 32, "beta_slow": 1,
+    rope = {"rope_type": "yarn", "rope_theta": theta, "factor": factor,
+            "original_max_position_embeddings": orig, "beta_fast": 32, "beta_slow": 1,
             "mscale": mscale or None, "mscale_all_dim": all_dim or None}
     hf = DeepseekV3Config(hidden_size=64, num_attention_heads=2, qk_rope_head_dim=16,
                           qk_nope_head_dim=8, v_head_dim=8, kv_lora_rank=8, q_lora_rank=None,
-                          max_position_embeddings=int(256 * factor), rope_parameters=rope)
+                          max_position_embeddings=int(orig * factor), rope_parameters=rope)
     inv, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
     cfg = ModelConfig(attention="mla", kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=16,
-                      v_head_dim=8, rope_scaling="yarn", rope_scaling_factor=factor,
-                      rope_original_max_len=256, yarn_mscale=mscale, yarn_mscale_all_dim=all_dim)
+                      v_head_dim=8, rope_theta=theta, rope_scaling="yarn",
+                      rope_scaling_factor=factor, rope_original_max_len=orig,
+                      yarn_mscale=mscale, yarn_mscale_all_dim=all_dim)
     ours, scale = rope_inv_freq(cfg)
     np.testing.assert_allclose(ours, inv.numpy(), rtol=1e-6)
     assert scale == pytest.approx(attention_factor, rel=1e-9)
