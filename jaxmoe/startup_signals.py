@@ -8,7 +8,9 @@ records the signal; `check` ends start-up between its phases (Interrupted: the c
 128 + the signal, with one line), and the training loop's PreemptionGuard takes over with
 `release`. A second signal (of either kind) ends the process at once, even inside a
 compile: the first one gives both signals back their default action. Single-process runs
-only (`jaxmoe.cli.guards_start_up`).
+only (`jaxmoe.cli.guards_start_up`). Every `jaxmoe` command also holds them while it
+imports the CLI (`jaxmoe/__main__.py`), giving them back before the command runs (and so
+before a multi-host run starts jax.distributed).
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ def test_cli_restarts_for_train_only(tmp_path):
     """`train` restarts wherever glibc has the tunable, after its input was checked: a config
     error or a bad run directory gets its one line with no restart note before it; a valid
     command (here stopped after the restart by a mesh that does not fit the one CPU device)
-    restarts. `info` never does; the installed console script calls `entry`."""
+    restarts. `info` never does; the installed console script calls `jaxmoe.__main__.entry`,
+    which imports the CLI and calls `entry` (tests/test_startup_signals.py)."""
     env = _clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
     def train(*extra: str) -> subprocess.CompletedProcess:
@@ -138,4 +139,4 @@ def test_cli_restarts_for_train_only(tmp_path):
                           timeout=120)
     assert info.returncode == 0 and _NOTE not in info.stderr
     script = importlib.metadata.entry_points(group="console_scripts", name="jaxmoe")
-    assert [e.value for e in script] == ["jaxmoe.cli:entry"]
+    assert [e.value for e in script] == ["jaxmoe.__main__:entry"]

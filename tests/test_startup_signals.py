@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from jaxmoe import startup_signals
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,3 +105,62 @@ def test_multi_host_runs_keep_their_signal_handlers():
     assert guards_start_up(args())
     assert not guards_start_up(args("localhost:1234", 2, 0))
     assert not guards_start_up(args(distributed=True))
+
+
+# The child runs the `jaxmoe` command's entry point with a pause at the start of the CLI's
+# import (a meta-path finder that says READY and waits for stdin to close), which swallows
+# a KeyboardInterrupt as JAX's `_xla_gc_callback` did while JAX was being imported.
+IMPORT_CHILD = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+class Pause:
+    def find_spec(self, name, path=None, target=None):
+        if name == "jaxmoe.cli":
+            sys.meta_path.remove(self)
+            try:
+                print("READY", flush=True)
+                sys.stdin.read()
+            except KeyboardInterrupt:
+                pass
+        return None
+sys.meta_path.insert(0, Pause())
+from jaxmoe.__main__ import entry
+sys.argv = ["jaxmoe", "info", "--config", "configs/tiny_moe.yaml"]
+sys.exit(entry())
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_cli_is_imported_ends_the_command(sig):
+    """`jaxmoe CMD` holds Ctrl-C and SIGTERM while its CLI is imported (about a second,
+    twice for `train`): one line, exit 128 + the signal, and the command does not run.
+    (A Ctrl-C there printed a page of import traceback, or was swallowed and `jaxmoe train`
+    trained to its end; reference: `jaxmoe info` prints its table when not interrupted.)"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-c", IMPORT_CHILD], cwd=ROOT, env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "READY\n"
+        child.send_signal(sig)
+        out, err = child.communicate(input="", timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    name = signal.Signals(sig).name
+    assert (child.returncode, err, out) == (128 + sig, f"jaxmoe: interrupted ({name})\n", "")
+    # not interrupted: the same child runs the command
+    done = subprocess.run([sys.executable, "-c", IMPORT_CHILD], cwd=ROOT, env=env, input="",
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "\nrouted_experts " in done.stdout, done.stderr[-2000:]
+
+
+def test_the_entry_point_imports_only_the_standard_library():
+    """What the guard relies on: importing `jaxmoe.__main__` (the console script's module)
+    imports none of jaxmoe's dependencies, so nothing before the guard takes long."""
+    code = ("import sys, jaxmoe.__main__\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'jaxlib', 'flax', "
+            "'numpy', 'optax', 'orbax', 'grain', 'tensorstore', 'yaml', 'tqdm'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert out.returncode == 0 and out.stdout == "[]\n", (out.stdout, out.stderr)

@@ -35,7 +35,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import jaxmoe  # noqa: E402,F401
 from jaxmoe.config import load_config  # noqa: E402
 from jaxmoe.hugepages import reexec_with_hugepages  # noqa: E402
 from jaxmoe.model.moe.dropless import block_tiers  # noqa: E402

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxmoe  # noqa: F401
 from jaxmoe.config import load_config
 from jaxmoe.inference.sample import greedy_generate
 from jaxmoe.train.optimizer import make_optimizer

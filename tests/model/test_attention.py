@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import jaxmoe  # noqa: F401
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.attention import Attention, rotary
 from jaxmoe.model.precision import Precision

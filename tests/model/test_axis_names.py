@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-import jaxmoe  # noqa: F401
 from jaxmoe.config import ModelConfig
 from jaxmoe.model import MoETransformer
 from tests.model.test_decoder import COUNT_CASES, TINY

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import jaxmoe  # noqa: F401
 from jaxmoe.config import ModelConfig, load_config
 from jaxmoe.model import MoETransformer, layer_groups
 from jaxmoe.model.params import active_params, parameter_counts, total_params

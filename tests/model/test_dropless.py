@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxmoe  # noqa: F401  (sets Flax config)
 from jaxmoe.model.moe.dropless import (
     block_layout,
     block_size,

@@ -12,7 +12,6 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-import jaxmoe  # noqa: F401  (sets Flax config)
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.decoder import MoETransformer
 from jaxmoe.model.layers import RMSNorm

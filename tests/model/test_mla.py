@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import jaxmoe  # noqa: F401
 from jaxmoe.config import Config, ConfigError, ModelConfig, validate
 from jaxmoe.model import MoETransformer
 from jaxmoe.model.attention import attention_mask

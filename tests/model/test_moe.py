@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import jaxmoe  # noqa: F401  (sets Flax config)
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.moe import MoEBlock, expert_capacity
 from jaxmoe.model.precision import Precision

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import input_pipeline
-import jaxmoe  # noqa: F401
 from jaxmoe.config import ConfigError, load_config
 from jaxmoe.train.loop import _eval_batches, build_trainer, evaluate
 from jaxmoe.train.step import forward, make_eval_step

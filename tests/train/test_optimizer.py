@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import jaxmoe  # noqa: F401
 from jaxmoe.config import ModelConfig, OptimizerConfig
 from jaxmoe.model import MoETransformer
 from jaxmoe.train.optimizer import learning_rate_schedule, make_optimizer

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxmoe  # noqa: F401
 from jaxmoe.config import load_config
 from jaxmoe.model import layer_groups
 from jaxmoe.train.optimizer import decay_mask, make_optimizer
